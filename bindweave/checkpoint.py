@@ -1,0 +1,193 @@
+"""Strict loading of checkpoint folders (local, or a Hugging Face repo id resolved offline-first).
+
+diffusers' ``from_pretrained`` only WARNS on missing or unexpected keys and leaves random
+weights behind; a video from such a model is noise that looks like a bug elsewhere. Here every
+missing/unexpected key, wrong shape or non-float dtype is an error naming the folder and the
+first offending keys, and it is found from the safetensors headers before any weight is read.
+
+Tensors are read one at a time (mmap) and cast straight to the target dtype and device, so a
+14B model never exists as an fp32 copy (the diffusers repos store fp32).
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+from safetensors import safe_open
+
+from bindweave.errors import BindWeaveInputError
+
+FLOAT_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
+SHOWN_KEYS = 8
+
+
+def resolve_folder(path_or_repo_id: str | os.PathLike, subfolder: str | None = None, revision: str | None = None) -> Path:
+    """A local folder as is; otherwise a HF repo id through huggingface_hub (cache first, offline-friendly)."""
+    local = Path(path_or_repo_id).expanduser()
+    if local.exists():
+        folder = local / subfolder if subfolder else local
+        if not folder.is_dir():
+            raise BindWeaveInputError(f"model folder {folder} does not exist (subfolder {subfolder!r} of {local})")
+        return folder
+    repo_id = str(path_or_repo_id)
+    if repo_id.count("/") != 1 or repo_id.startswith(("/", ".", "~")):
+        raise BindWeaveInputError(
+            f"model path {repo_id} does not exist and is not a Hugging Face repo id (owner/name): "
+            "fix the path in the model config"
+        )
+    from huggingface_hub import snapshot_download
+
+    patterns = [f"{subfolder}/*" if subfolder else "*.json", f"{subfolder}/*" if subfolder else "*.safetensors*"]
+    try:
+        snapshot = snapshot_download(repo_id, revision=revision, allow_patterns=patterns)
+    except Exception as error:  # network, auth, missing repo, offline cache miss
+        raise BindWeaveInputError(
+            f"could not get {repo_id} from the Hugging Face hub ({type(error).__name__}: {error}). Download it "
+            f"first (see README: huggingface-cli download {repo_id} --local-dir ...) and pass the local folder"
+        ) from error
+    return Path(snapshot) / subfolder if subfolder else Path(snapshot)
+
+
+def read_config(folder: Path, model_class, defaults: dict) -> dict:
+    """``config.json`` arguments the class takes, over ``defaults`` (a bare safetensors folder uses them)."""
+    config = dict(defaults)
+    config_file = folder / "config.json"
+    if config_file.exists():
+        try:
+            stored = json.loads(config_file.read_text())
+        except json.JSONDecodeError as error:
+            raise BindWeaveInputError(f"{config_file} is not valid JSON ({error}): re-download the model folder") from error
+        accepted = inspect.signature(model_class.__init__).parameters
+        config.update({key: value for key, value in stored.items() if key in accepted})
+    return config
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    file: Path
+    shape: tuple[int, ...]
+    dtype: str
+
+
+def index_checkpoint(folder: Path) -> dict[str, TensorInfo]:
+    """Key -> (file, shape, dtype) from the safetensors headers (sharded index json or all root files)."""
+    indexes = sorted(folder.glob("*.safetensors.index.json"))
+    if indexes:
+        try:
+            weight_map = json.loads(indexes[0].read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError) as error:
+            raise BindWeaveInputError(f"{indexes[0]} is not a valid sharded-checkpoint index ({error})") from error
+        files = sorted({folder / name for name in weight_map.values()})
+        missing_files = [str(file.name) for file in files if not file.exists()]
+        if missing_files:
+            raise BindWeaveInputError(
+                f"{folder}: the index {indexes[0].name} names shard files that are missing: "
+                f"{missing_files[:SHOWN_KEYS]}; finish the download of this folder"
+            )
+    else:
+        files = sorted(folder.glob("*.safetensors"))
+    if not files:
+        raise BindWeaveInputError(f"{folder} holds no *.safetensors files: point the model config at the checkpoint folder")
+
+    tensors: dict[str, TensorInfo] = {}
+    for file in files:
+        try:
+            with safe_open(file, framework="pt") as handle:
+                for key in handle.keys():
+                    if key in tensors:
+                        raise BindWeaveInputError(f"{folder}: key {key} is in both {tensors[key].file.name} and {file.name}")
+                    view = handle.get_slice(key)
+                    tensors[key] = TensorInfo(file, tuple(view.get_shape()), view.get_dtype())
+        except BindWeaveInputError:
+            raise
+        except Exception as error:  # truncated or not a safetensors file
+            raise BindWeaveInputError(f"{file} is not a readable safetensors file ({error}): re-download it") from error
+    return tensors
+
+
+def check_against_model(folder: Path, tensors: dict[str, TensorInfo], expected: dict[str, torch.Size]) -> None:
+    """Raise one error listing every kind of mismatch (missing, unexpected, shape, dtype)."""
+    problems = []
+    missing = sorted(set(expected) - set(tensors))
+    unexpected = sorted(set(tensors) - set(expected))
+    wrong_shape = [
+        f"{key} {list(tensors[key].shape)} (model expects {list(expected[key])})"
+        for key in sorted(set(expected) & set(tensors))
+        if tensors[key].shape != tuple(expected[key])
+    ]
+    wrong_dtype = [f"{key} {info.dtype}" for key, info in sorted(tensors.items()) if info.dtype not in FLOAT_DTYPES]
+    for label, keys in (("missing keys", missing), ("unexpected keys", unexpected),
+                        ("wrong shapes", wrong_shape), ("non-float dtypes", wrong_dtype)):
+        if keys:
+            more = f" (+{len(keys) - SHOWN_KEYS} more)" if len(keys) > SHOWN_KEYS else ""
+            problems.append(f"{len(keys)} {label}: {', '.join(keys[:SHOWN_KEYS])}{more}")
+    if problems:
+        raise BindWeaveInputError(
+            f"checkpoint folder {folder} does not match the model config: " + "; ".join(problems)
+            + ". Check that the folder (and its config.json) belong to this model and that the download is complete"
+        )
+
+
+def keeps_fp32(name: str, fp32_modules: list[str] | None) -> bool:
+    """diffusers' rule: parameters under these module names stay fp32 (time embedding, modulation, norms)."""
+    return any(module in name.split(".") for module in fp32_modules or [])
+
+
+def load_strict(
+    model: torch.nn.Module,
+    folder: Path,
+    dtype: torch.dtype,
+    device: torch.device | str,
+    materialize: Callable[[str, Callable[[], torch.Tensor]], torch.Tensor] | None = None,
+) -> None:
+    """Fill a meta-device ``model`` from ``folder``, one tensor at a time, checked first.
+
+    ``materialize(name, read)`` lets a caller (FSDP sharded loading) decide what to read; the default
+    reads the whole tensor.
+    """
+    expected = {name: tensor.shape for name, tensor in model.state_dict().items()}
+    tensors = index_checkpoint(folder)
+    check_against_model(folder, tensors, expected)
+    fp32_modules = getattr(model, "_keep_in_fp32_modules", None)
+    state = {}
+    by_file: dict[Path, list[str]] = {}
+    for key, info in tensors.items():
+        by_file.setdefault(info.file, []).append(key)
+    for file, keys in by_file.items():
+        with safe_open(file, framework="pt", device="cpu") as handle:
+            for key in keys:
+                target = torch.float32 if keeps_fp32(key, fp32_modules) else dtype
+
+                def read(handle=handle, key=key, target=target):
+                    return handle.get_tensor(key).to(device=device, dtype=target)
+
+                state[key] = materialize(key, read) if materialize else read()
+    model.load_state_dict(state, strict=True, assign=True)
+
+
+def load_bindweave_transformer(
+    path_or_repo_id,
+    dtype: torch.dtype = torch.bfloat16,
+    device: torch.device | str = "cpu",
+    subfolder: str | None = None,
+    revision: str | None = None,
+):
+    """Build the DiT on the meta device and load it strictly; the rope tables are rebuilt for real."""
+    from bindweave.transformer import BINDWEAVE_14B_CONFIG, BindWeaveTransformer
+    from diffusers.models.transformers.transformer_wan import WanRotaryPosEmbed
+
+    folder = resolve_folder(path_or_repo_id, subfolder, revision)
+    config = read_config(folder, BindWeaveTransformer, BINDWEAVE_14B_CONFIG)
+    with torch.device("meta"):
+        model = BindWeaveTransformer(**config)
+    load_strict(model, folder, dtype, device)
+    # Non-persistent float64 buffers: not in the checkpoint, computed from the config.
+    model.rope = WanRotaryPosEmbed(model.config.attention_head_dim, model.config.patch_size,
+                                   model.config.rope_max_seq_len).to(device)
+    return model.eval().requires_grad_(False)

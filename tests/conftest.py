@@ -1,0 +1,25 @@
+"""Shared fixtures: the tiny model set (written once per session) and the ../shared fixtures."""
+
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = REPO.parent / "shared"
+OPENS2V = SHARED / "fixtures" / "opens2v"
+
+
+@pytest.fixture(scope="session")
+def opens2v() -> Path:
+    if not OPENS2V.is_dir():
+        pytest.skip(f"real sample cases not found at {OPENS2V} (../shared beside the repo)")
+    return OPENS2V
+
+
+@pytest.fixture(scope="session")
+def tiny_dit_folder(tmp_path_factory) -> Path:
+    from bindweave.transformer import write_tiny_bindweave
+
+    folder = tmp_path_factory.mktemp("tiny") / "BindWeave"
+    write_tiny_bindweave(folder, seed=0)
+    return folder

@@ -1,0 +1,114 @@
+"""Strict checkpoint loading: the tiny DiT folder loads through the real code path; broken ones fail clearly."""
+
+import json
+import shutil
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from bindweave import BindWeaveTransformer
+from bindweave.checkpoint import read_config, resolve_folder
+from bindweave.errors import BindWeaveInputError
+from bindweave.transformer import BINDWEAVE_14B_CONFIG
+
+WEIGHTS = "diffusion_pytorch_model.safetensors"
+
+
+@pytest.fixture
+def broken_copy(tiny_dit_folder, tmp_path):
+    """A copy of the tiny DiT whose state dict a test edits."""
+    folder = tmp_path / "BindWeave"
+    shutil.copytree(tiny_dit_folder, folder)
+
+    def edit(change):
+        state = load_file(folder / WEIGHTS)
+        change(state)
+        save_file(state, folder / WEIGHTS)
+        return folder
+
+    return edit
+
+
+def test_tiny_checkpoint_loads_exactly_in_bf16(tiny_dit_folder):
+    model = BindWeaveTransformer.from_pretrained(tiny_dit_folder, torch_dtype=torch.bfloat16)
+    stored = load_file(tiny_dit_folder / WEIGHTS)
+    loaded = model.state_dict()
+    assert set(loaded) == set(stored)
+    for key, tensor in stored.items():
+        fp32_module = any(m in key.split(".") for m in ("time_embedder", "scale_shift_table", "norm1", "norm2", "norm3"))
+        assert loaded[key].dtype == (torch.float32 if fp32_module else torch.bfloat16), key
+        torch.testing.assert_close(loaded[key].float(), tensor.to(loaded[key].dtype).float(), rtol=0, atol=0)
+    fresh = BindWeaveTransformer(**dict(model.config)).rope  # rope tables are computed, not loaded
+    torch.testing.assert_close(model.rope.freqs_cos, fresh.freqs_cos, rtol=0, atol=0)
+
+
+def test_sharded_index_checkpoint_loads(tiny_dit_folder, tmp_path):
+    folder = tmp_path / "sharded"
+    folder.mkdir()
+    shutil.copy(tiny_dit_folder / "config.json", folder)
+    state = load_file(tiny_dit_folder / WEIGHTS)
+    keys = sorted(state)
+    shards = {"model-00001-of-00002.safetensors": keys[::2], "model-00002-of-00002.safetensors": keys[1::2]}
+    for name, shard_keys in shards.items():
+        save_file({k: state[k] for k in shard_keys}, folder / name)
+    index = {"weight_map": {k: name for name, shard_keys in shards.items() for k in shard_keys}}
+    (folder / "diffusion_pytorch_model.safetensors.index.json").write_text(json.dumps(index))
+    model = BindWeaveTransformer.from_pretrained(folder, torch_dtype=torch.float32)
+    torch.testing.assert_close(model.state_dict()["proj_out.weight"], state["proj_out.weight"])
+
+
+@pytest.mark.parametrize(
+    "change, named",
+    [
+        (lambda s: s.__setitem__("blocks.0.attn1.to_qq.weight", s.pop("blocks.0.attn1.to_q.weight")),
+         ["blocks.0.attn1.to_q.weight", "blocks.0.attn1.to_qq.weight"]),
+        (lambda s: s.__setitem__("proj_out.weight", s["proj_out.weight"][:-1]), ["proj_out.weight"]),
+        (lambda s: [s.pop(k) for k in list(s) if "text_projector" in k],
+         ["condition_embedder.text_projector.linear_1.weight"]),
+        (lambda s: s.__setitem__("proj_out.bias", s["proj_out.bias"].to(torch.int32)), ["proj_out.bias", "I32"]),
+    ],
+    ids=["renamed-key", "wrong-shape", "projector-missing", "int-dtype"],
+)
+def test_broken_checkpoint_names_the_key_and_folder(broken_copy, change, named):
+    folder = broken_copy(change)
+    with pytest.raises(BindWeaveInputError) as error:
+        BindWeaveTransformer.from_pretrained(folder)
+    message = str(error.value)
+    assert str(folder) in message
+    for text in named:
+        assert text in message
+
+
+def test_folder_without_safetensors_or_with_missing_shard(tmp_path):
+    (tmp_path / "config.json").write_text("{}")
+    with pytest.raises(BindWeaveInputError, match="no \\*.safetensors"):
+        BindWeaveTransformer.from_pretrained(tmp_path)
+    (tmp_path / "x.safetensors.index.json").write_text(json.dumps({"weight_map": {"a": "gone.safetensors"}}))
+    with pytest.raises(BindWeaveInputError, match="gone.safetensors"):
+        BindWeaveTransformer.from_pretrained(tmp_path)
+
+
+def test_bare_safetensors_folder_uses_the_14b_defaults(tiny_dit_folder, tmp_path):
+    """The official scripts read a folder of safetensors only: it gets the 14B config, so the tiny
+    weights there are reported as wrong shapes rather than silently loaded."""
+    shutil.copy(tiny_dit_folder / WEIGHTS, tmp_path)
+    config = read_config(tmp_path, BindWeaveTransformer, BINDWEAVE_14B_CONFIG)
+    assert config == BINDWEAVE_14B_CONFIG
+    with pytest.raises(BindWeaveInputError, match="wrong shapes"):
+        BindWeaveTransformer.from_pretrained(tmp_path)
+
+
+def test_missing_path_that_is_not_a_repo_id(tmp_path):
+    with pytest.raises(BindWeaveInputError, match="does not exist"):
+        resolve_folder(tmp_path / "nope")
+
+
+def test_repo_id_offline_cache_miss_is_a_clear_error(monkeypatch, tmp_path):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path))
+    import huggingface_hub.constants as constants
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    with pytest.raises(BindWeaveInputError, match="ByteDance/BindWeave"):
+        resolve_folder("ByteDance/BindWeave")
