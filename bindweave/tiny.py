@@ -3,8 +3,8 @@
 Tests and the fresh-machine demo point the project's real loading code at these folders: the
 same classes, folder layouts, file names and weight key names as
 ``Wan-AI/Wan2.1-I2V-14B-720P-Diffusers``, ``Qwen/Qwen2.5-VL-7B-Instruct`` and ``BindWeave``,
-but with a few thousand seeded random float32 parameters each (a few MB in all, written in a
-few seconds on a CPU). Tokenizers are built here from fixed vocabularies, so nothing is
+but with 30k-180k seeded random float32 parameters each (about 2 MB in all, written in about
+a second on a CPU once torch, diffusers and transformers are imported). Tokenizers are built here from fixed vocabularies, so nothing is
 downloaded. The outputs are noise; only shapes, dtypes and the loading paths are real.
 
     python -m bindweave.tiny ROOT [--seed N]
@@ -23,6 +23,7 @@ from pathlib import Path
 import diffusers
 import torch
 from diffusers import AutoencoderKLWan, UniPCMultistepScheduler
+from safetensors.torch import load_file, save_file
 from tokenizers import AddedToken
 from transformers import (
     CLIPImageProcessorPil,
@@ -36,6 +37,8 @@ from transformers import (
     UMT5EncoderModel,
 )
 from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+from bindweave.errors import BindWeaveInputError
 
 WAN_DIR = "Wan2.1-I2V-14B-720P-Diffusers"
 BINDWEAVE_DIR = "BindWeave"
@@ -96,7 +99,6 @@ TINY_UMT5 = dict(
     relative_attention_num_buckets=32,
     relative_attention_max_distance=128,
     feed_forward_proj="gated-gelu",
-    tie_word_embeddings=False,
 )
 
 # hidden_size 24 is the tiny DiT's image_dim; 224 / 14 = 16x16 patches + CLS = 257 tokens, the
@@ -113,8 +115,17 @@ TINY_CLIP = dict(
     layer_norm_eps=1e-5,
 )
 
+CLIP_KEY_PREFIX = "vision_model."
+
 OPENAI_CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]
 OPENAI_CLIP_STD = [0.26862954, 0.26130258, 0.27577711]
+# The released image_processor/: OpenAI CLIP preprocessing (shortest side 224, centre crop 224).
+CLIP_IMAGE_PROCESSOR = dict(
+    size={"shortest_edge": 224},
+    crop_size={"height": 224, "width": 224},
+    image_mean=OPENAI_CLIP_MEAN,
+    image_std=OPENAI_CLIP_STD,
+)
 
 WAN_SCHEDULER = dict(
     prediction_type="flow_prediction",
@@ -252,15 +263,17 @@ def write_tiny_models(root: Path, seed: int = 0) -> TinyModelPaths:
     paths = TinyModelPaths(root / WAN_DIR, root / BINDWEAVE_DIR, root / QWEN_DIR)
     stamp = f"{FORMAT_VERSION} seed={seed}\n"
     marker = root / MARKER_NAME
+    if _is_complete(marker, stamp):
+        return paths
     root.mkdir(parents=True, exist_ok=True)
-    with open(root / LOCK_NAME, "w") as lock:
+    with open(root / LOCK_NAME, "a") as lock:
         # Several processes (test workers, ranks of one launch) may ask for the same set.
         fcntl.flock(lock, fcntl.LOCK_EX)
-        if marker.is_file() and marker.read_text() == stamp:
+        if _is_complete(marker, stamp):  # another process wrote it while this one waited
             return paths
         if not marker.is_file():
             _refuse_foreign_folders(paths)
-        with tempfile.TemporaryDirectory(dir=root, prefix=".tiny-") as tmp:
+        with tempfile.TemporaryDirectory(dir=root, prefix=".tiny-staging-") as tmp:
             staging = Path(tmp)
             _write_wan(staging / WAN_DIR, seed)
             _write_bindweave(staging / BINDWEAVE_DIR, seed)
@@ -274,10 +287,12 @@ def write_tiny_models(root: Path, seed: int = 0) -> TinyModelPaths:
     return paths
 
 
+def _is_complete(marker: Path, stamp: str) -> bool:
+    return marker.is_file() and marker.read_text() == stamp
+
+
 def _refuse_foreign_folders(paths: TinyModelPaths) -> None:
     # Without a marker, an existing folder may hold real weights: never overwrite it.
-    from bindweave.errors import BindWeaveInputError
-
     for folder in (paths.wan, paths.bindweave, paths.qwen):
         if folder.exists():
             raise BindWeaveInputError(
@@ -310,9 +325,8 @@ def _write_wan(folder: Path, seed: int) -> None:
     _write_umt5(folder / "text_encoder", seed)
     _write_t5_tokenizer(folder / "tokenizer")
     _write_clip(folder / "image_encoder", seed)
-    CLIPImageProcessorPil(image_mean=OPENAI_CLIP_MEAN, image_std=OPENAI_CLIP_STD).save_pretrained(
-        folder / "image_processor"
-    )
+    # The PIL flavour needs no torchvision and writes the same file, typed "CLIPImageProcessor".
+    CLIPImageProcessorPil(**CLIP_IMAGE_PROCESSOR).save_pretrained(folder / "image_processor")
     UniPCMultistepScheduler(**WAN_SCHEDULER).save_config(folder / "scheduler")
 
 
@@ -343,6 +357,14 @@ def _write_t5_tokenizer(folder: Path) -> None:
 def _write_clip(folder: Path, seed: int) -> None:
     torch.manual_seed(seed)
     CLIPVisionModel(CLIPVisionConfig(**TINY_CLIP)).save_pretrained(folder, safe_serialization=True)
+    # transformers 5 dropped CLIPVisionModel's `vision_model.` wrapper and saves bare keys; the
+    # released checkpoint has the prefix, which every transformers version loads, so write that.
+    weights_file = folder / "model.safetensors"
+    weights = {
+        key if key.startswith(CLIP_KEY_PREFIX) else CLIP_KEY_PREFIX + key: tensor
+        for key, tensor in load_file(weights_file).items()
+    }
+    save_file(weights, weights_file, metadata={"format": "pt"})
 
 
 # ---- Qwen2.5-VL -------------------------------------------------------------------------------
@@ -354,7 +376,8 @@ def _write_qwen(folder: Path, seed: int) -> None:
     # Written as the released file rather than saved from a Qwen2_5_VLProcessor: transformers
     # cannot build that processor without torchvision (its video half needs it), and this
     # project does not install torchvision.
-    (folder / "preprocessor_config.json").write_text(json.dumps(QWEN_PREPROCESSOR_CONFIG, indent=2) + "\n")
+    preprocessor_config = json.dumps(QWEN_PREPROCESSOR_CONFIG, indent=2) + "\n"
+    (folder / "preprocessor_config.json").write_text(preprocessor_config)
 
     ids = tokenizer.convert_tokens_to_ids
     config = Qwen2_5_VLConfig(
@@ -407,7 +430,7 @@ def _qwen_tokenizer() -> Qwen2Tokenizer:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m bindweave.tiny", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m bindweave.tiny", description=__doc__.splitlines()[0])
     parser.add_argument("root", type=Path, help="folder to write the three model folders into")
     parser.add_argument("--seed", type=int, default=0, help="seed of the random weights")
     args = parser.parse_args(argv)

@@ -1,0 +1,276 @@
+"""Stage 3: meta JSON + images + Qwen hidden states -> one MP4 (+ JSON sidecar) per sample.
+
+Read top to bottom: settings, loading the models once, per-sample conditioning, the denoising
+loop, decoding and writing. Parallelism (sequence/CFG/data) is applied from outside by
+``parallel.runtime``, which hands this module a :class:`~parallel.runtime.Runtime`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import platform
+import resource
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from bindweave.checkpoint import resolve_folder
+from bindweave.conditioning import (
+    ClipImageEncoder,
+    T5TextEncoder,
+    VideoConditionCache,
+    WanVae,
+    assemble_condition,
+    reference_condition,
+)
+from bindweave.data import Sample, load_reference_image, load_sample_hidden_states, read_meta
+from bindweave.errors import BindWeaveInputError
+from bindweave.outputs import video_done, write_json, write_mp4
+from bindweave.prompts import T5_NEGATIVE_PROMPT
+from bindweave.sampler import SamplerSettings, denoise, guided_velocity, initial_noise, make_scheduler
+from bindweave.transformer import BindWeaveTransformer
+
+log = logging.getLogger("bindweave")
+SIDES = ("positive", "negative")
+
+
+@dataclass(frozen=True)
+class VideoSettings:
+    height: int = 720
+    width: int = 1280
+    num_frames: int = 81
+    fps: int = 16
+
+    def __post_init__(self):
+        if self.height % 16 or self.width % 16:
+            raise BindWeaveInputError(
+                f"video.height={self.height} / video.width={self.width}: both must be multiples of 16 "
+                "(VAE 8x and patch 2x); e.g. 720x1280, 480x832"
+            )
+        if (self.num_frames - 1) % 4:
+            raise BindWeaveInputError(f"video.num_frames={self.num_frames}: must be 4k+1 (e.g. 81, 49, 17)")
+
+    @property
+    def latent_shape(self) -> tuple[int, int, int, int, int]:
+        return (1, 16, (self.num_frames - 1) // 4 + 1, self.height // 8, self.width // 8)
+
+
+@dataclass(frozen=True)
+class ModelSettings:
+    """Where the three weight sets are (local folders or HF repo ids) and how to hold them."""
+
+    dit: str
+    wan: str
+    dit_subfolder: str | None = None
+    revision: str | None = None
+    dtype: str = "bfloat16"
+    device: str = "auto"
+    tiny_root: str | None = None  # set: write (once) and use the tiny model set there
+    cache_dir: str = ".cache/bindweave"
+    vae_tiling: bool = False
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return getattr(torch, self.dtype)
+
+    def resolved_device(self) -> torch.device:
+        if self.device == "auto":
+            return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+        return torch.device(self.device)
+
+
+@dataclass(frozen=True)
+class RunSettings:
+    meta_path: Path
+    image_root: Path | None
+    output_dir: Path
+    overwrite: bool = False
+    on_error: str = "fail"  # "fail": stop at the first bad sample; "skip": report it, go on, exit non-zero
+    progress: bool = True
+
+
+@dataclass
+class Stage3Models:
+    """Everything loaded once per process and reused across samples (and sweep jobs)."""
+
+    transformer: BindWeaveTransformer
+    vae: WanVae
+    text_encoder: T5TextEncoder
+    image_encoder: ClipImageEncoder
+    video_conditions: VideoConditionCache
+    device: torch.device
+    provenance: dict = field(default_factory=dict)
+    negative_t5: torch.Tensor | None = None
+
+    @property
+    def hidden_dim(self) -> int:
+        return self.transformer.config.mllm_dim
+
+
+def folder_fingerprint(folder: Path) -> dict:
+    """Cheap identity of a model folder: HF snapshot revision when cached, else a hash of its
+    configs and weight-file names/sizes (hashing 33 GB of weights per run is not cheap)."""
+    digest = hashlib.sha256()
+    for path in sorted(folder.rglob("*")):
+        if path.is_file() and path.suffix in (".json", ".safetensors", ".txt", ".model"):
+            relative = str(path.relative_to(folder))
+            digest.update(relative.encode())
+            digest.update(path.read_bytes() if path.suffix == ".json" else str(path.stat().st_size).encode())
+    parts = folder.resolve().parts
+    revision = parts[parts.index("snapshots") + 1] if "snapshots" in parts else None
+    return {"folder": str(folder), "revision": revision, "fingerprint": digest.hexdigest()[:16]}
+
+
+def load_stage3_models(settings: ModelSettings) -> Stage3Models:
+    if settings.tiny_root:
+        from bindweave.tiny import write_tiny_models
+
+        tiny = write_tiny_models(Path(settings.tiny_root))
+        dit_folder, wan_folder = tiny.bindweave, tiny.wan
+    else:
+        dit_folder = resolve_folder(settings.dit, settings.dit_subfolder, settings.revision)
+        wan_folder = resolve_folder(settings.wan)
+    device, dtype = settings.resolved_device(), settings.torch_dtype
+    transformer = BindWeaveTransformer.from_pretrained(dit_folder, torch_dtype=dtype, device=device)
+    return Stage3Models(
+        transformer=transformer,
+        vae=WanVae.from_folder(wan_folder, dtype=torch.float32 if device.type == "cpu" else dtype, device=device,
+                               tiled=settings.vae_tiling),
+        text_encoder=T5TextEncoder.from_folder(wan_folder, dtype=dtype, device=device),
+        image_encoder=ClipImageEncoder.from_folder(wan_folder, dtype=dtype, device=device),
+        video_conditions=VideoConditionCache(Path(settings.cache_dir) / "video_condition"),
+        device=device,
+        provenance={"dit": folder_fingerprint(dit_folder), "wan": folder_fingerprint(wan_folder)},
+    )
+
+
+@dataclass
+class SampleInputs:
+    """The DiT's inputs for one sample; text inputs per CFG side."""
+
+    t5: dict[str, torch.Tensor]
+    qwen: dict[str, torch.Tensor]
+    clip_embeds: torch.Tensor
+    condition: torch.Tensor
+
+
+@torch.no_grad()
+def prepare_inputs(models: Stage3Models, sample: Sample, video: VideoSettings) -> SampleInputs:
+    """SPEC §5: T5 (positive + cached negative), Qwen states from disk, reference canvases -> CLIP
+    tokens and VAE latents, the cached all-zero video condition."""
+    device, dtype = models.device, models.transformer.dtype
+    images = [load_reference_image(path) for path in sample.image_paths]
+    qwen_positive, qwen_negative = load_sample_hidden_states(sample, hidden_dim=models.hidden_dim)
+    if models.negative_t5 is None:
+        models.negative_t5 = models.text_encoder.encode([T5_NEGATIVE_PROMPT])
+    clip_embeds, reference_latents = reference_condition(
+        images, models.vae, models.image_encoder, width=video.width, height=video.height,
+        max_references=models.transformer.config.max_references,
+    )
+    video_condition = models.video_conditions.get(models.vae, video.num_frames, video.height, video.width)
+    condition = assemble_condition(reference_latents.to(video_condition.device), video_condition)
+    return SampleInputs(
+        t5={"positive": models.text_encoder.encode([sample.prompt]).to(device, dtype),
+            "negative": models.negative_t5.to(device, dtype)},
+        qwen={"positive": qwen_positive.to(device, dtype), "negative": qwen_negative.to(device, dtype)},
+        clip_embeds=clip_embeds.to(device, dtype),
+        condition=condition.to(device, dtype),
+    )
+
+
+def dit_predictor(transformer: BindWeaveTransformer, inputs: SampleInputs):
+    """One DiT forward for one CFG side; both sides share the image conditions (SPEC §6)."""
+
+    @torch.no_grad()
+    def predict(latents: torch.Tensor, timestep: torch.Tensor, side: str) -> torch.Tensor:
+        return transformer(
+            latents.to(transformer.dtype), timestep.to(latents.device), t5_embeds=inputs.t5[side],
+            qwen_states=inputs.qwen[side], clip_embeds=inputs.clip_embeds, condition=inputs.condition,
+        )
+
+    return predict
+
+
+def sample_seed(sample: Sample, sampler: SamplerSettings) -> int:
+    return sampler.seed if sample.seed is None else sample.seed
+
+
+def peak_memory_gib(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # kB -> GiB (host RSS)
+
+
+def versions() -> dict:
+    import diffusers
+    import transformers
+
+    return {"python": platform.python_version(), "torch": torch.__version__, "diffusers": diffusers.__version__,
+            "transformers": transformers.__version__}
+
+
+def generate_sample(models: Stage3Models, sample: Sample, video: VideoSettings, sampler: SamplerSettings,
+                    output_path: Path, progress: bool = True) -> dict:
+    """Condition, denoise, decode and write one sample; returns its sidecar record."""
+    timings = {}
+    started = time.perf_counter()
+    inputs = prepare_inputs(models, sample, video)
+    timings["conditioning_s"] = time.perf_counter() - started
+
+    seed = sample_seed(sample, sampler)
+    noise = initial_noise(video.latent_shape, seed).to(models.device)
+    velocity = guided_velocity(dit_predictor(models.transformer, inputs), sampler.guidance_scale)
+    steps = (lambda timesteps: tqdm(timesteps, desc=f"{sample.sample_id} steps", leave=False)) if progress else iter
+    mark = time.perf_counter()
+    latents = denoise(noise, make_scheduler(sampler), velocity, progress=steps)
+    timings["denoise_s"] = time.perf_counter() - mark
+
+    mark = time.perf_counter()
+    frames = models.vae.decode_to_frames(latents)
+    timings["decode_s"] = time.perf_counter() - mark
+    mark = time.perf_counter()
+    write_mp4(output_path, frames, fps=video.fps)
+    timings["write_s"] = time.perf_counter() - mark
+    timings["total_s"] = time.perf_counter() - started
+
+    record = {
+        "sample_id": sample.sample_id, "prompt": sample.prompt, "seed": seed,
+        "num_steps": sampler.num_steps, "guidance_scale": sampler.guidance_scale,
+        "resolution": asdict(video), "images": [str(p) for p in sample.image_paths],
+        "hidden_states": [str(p) for p in (sample.hidden_states_path, sample.hidden_states_path_negative) if p],
+        "sample_fields": sample.fields, "models": models.provenance, "timings": timings,
+        "peak_memory_gib": round(peak_memory_gib(models.device), 3), "versions": versions(),
+    }
+    # The sidecar is written last: its presence marks the sample as finished (resume).
+    write_json(output_path.with_suffix(".json"), record)
+    return record
+
+
+def run_generation(models: Stage3Models, run: RunSettings, video: VideoSettings, sampler: SamplerSettings) -> dict:
+    """All samples of the meta JSON in sorted order; finished ones are skipped unless overwrite."""
+    samples = read_meta(run.meta_path, run.image_root)
+    run.output_dir.mkdir(parents=True, exist_ok=True)
+    summary = {"done": [], "skipped": [], "failed": {}}
+    for sample in tqdm(samples, desc="samples", disable=not run.progress):
+        output_path = run.output_dir / f"{sample.sample_id}.mp4"
+        if video_done(output_path) and not run.overwrite:
+            log.info("%s: already done (%s), skipping; overwrite=true redoes it", sample.sample_id, output_path)
+            summary["skipped"].append(sample.sample_id)
+            continue
+        try:
+            record = generate_sample(models, sample, video, sampler, output_path, progress=run.progress)
+        except BindWeaveInputError as error:
+            if run.on_error != "skip":
+                raise
+            log.error("%s: %s (skipped; on_error=skip)", sample.sample_id, error)
+            summary["failed"][sample.sample_id] = str(error)
+            continue
+        summary["done"].append(sample.sample_id)
+        log.info("%s: %.1f s, peak memory %.2f GiB -> %s", sample.sample_id, record["timings"]["total_s"],
+                 record["peak_memory_gib"], output_path)
+    return summary
