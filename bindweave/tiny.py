@@ -3,9 +3,10 @@
 Tests and the fresh-machine demo point the project's real loading code at these folders: the
 same classes, folder layouts, file names and weight key names as
 ``Wan-AI/Wan2.1-I2V-14B-720P-Diffusers``, ``Qwen/Qwen2.5-VL-7B-Instruct`` and ``BindWeave``,
-but with 30k-180k seeded random float32 parameters each (about 2 MB in all, written in about
-a second on a CPU once torch, diffusers and transformers are imported). Tokenizers are built here from fixed vocabularies, so nothing is
-downloaded. The outputs are noise; only shapes, dtypes and the loading paths are real.
+but with 30k-180k seeded random float32 parameters each (about 2 MB in all, written in about a
+second on a CPU once torch, diffusers and transformers are imported). Tokenizers are built here
+from fixed vocabularies, so nothing is downloaded. The outputs are noise; only shapes, dtypes,
+files and the loading paths are real.
 
     python -m bindweave.tiny ROOT [--seed N]
 """

@@ -2,8 +2,8 @@
 written deterministically, once."""
 
 import json
-import os
 
+import huggingface_hub
 import numpy as np
 import pytest
 import torch
@@ -12,10 +12,16 @@ from PIL import Image
 from bindweave.errors import BindWeaveInputError
 from bindweave.tiny import LOCK_NAME, MARKER_NAME, main, write_tiny_models
 
-os.environ["HF_HUB_OFFLINE"] = "1"  # every load below must work from the folders alone
-
 SEED = 0
 PROMPT = "A man walking his dog in the park, Ünïcödé 日本 text."
+
+
+@pytest.fixture(autouse=True)
+def offline(monkeypatch):
+    # Every load must work from the folders alone. huggingface_hub reads the variable once, at
+    # import, so its constant is patched too.
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
 
 
 @pytest.fixture(scope="module")
@@ -67,7 +73,12 @@ def test_t5_tokenizer_and_text_encoder(tiny):
     tokenizer = AutoTokenizer.from_pretrained(tiny.wan / "tokenizer")
     assert (tokenizer.pad_token_id, tokenizer.eos_token_id, tokenizer.unk_token_id) == (0, 1, 2)
     batch = tokenizer(
-        [PROMPT], padding="max_length", max_length=512, truncation=True, add_special_tokens=True, return_tensors="pt"
+        [PROMPT],
+        padding="max_length",
+        max_length=512,
+        truncation=True,
+        add_special_tokens=True,
+        return_tensors="pt",
     )
     ids, mask = batch.input_ids[0], batch.attention_mask[0]
     length = int(mask.sum())
@@ -132,15 +143,19 @@ def test_qwen_chat_template_image_tokens_and_forward(tiny):
     pieces = text.split("<|image_pad|>")
     text = pieces[0] + "".join("<|image_pad|>" * n + rest for n, rest in zip(counts, pieces[1:]))
     inputs = tokenizer([text], return_tensors="pt")
+    image_pad = tokenizer.convert_tokens_to_ids("<|image_pad|>")
+    # 1 marks image tokens; without it transformers 5 silently drops the 3-D (MRoPE) positions.
+    inputs["mm_token_type_ids"] = (inputs.input_ids == image_pad).int()
 
     model = Qwen2_5_VLForConditionalGeneration.from_pretrained(tiny.qwen).eval()
-    assert model.config.image_token_id == tokenizer.convert_tokens_to_ids("<|image_pad|>")
+    assert model.config.image_token_id == image_pad
     assert model.config.text_config.hidden_size == 40
     length = inputs.input_ids.shape[1]
     with torch.no_grad():  # the model itself checks image tokens == vision features
         states = model.model(**inputs, **images).last_hidden_state
         hidden = model(**inputs, **images, output_hidden_states=True).hidden_states[-1]
     assert states.shape == hidden.shape == (1, length, 40)
+    assert model.model.rope_deltas is not None and int(model.model.rope_deltas) < 0  # image positions are 2-D
 
 
 def test_qwen_auto_processor(tiny):
@@ -150,15 +165,20 @@ def test_qwen_auto_processor(tiny):
     processor = AutoProcessor.from_pretrained(tiny.qwen)
     text = processor.apply_chat_template(qwen_messages(), add_generation_prompt=True, tokenize=False)
     inputs = processor(text=[text], images=[image(100, 150), image(60, 60, seed=1)], return_tensors="pt")
-    image_pad = processor.tokenizer.convert_tokens_to_ids("<|image_pad|>")
-    assert int((inputs.input_ids == image_pad).sum()) == int(inputs.image_grid_thw.prod(-1).sum()) // 4
+    ids = inputs.input_ids[0].tolist()
+    start, end = processor.tokenizer.convert_tokens_to_ids(["<|vision_start|>", "<|vision_end|>"])
+    pads_per_image = [ids[i + 1 :].index(end) for i, token in enumerate(ids) if token == start]
+    assert pads_per_image == [int(grid.prod()) // 4 for grid in inputs.image_grid_thw]
     model = Qwen2_5_VLForConditionalGeneration.from_pretrained(tiny.qwen).eval()
     with torch.no_grad():
         states = model.model(**inputs).last_hidden_state
     assert states.shape == (1, inputs.input_ids.shape[1], 40)
 
 
-def test_bindweave_dims_match_the_encoders(tiny):
+def test_bindweave_loads_strictly_with_the_encoders_widths(tiny):
+    from bindweave import BindWeaveTransformer
+
+    BindWeaveTransformer.from_pretrained(tiny.bindweave, torch_dtype=torch.float32)
     dit = json.loads((tiny.bindweave / "config.json").read_text())
     t5 = json.loads((tiny.wan / "text_encoder" / "config.json").read_text())
     clip = json.loads((tiny.wan / "image_encoder" / "config.json").read_text())
