@@ -58,11 +58,14 @@ def clean_prompt(text: str) -> str:
 
 
 def _check_complete(folder: Path, loading_info: dict) -> None:
-    """from_pretrained only warns about missing/unexpected keys and keeps random weights: refuse them."""
+    """from_pretrained only warns about missing keys and keeps random weights there: refuse them.
+
+    Keys the class does not use (e.g. a ``visual_projection`` saved with a CLIP vision tower)
+    cannot change its outputs, so they are only logged.
+    """
     problems = [
         f"{label}: {sorted(loading_info[key])[:8]}"
-        for key, label in (("missing_keys", "missing keys"), ("unexpected_keys", "unexpected keys"),
-                           ("mismatched_keys", "wrong shapes"))
+        for key, label in (("missing_keys", "missing keys"), ("mismatched_keys", "wrong shapes"))
         if loading_info.get(key)
     ]
     if problems:
@@ -70,6 +73,9 @@ def _check_complete(folder: Path, loading_info: dict) -> None:
             f"checkpoint folder {folder} does not match its config.json ({'; '.join(problems)}): "
             "check that the download is complete and belongs to Wan2.1-I2V-14B-720P-Diffusers"
         )
+    if loading_info.get("unexpected_keys"):
+        logger.warning("%s: ignoring %d checkpoint keys the model does not use: %s", folder,
+                       len(loading_info["unexpected_keys"]), sorted(loading_info["unexpected_keys"])[:8])
 
 
 def _load_pretrained(model_class, folder: Path, **kwargs):
