@@ -400,7 +400,8 @@ class VideoConditionCache:
 
     @staticmethod
     def _compute(vae: WanVae, num_frames: int, height: int, width: int) -> torch.Tensor:
-        grey_clip = torch.zeros(1, 3, num_frames, height, width)  # 0 in [-1, 1] is mid grey
+        # 0 in [-1, 1] is mid grey; made on the VAE's device (at 720P it is 0.9 GB in float32).
+        grey_clip = torch.zeros(1, 3, num_frames, height, width, dtype=vae.dtype, device=vae.device)
         latents = vae.encode(grey_clip).cpu()
         mask = torch.zeros(1, MASK_CHANNELS, *latents.shape[2:])
         return torch.cat([mask, latents], dim=1)
