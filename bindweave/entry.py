@@ -4,29 +4,56 @@ from __future__ import annotations
 
 import logging
 import sys
+from dataclasses import replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from omegaconf import DictConfig, OmegaConf
 
 from bindweave.errors import BindWeaveInputError
 
+if TYPE_CHECKING:
+    from parallel.distributed import Processes
+
 log = logging.getLogger("bindweave")
 
 
 def run_generate_command(cfg: DictConfig) -> int:
-    """Exit code: 0 all done, 1 some samples failed (on_error=skip), 2 bad input/config."""
+    """Exit code: 0 all done, 1 some samples failed (on_error=skip), 2 bad input/config.
+
+    Under torchrun or srun every rank runs this. Ranks that read the same inputs fail alike, so an
+    input error is reported once: by rank 0, or for a sample's own inputs by that sample's writer.
+    The other ranks exit too, or the launcher ends them (collectives time out after
+    ``parallel.timeout_s``).
+    """
+    from parallel.distributed import detect_processes, stop_process_group
+
+    is_rank0 = True
     try:
-        return _generate(cfg)
+        processes = detect_processes()
+        is_rank0 = processes.rank == 0
+        return _generate(cfg, processes)
     except BindWeaveInputError as error:
-        log.error("%s", error)
-        print(f"error: {error}", file=sys.stderr)
+        if is_rank0:
+            _report(error)
         return 2
+    finally:
+        stop_process_group()
 
 
-def _generate(cfg: DictConfig) -> int:
+def _report(error: BindWeaveInputError) -> None:
+    log.error("%s", error)
+    print(f"error: {error}", file=sys.stderr)
+
+
+def _generate(cfg: DictConfig, processes: Processes) -> int:
     from bindweave.demo import demo_meta_with_hidden_states
     from bindweave.pipeline import ModelSettings, RunSettings, VideoSettings, load_stage3_models, run_generation
     from bindweave.sampler import SamplerSettings
+    from parallel.distributed import rank_device, start_process_group
+    from parallel.layout import layout_from_config
+    from parallel.parallelize import parallelize
+    from parallel.runtime import Runtime
 
     if cfg.on_error not in ("fail", "skip"):
         raise BindWeaveInputError(f"on_error={cfg.on_error}: use on_error=fail or on_error=skip")
@@ -36,20 +63,64 @@ def _generate(cfg: DictConfig) -> int:
     if cfg.data.meta_path is None and not model_settings.tiny_root:
         raise BindWeaveInputError("data.meta_path is not set: pass data.meta_path=META_JSON data.image_root=IMAGE_DIR")
 
+    device_type = _device_type(model_settings.device)
+    layout = layout_from_config(cfg.parallel, processes.world_size, _dit_attention_heads(model_settings), device_type)
+    start_process_group(processes, device_type, cfg.parallel.timeout_s)
+    if processes.world_size > 1:  # one process per GPU: rank r computes on GPU LOCAL_RANK
+        model_settings = replace(model_settings, device=str(rank_device(processes, device_type)))
+
     models = load_stage3_models(model_settings)
+    runtime = Runtime.build(layout, processes, models.device)
+    parallelize(models.transformer, runtime)
+    if runtime.rank == 0 and runtime.world_size > 1:
+        log.info("parallel layout: %s", layout.describe())
     meta_path = cfg.data.meta_path
     if meta_path is None:
-        meta_path = demo_meta_with_hidden_states(Path(cfg.data.demo_dir), hidden_dim=models.hidden_dim)
-        log.info("demo: built-in cases at %s (tiny random models: the videos are noise)", meta_path)
+        from bindweave.tiny import write_tiny_models
+
+        def write_demo() -> Path:
+            return demo_meta_with_hidden_states(Path(cfg.data.demo_dir), hidden_dim=models.hidden_dim,
+                                                qwen_folder=write_tiny_models(Path(model_settings.tiny_root)).qwen)
+
+        meta_path = runtime.from_rank0(write_demo)  # one writer; the other ranks wait for it
+        if runtime.rank == 0:
+            log.info("demo: built-in cases at %s (tiny random models: the videos are noise)", meta_path)
     run = RunSettings(
         meta_path=Path(meta_path),
         image_root=Path(cfg.data.image_root) if cfg.data.image_root else None,
-        output_dir=Path(cfg.output_dir),
+        # Rank 0's: "${now:...}" in the default resolves to each rank's own clock.
+        output_dir=Path(runtime.from_rank0(lambda: str(cfg.output_dir))),
         overwrite=cfg.overwrite,
         on_error=cfg.on_error,
-        progress=cfg.progress,
+        progress=cfg.progress and runtime.rank == 0,
     )
-    summary = run_generation(models, run, video, sampler)
-    log.info("done: %d written, %d already there, %d failed; videos in %s", len(summary["done"]),
-             len(summary["skipped"]), len(summary["failed"]), run.output_dir.resolve())
+    try:
+        summary = run_generation(models, run, video, sampler, runtime)
+    except BindWeaveInputError as error:
+        if runtime.is_writer:  # the meta file (rank 0 reads it) or a sample's inputs (its group read them)
+            _report(error)
+        return 2
+    if runtime.is_writer:
+        log.info("done: %d written, %d already there, %d failed; videos in %s", len(summary["done"]),
+                 len(summary["skipped"]), len(summary["failed"]), run.output_dir.resolve())
     return 1 if summary["failed"] else 0
+
+
+def _device_type(device: str) -> str:
+    """"cuda" or "cpu" for the configured model device, without touching a GPU ("auto": CUDA if present)."""
+    import torch
+
+    return ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else torch.device(device).type
+
+
+def _dit_attention_heads(settings) -> int:
+    """The DiT's head count from its config.json alone: the layout is checked before any weight is read."""
+    from bindweave.checkpoint import read_config, resolve_folder
+    from bindweave.tiny import write_tiny_models
+    from bindweave.transformer import BINDWEAVE_14B_CONFIG, BindWeaveTransformer
+
+    if settings.tiny_root:
+        folder = write_tiny_models(Path(settings.tiny_root)).bindweave
+    else:
+        folder = resolve_folder(settings.dit, settings.dit_subfolder, settings.revision)
+    return read_config(folder, BindWeaveTransformer, BINDWEAVE_14B_CONFIG)["num_attention_heads"]

@@ -32,8 +32,11 @@ from bindweave.data import Sample, load_reference_image, load_sample_hidden_stat
 from bindweave.errors import BindWeaveInputError
 from bindweave.outputs import video_done, write_json, write_mp4
 from bindweave.prompts import T5_NEGATIVE_PROMPT
-from bindweave.sampler import SamplerSettings, denoise, guided_velocity, initial_noise, make_scheduler
+from bindweave.sampler import SamplerSettings, denoise, initial_noise, make_scheduler
 from bindweave.transformer import BindWeaveTransformer
+from parallel.cfg import parallel_guided_velocity
+from parallel.parallelize import own_samples
+from parallel.runtime import Runtime
 
 log = logging.getLogger("bindweave")
 SIDES = ("positive", "negative")
@@ -215,8 +218,14 @@ def versions() -> dict:
 
 
 def generate_sample(models: Stage3Models, sample: Sample, video: VideoSettings, sampler: SamplerSettings,
-                    output_path: Path, progress: bool = True) -> dict:
-    """Condition, denoise, decode and write one sample; returns its sidecar record."""
+                    output_path: Path, progress: bool = True, runtime: Runtime | None = None) -> dict | None:
+    """Condition, denoise, decode and write one sample; returns its sidecar record.
+
+    Under a parallel ``runtime`` every rank of the sample's group conditions and denoises (its
+    share of the tokens / its CFG side); only the group's writer decodes and writes, and the
+    others return None.
+    """
+    runtime = runtime or Runtime.single_process(models.device)
     timings = {}
     started = time.perf_counter()
     inputs = prepare_inputs(models, sample, video)
@@ -224,11 +233,13 @@ def generate_sample(models: Stage3Models, sample: Sample, video: VideoSettings, 
 
     seed = sample_seed(sample, sampler)
     noise = initial_noise(video.latent_shape, seed).to(models.device)
-    velocity = guided_velocity(dit_predictor(models.transformer, inputs), sampler.guidance_scale)
+    velocity = parallel_guided_velocity(dit_predictor(models.transformer, inputs), sampler.guidance_scale, runtime)
     steps = (lambda timesteps: tqdm(timesteps, desc=f"{sample.sample_id} steps", leave=False)) if progress else iter
     mark = time.perf_counter()
     latents = denoise(noise, make_scheduler(sampler), velocity, progress=steps)
     timings["denoise_s"] = time.perf_counter() - mark
+    if not runtime.is_writer:
+        return None
 
     mark = time.perf_counter()
     frames = models.vae.decode_to_frames(latents)
@@ -245,32 +256,50 @@ def generate_sample(models: Stage3Models, sample: Sample, video: VideoSettings, 
         "hidden_states": [str(p) for p in (sample.hidden_states_path, sample.hidden_states_path_negative) if p],
         "sample_fields": sample.fields, "models": models.provenance, "timings": timings,
         "peak_memory_gib": round(peak_memory_gib(models.device), 3), "versions": versions(),
+        "parallel": asdict(runtime.layout),
     }
     # The sidecar is written last: its presence marks the sample as finished (resume).
     write_json(output_path.with_suffix(".json"), record)
     return record
 
 
-def run_generation(models: Stage3Models, run: RunSettings, video: VideoSettings, sampler: SamplerSettings) -> dict:
-    """All samples of the meta JSON in sorted order; finished ones are skipped unless overwrite."""
-    samples = read_meta(run.meta_path, run.image_root)
+def run_generation(models: Stage3Models, run: RunSettings, video: VideoSettings, sampler: SamplerSettings,
+                   runtime: Runtime | None = None) -> dict:
+    """All samples of the meta JSON in sorted order (under a ``runtime``, this data group's share of
+    them); finished ones are skipped unless overwrite."""
+    runtime = runtime or Runtime.single_process(models.device)
+
+    def output_path_of(sample: Sample) -> Path:
+        return run.output_dir / f"{sample.sample_id}.mp4"
+
+    def plan() -> tuple[list[Sample], set[str]]:
+        samples = read_meta(run.meta_path, run.image_root)
+        return samples, {sample.sample_id for sample in samples if video_done(output_path_of(sample))}
+
+    # Rank 0 reads the meta file and looks for finished outputs; every rank follows that one plan,
+    # so the ranks sharing a sample never disagree about skipping it.
+    samples, finished = runtime.from_rank0(plan)
     run.output_dir.mkdir(parents=True, exist_ok=True)
     summary = {"done": [], "skipped": [], "failed": {}}
-    for sample in tqdm(samples, desc="samples", disable=not run.progress):
-        output_path = run.output_dir / f"{sample.sample_id}.mp4"
-        if video_done(output_path) and not run.overwrite:
-            log.info("%s: already done (%s), skipping; overwrite=true redoes it", sample.sample_id, output_path)
+    for sample in tqdm(own_samples(samples, runtime), desc="samples", disable=not run.progress):
+        output_path = output_path_of(sample)
+        if sample.sample_id in finished and not run.overwrite:
+            if runtime.is_writer:
+                log.info("%s: already done (%s), skipping; overwrite=true redoes it", sample.sample_id, output_path)
             summary["skipped"].append(sample.sample_id)
             continue
         try:
-            record = generate_sample(models, sample, video, sampler, output_path, progress=run.progress)
+            record = generate_sample(models, sample, video, sampler, output_path, progress=run.progress,
+                                     runtime=runtime)
         except BindWeaveInputError as error:
             if run.on_error != "skip":
                 raise
-            log.error("%s: %s (skipped; on_error=skip)", sample.sample_id, error)
+            if runtime.is_writer:  # every rank of the group read the same inputs and failed alike
+                log.error("%s: %s (skipped; on_error=skip)", sample.sample_id, error)
             summary["failed"][sample.sample_id] = str(error)
             continue
         summary["done"].append(sample.sample_id)
-        log.info("%s: %.1f s, peak memory %.2f GiB -> %s", sample.sample_id, record["timings"]["total_s"],
-                 record["peak_memory_gib"], output_path)
+        if record is not None:
+            log.info("%s: %.1f s, peak memory %.2f GiB -> %s", sample.sample_id, record["timings"]["total_s"],
+                     record["peak_memory_gib"], output_path)
     return summary

@@ -1,0 +1,274 @@
+"""Stage 2: Qwen2.5-VL hidden states for every sample of a meta JSON (SPEC §3, §7).
+
+Per sample, two prefill passes over the same pre-scaled references: the sample's prompt, then the
+Qwen negative prompt. Both land in one safetensors file `<output_dir>/hidden_states/<id>.safetensors`
+(tensors `positive`, `negative`, bf16 `[1, L, hidden]`) whose header records what made it; with
+`write_official_pt` the official pair `<id>_hidden_states.pt` / `<id>_hidden_states_negative.pt`
+is written beside it. A NEW meta JSON names the files; the input is never rewritten.
+
+Resume: a sample whose file exists and whose header matches the current prompt, image bytes and
+model is skipped without a forward (a missing .pt pair is then written from it). The safetensors
+file is written last, so it marks a finished sample. Under torchrun, rank r takes samples
+r, r + world, ...; rank 0 writes the meta JSON once every rank has passed a barrier.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import sys
+import time
+from dataclasses import dataclass
+from datetime import timedelta
+from pathlib import Path
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+from safetensors import SafetensorError, safe_open
+from tqdm import tqdm
+
+from bindweave.data import Sample, load_hidden_states, load_reference_image, read_meta, save_hidden_states
+from bindweave.errors import BindWeaveInputError
+from bindweave.outputs import atomic_write, write_json
+from bindweave.prompts import QWEN_NEGATIVE_PROMPT
+from bindweave.qwen import (
+    QwenSettings,
+    QwenVL,
+    build_inputs,
+    image_token_counts,
+    load_qwen,
+    prefill_hidden_states,
+    prescale_references,
+)
+
+log = logging.getLogger("bindweave")
+
+# Bump when the recipe changes (message, pre-scale, layer): files of an older recipe are redone.
+RECIPE = "bindweave-qwen2.5-vl-last-norm-1"
+SAVED_DTYPE = torch.bfloat16  # the official files' dtype (SPEC §3)
+HIDDEN_STATES_DIR = "hidden_states"
+DEFAULT_META_NAME = "meta_with_features.json"
+# Ranks wait for the slowest one before the meta JSON is written; a sample can take minutes.
+BARRIER_TIMEOUT = timedelta(hours=24)
+
+
+@dataclass(frozen=True)
+class ExtractSettings:
+    output_dir: Path
+    output_meta: Path | None = None  # None: <output_dir>/meta_with_features.json
+    write_official_pt: bool = False  # also write the official .pt pair and point the meta JSON at it
+    progress: bool = True
+
+    @property
+    def meta_path(self) -> Path:
+        return self.output_meta or self.output_dir / DEFAULT_META_NAME
+
+
+@dataclass(frozen=True)
+class SampleFiles:
+    """Where one sample's hidden states go."""
+
+    safetensors: Path
+    positive_pt: Path
+    negative_pt: Path
+
+    @classmethod
+    def of(cls, output_dir: Path, sample_id: str) -> SampleFiles:
+        folder = output_dir / HIDDEN_STATES_DIR
+        return cls(folder / f"{sample_id}.safetensors", folder / f"{sample_id}_hidden_states.pt",
+                   folder / f"{sample_id}_hidden_states_negative.pt")
+
+
+def sha256_text(text: str) -> str:
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def sha256_file(path: Path) -> str:
+    if not path.is_file():
+        raise BindWeaveInputError(f"Reference image {path} does not exist: check img_paths and the image root folder.")
+    digest = hashlib.sha256()
+    with open(path, "rb") as file:
+        for block in iter(lambda: file.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def provenance(qwen: QwenVL, sample: Sample) -> dict[str, str]:
+    """What a saved file must match to be reused: recipe, model, dtype, prompts, image bytes."""
+    return {
+        "recipe": RECIPE,
+        "model_fingerprint": qwen.identity["fingerprint"],
+        "model_dtype": qwen.identity["dtype"],
+        "prompt_sha256": sha256_text(sample.prompt),
+        "negative_prompt_sha256": sha256_text(QWEN_NEGATIVE_PROMPT),
+        "image_sha256": json.dumps([sha256_file(path) for path in sample.image_paths]),
+    }
+
+
+def is_done(files: SampleFiles, expected: dict[str, str]) -> bool:
+    """True when the sample's safetensors file exists with a header matching `expected`."""
+    if not files.safetensors.is_file():
+        return False
+    try:
+        with safe_open(files.safetensors, framework="pt") as handle:
+            header = handle.metadata() or {}
+    except (SafetensorError, OSError):  # damaged: redo it
+        return False
+    return all(header.get(key) == value for key, value in expected.items())
+
+
+def write_official_pair(files: SampleFiles, positive: torch.Tensor, negative: torch.Tensor) -> None:
+    """The official format: `torch.save` of each bare tensor, positive and negative apart."""
+    for path, tensor in ((files.positive_pt, positive), (files.negative_pt, negative)):
+        with atomic_write(path) as temp_path:
+            torch.save(tensor, temp_path)
+
+
+def extract_sample(qwen: QwenVL, sample: Sample, files: SampleFiles, expected: dict[str, str],
+                   write_official_pt: bool) -> dict[str, str]:
+    """Run both passes for one sample and write its files; returns the header written."""
+    images = prescale_references([load_reference_image(path) for path in sample.image_paths])
+    positive_inputs = build_inputs(qwen, sample.prompt, images)
+    negative_inputs = build_inputs(qwen, QWEN_NEGATIVE_PROMPT, images)
+    positive = prefill_hidden_states(qwen.model, positive_inputs).to(SAVED_DTYPE).cpu()
+    negative = prefill_hidden_states(qwen.model, negative_inputs).to(SAVED_DTYPE).cpu()
+    header = {
+        **expected,
+        "model": str(qwen.identity["model"]),
+        "model_revision": str(qwen.identity["revision"] or ""),
+        "positive_length": str(positive.shape[1]),
+        "negative_length": str(negative.shape[1]),
+        "image_tokens": json.dumps(image_token_counts(qwen, positive_inputs)),
+    }
+    if write_official_pt:
+        write_official_pair(files, positive, negative)
+    save_hidden_states(files.safetensors, positive, negative, header)  # last: marks the sample done
+    return header
+
+
+def extract_samples(qwen: QwenVL, samples: list[Sample], settings: ExtractSettings,
+                    rank: int = 0, world_size: int = 1) -> dict[str, list[str]]:
+    """Extract this rank's share of `samples` (sorted order, strided by rank); skip finished ones."""
+    summary = {"done": [], "skipped": []}
+    mine = samples[rank::world_size]
+    for sample in tqdm(mine, desc="samples", disable=not settings.progress or rank != 0):
+        files = SampleFiles.of(settings.output_dir, sample.sample_id)
+        expected = provenance(qwen, sample)
+        if is_done(files, expected):
+            log.info("%s: already extracted with this prompt, images and model (%s), skipping",
+                     sample.sample_id, files.safetensors)
+            if settings.write_official_pt and not (files.positive_pt.is_file() and files.negative_pt.is_file()):
+                positive, negative = (load_hidden_states(files.safetensors, negative=side, hidden_dim=qwen.hidden_size)
+                                      for side in (False, True))
+                write_official_pair(files, positive, negative)
+            summary["skipped"].append(sample.sample_id)
+            continue
+        started = time.perf_counter()
+        header = extract_sample(qwen, sample, files, expected, settings.write_official_pt)
+        log.info("%s: L = %s (negative %s), image tokens %s, %.2f s -> %s", sample.sample_id,
+                 header["positive_length"], header["negative_length"], header["image_tokens"],
+                 time.perf_counter() - started, files.safetensors)
+        summary["done"].append(sample.sample_id)
+    return summary
+
+
+def write_meta_with_features(samples: list[Sample], settings: ExtractSettings) -> Path:
+    """The input samples (every field kept) plus the paths of their hidden states, atomically.
+
+    Paths are relative to the new meta file's folder, as `read_meta` resolves them; an old
+    `hidden_states_path_negative` is dropped unless the .pt pair was written.
+    """
+    meta_path = settings.meta_path
+    entries = {}
+    for sample in samples:
+        files = SampleFiles.of(settings.output_dir, sample.sample_id)
+        if not files.safetensors.is_file():
+            raise BindWeaveInputError(f"{files.safetensors} is missing after extraction: a rank failed; re-run "
+                                      f"the same command to finish (finished samples are skipped).")
+        entry = {key: value for key, value in sample.fields.items() if key != "hidden_states_path_negative"}
+        if settings.write_official_pt:
+            entry["hidden_states_path"] = os.path.relpath(files.positive_pt, meta_path.parent)
+            entry["hidden_states_path_negative"] = os.path.relpath(files.negative_pt, meta_path.parent)
+        else:
+            entry["hidden_states_path"] = os.path.relpath(files.safetensors, meta_path.parent)
+        entries[sample.sample_id] = entry
+    write_json(meta_path, entries)
+    return meta_path
+
+
+def check_output_paths(meta_path: Path, samples: list[Sample], settings: ExtractSettings) -> None:
+    """Refuse outputs that would overwrite the input or escape the output folder."""
+    if settings.meta_path.resolve() == meta_path.resolve():
+        raise BindWeaveInputError(f"output_meta {settings.meta_path} is the input meta file: stage 2 never "
+                                  f"rewrites its input; choose another output_meta or output_dir.")
+    for sample in samples:
+        if sample.sample_id in ("", ".", "..") or "/" in sample.sample_id or "\\" in sample.sample_id:
+            raise BindWeaveInputError(f"Meta file {meta_path}: sample id {sample.sample_id!r} cannot be a file "
+                                      f"name (it names the hidden-states file): rename the sample.")
+
+
+def run_extract(qwen: QwenVL, meta_path: Path, image_root: Path | None, settings: ExtractSettings,
+                rank: int = 0, world_size: int = 1, barrier=lambda: None) -> Path | None:
+    """Extract every sample of `meta_path`; rank 0 returns the new meta JSON's path, others None."""
+    samples = read_meta(meta_path, image_root)
+    check_output_paths(meta_path, samples, settings)
+    summary = extract_samples(qwen, samples, settings, rank, world_size)
+    log.info("rank %d: %d extracted, %d already there", rank, len(summary["done"]), len(summary["skipped"]))
+    barrier()
+    return write_meta_with_features(samples, settings) if rank == 0 else None
+
+
+# ---- command line (launch/extract.py) ---------------------------------------------------------
+
+
+def run_extract_command(cfg: DictConfig) -> int:
+    """Exit code: 0 done, 2 bad input/config (one clear message)."""
+    try:
+        return _extract(cfg)
+    except BindWeaveInputError as error:
+        log.error("%s", error)
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+
+
+def _extract(cfg: DictConfig) -> int:
+    from bindweave.demo_cases import write_demo_cases
+
+    settings = ExtractSettings(
+        output_dir=Path(cfg.output_dir),
+        output_meta=Path(cfg.output_meta) if cfg.output_meta else None,
+        write_official_pt=cfg.write_official_pt,
+        progress=cfg.progress,
+    )
+    if cfg.data.meta_path is None:
+        meta_path, image_root = write_demo_cases(Path(cfg.data.demo_dir)), Path(cfg.data.demo_dir)
+        log.info("demo: built-in cases at %s with the tiny random Qwen2.5-VL (the states are noise)", meta_path)
+    else:
+        meta_path = Path(cfg.data.meta_path)
+        image_root = Path(cfg.data.image_root) if cfg.data.image_root else None
+    rank, world_size = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    barrier = _start_data_parallel(rank, world_size)
+    try:
+        qwen = load_qwen(QwenSettings(**OmegaConf.to_container(cfg.qwen)))
+        written = run_extract(qwen, meta_path, image_root, settings, rank, world_size, barrier)
+    finally:
+        if world_size > 1:
+            torch.distributed.destroy_process_group()
+    if written is not None:
+        root = (image_root or meta_path.parent).resolve()
+        log.info("wrote %s; stage 3: python launch/generate.py data.meta_path=%s data.image_root=%s",
+                 written, written, root)
+    return 0
+
+
+def _start_data_parallel(rank: int, world_size: int):
+    """Under torchrun: pin this rank's GPU and return a barrier (gloo: a CPU barrier needs no GPU
+    and tolerates ranks finishing hours apart). One process: a no-op barrier."""
+    if world_size == 1:
+        return lambda: None
+    if torch.cuda.is_available():
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+    torch.distributed.init_process_group("gloo", rank=rank, world_size=world_size, timeout=BARRIER_TIMEOUT)
+    return torch.distributed.barrier

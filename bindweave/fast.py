@@ -1,0 +1,113 @@
+"""Speed options for the BindWeave DiT on one device; the computed function stays the same.
+
+At 720P one forward is ~8.95 PFLOP, 74 % of it self-attention over 90,000 tokens, so the kernel
+that runs it decides most of the time (cuDNN's SDPA is ~1.6x PyTorch's flash kernel on an H100).
+The rest is linear layers, which cuBLAS runs near the matmul rate, and element-wise work on
+[90,000 x 5120] activations (norms and modulation in fp32 as diffusers/Wan do them, RoPE in
+float64 as diffusers does): each eager op is a separate pass over 1-4 GB, and regional
+``torch.compile`` fuses each chain into one pass without changing what is computed.
+
+    apply_speed_options(model, SpeedOptions())   # cuDNN self-attention, fused QKV, compiled blocks
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from diffusers.models.transformers.transformer_wan import WanAttention
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+from bindweave.attention import AttentionHook, sdpa
+
+# Each name puts its kernel first and keeps the others as fallbacks, so an input the preferred
+# kernel cannot take (or a CPU tensor) still runs.
+SDPA_PRIORITIES = {
+    "cudnn": [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH],
+    "flash": [SDPBackend.FLASH_ATTENTION, SDPBackend.CUDNN_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH],
+    "efficient": [SDPBackend.EFFICIENT_ATTENTION, SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.MATH],
+}
+ATTENTION_CHOICES = (*SDPA_PRIORITIES, "default")
+
+
+@dataclass(frozen=True)
+class SpeedOptions:
+    """``attention``: the SDPA kernel tried first for self-attention (``default``: PyTorch's own
+    order); ``fuse_projections``: one GEMM for q/k/v (and for each cross-attention K/V pair);
+    ``compile``: ``torch.compile`` each transformer block (one graph, reused by all 40 blocks);
+    ``heads_major``: give the kernel contiguous ``[B, heads, tokens, dim]`` q/k/v instead of the
+    strided view of ``[B, tokens, heads, dim]`` (a layout the kernel may run faster on; under
+    compile the copy is fused into the RoPE kernel)."""
+
+    attention: str = "cudnn"
+    fuse_projections: bool = True
+    compile: bool = True
+    heads_major: bool = False
+
+    def __post_init__(self):
+        if self.attention not in ATTENTION_CHOICES:
+            raise ValueError(f"attention={self.attention!r}: choose one of {', '.join(ATTENTION_CHOICES)}")
+
+
+class PreferredKernelAttention(AttentionHook):
+    """Single-device self-attention with an SDPA kernel tried first (``SDPA_PRIORITIES``)."""
+
+    def __init__(self, kernel: str, heads_major: bool = False):
+        self.kernel = kernel
+        self.priority = SDPA_PRIORITIES[kernel]
+        self.heads_major = heads_major
+
+    def self_attention(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+        # torch.compile records this context in the graph, so the compiled block keeps the choice.
+        with sdpa_kernel(self.priority, set_priority=True):
+            if not self.heads_major:
+                return sdpa(query, key, value)
+            query, key, value = (x.transpose(1, 2).contiguous() for x in (query, key, value))
+            return F.scaled_dot_product_attention(query, key, value).transpose(1, 2)
+
+
+@torch.no_grad()
+def fuse_projections(model: torch.nn.Module) -> None:
+    """diffusers' ``fuse_projections`` on every attention, with the weights held once.
+
+    diffusers concatenates q/k/v (and each cross-attention K/V pair) into new tensors and keeps
+    the separate ones: 14.7 GB more for the 14B DiT. Here the separate layers are re-pointed at
+    slices of the fused weights, so every parameter name still loads and nothing is stored twice.
+    """
+    for attn in model.modules():
+        if not isinstance(attn, WanAttention) or getattr(attn, "fused_projections", False):
+            continue
+        attn.fuse_projections()
+        groups = [("to_qkv", ("to_q", "to_k", "to_v"))] if not attn.is_cross_attention else [("to_kv", ("to_k", "to_v"))]
+        if attn.added_kv_proj_dim is not None:
+            groups.append(("to_added_kv", ("add_k_proj", "add_v_proj")))
+        for fused_name, part_names in groups:
+            fused = getattr(attn, fused_name)
+            rows = 0
+            for part_name in part_names:
+                part = getattr(attn, part_name)
+                size = part.out_features
+                part.weight = torch.nn.Parameter(fused.weight[rows:rows + size], requires_grad=False)
+                part.bias = torch.nn.Parameter(fused.bias[rows:rows + size], requires_grad=False)
+                rows += size
+
+
+def compile_blocks(model: torch.nn.Module, **compile_kwargs) -> None:
+    """Regional compile: ``torch.compile`` every transformer block in place (diffusers' API)."""
+    model.compile_repeated_blocks(**compile_kwargs)
+
+
+def apply_speed_options(model: torch.nn.Module, options: SpeedOptions) -> torch.nn.Module:
+    """Apply ``options`` to a single-device ``BindWeaveTransformer`` in place and return it.
+
+    Multi-GPU runs install their own attention hook (``parallel/``) after this; the fused
+    projections and the compiled blocks stay.
+    """
+    if options.attention != "default":
+        model.set_attention_hook(PreferredKernelAttention(options.attention, options.heads_major))
+    if options.fuse_projections:
+        fuse_projections(model)
+    if options.compile:
+        compile_blocks(model)
+    return model

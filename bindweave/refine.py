@@ -1,0 +1,302 @@
+"""Stage 1 (optional): rewrite each sample's prompt into one coherent scene (SPEC §8).
+
+The rewriting model sees `REFINE_INSTRUCTION` (with the user's prompt) and then the sample's
+reference images in `img_paths` order. Two backends, one interface (`refine(prompt, images)`):
+
+- `EndpointRefiner`: any OpenAI-compatible chat-completions server; images as JPEG (quality 90)
+  data URLs, as the reference sends them. Retries 429/5xx/connection errors with exponential
+  backoff (bounded in count and time); a 401/403 or other 4xx is a clear error.
+- `LocalQwenRefiner`: the local Qwen2.5-VL through the shared loader and message builder
+  (`bindweave.qwen`, stage-2 pre-scale included), greedy `generate`.
+
+An empty answer, or one cut off by the token limit, is refused: it would silently become the
+video's prompt. The output is a NEW meta JSON where each refined sample keeps the user's text as
+`prompt_original`; it is rewritten after every sample, so an interrupted run resumes where it
+stopped (a sample whose `prompt_original` equals the current prompt is not asked again).
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import logging
+import os
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import requests
+import torch
+from omegaconf import DictConfig, MissingMandatoryValue, OmegaConf
+from PIL import Image
+from tqdm import tqdm
+
+from bindweave.data import Sample, load_reference_image, read_meta
+from bindweave.errors import BindWeaveInputError
+from bindweave.outputs import write_json
+from bindweave.qwen import QwenSettings, QwenVL, build_inputs, load_qwen, prescale_references
+
+log = logging.getLogger("bindweave")
+
+# SPEC §8: one coherent scene in one English paragraph, subjects' looks from the images, no split
+# screen or duplicates, natural integration, clear motion; the prompt only.
+REFINE_INSTRUCTION = """\
+You write prompts for a video generation model. Rewrite the user's idea below into a prompt for \
+ONE single, continuous and coherent scene, using the reference images that follow (in order).
+
+Rules:
+1. One scene only: no split screen, no side-by-side panels, no collage, and no duplicated or \
+twin subjects. Every subject appears exactly once.
+2. Describe every subject with the visible features from its reference image (clothing, hair, \
+face, colours, shape, material) so that it stays recognisable.
+3. Place the subjects naturally in the environment, with realistic lighting, shadows and depth, \
+so that nothing looks pasted in.
+4. Describe clear, significant motion with precise verbs. Camera movement (a slow pan, a gentle \
+zoom, a tracking shot) is welcome.
+
+User's idea: "{prompt}"
+
+Answer with the rewritten prompt only: one descriptive paragraph in English, with no title, \
+preamble, list or quotation marks."""
+
+JPEG_QUALITY = 90
+REFINED_META_NAME = "meta_refined.json"
+# Hidden states made from the old prompt no longer match a refined one: stage 2 must run again.
+STALE_FIELDS = ("hidden_states_path", "hidden_states_path_negative")
+
+
+def refine_instruction(prompt: str) -> str:
+    return REFINE_INSTRUCTION.format(prompt=prompt)
+
+
+def jpeg_data_url(image: Image.Image) -> str:
+    buffer = io.BytesIO()
+    image.convert("RGB").save(buffer, format="JPEG", quality=JPEG_QUALITY)
+    return "data:image/jpeg;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
+
+
+# ---- OpenAI-compatible endpoint -----------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class EndpointSettings:
+    base_url: str  # e.g. https://api.openai.com/v1 or http://localhost:8000/v1 (vLLM)
+    model: str
+    api_key_env: str = "OPENAI_API_KEY"  # the NAME of the environment variable holding the key
+    max_tokens: int = 1024
+    timeout_s: float = 120.0  # per request
+    max_retries: int = 5  # on 429, 5xx and connection errors
+    retry_base_s: float = 2.0  # waits 2, 4, 8, ... seconds
+    max_retry_s: float = 300.0  # never wait past this much time in all for one sample
+
+    @property
+    def url(self) -> str:
+        return self.base_url.rstrip("/") + "/chat/completions"
+
+
+class EndpointRefiner:
+    """Chat-completions client: one request per sample, text first, then one image_url per image."""
+
+    def __init__(self, settings: EndpointSettings):
+        self.settings = settings
+        self.headers = {"Content-Type": "application/json"}
+        api_key = os.environ.get(settings.api_key_env)
+        if api_key:
+            self.headers["Authorization"] = f"Bearer {api_key}"
+        else:  # local servers (vLLM, llama.cpp) often need none
+            log.warning("refiner: environment variable %s is not set; calling %s without an API key",
+                        settings.api_key_env, settings.url)
+
+    def refine(self, prompt: str, images: list[Image.Image]) -> str:
+        content = [{"type": "text", "text": refine_instruction(prompt)}]
+        content += [{"type": "image_url", "image_url": {"url": jpeg_data_url(image)}} for image in images]
+        payload = {"model": self.settings.model, "messages": [{"role": "user", "content": content}],
+                   "max_tokens": self.settings.max_tokens}
+        return self._answer(self._post_with_retries(payload))
+
+    def _post_with_retries(self, payload: dict) -> dict:
+        settings = self.settings
+        deadline = time.monotonic() + settings.max_retry_s
+        for attempt in range(settings.max_retries + 1):
+            try:
+                response = requests.post(settings.url, json=payload, headers=self.headers,
+                                         timeout=settings.timeout_s)
+            except (requests.ConnectionError, requests.Timeout) as error:
+                failure = f"{type(error).__name__}: {error}"
+            except requests.RequestException as error:  # a malformed URL: retrying cannot help
+                raise BindWeaveInputError(f"refiner.base_url={settings.base_url!r} cannot be called ({error}): "
+                                          f"give a full URL such as http://localhost:8000/v1") from None
+            else:
+                if response.status_code == 200:
+                    return self._json(response)
+                failure = f"HTTP {response.status_code}: {response.text[:300]}"
+                if response.status_code in (401, 403):
+                    raise BindWeaveInputError(
+                        f"{settings.url} refused the API key ({failure}): put a valid key in the environment "
+                        f"variable {settings.api_key_env} (refiner.api_key_env names it).")
+                if response.status_code != 429 and response.status_code < 500:
+                    raise BindWeaveInputError(
+                        f"{settings.url} rejected the request ({failure}): check refiner.model="
+                        f"{settings.model} and refiner.base_url (it ends before /chat/completions).")
+            delay = settings.retry_base_s * 2 ** attempt
+            if attempt == settings.max_retries or time.monotonic() + delay > deadline:
+                break
+            log.warning("refiner: %s (attempt %d of %d); retrying in %.1f s", failure, attempt + 1,
+                        settings.max_retries + 1, delay)
+            time.sleep(delay)
+        raise BindWeaveInputError(
+            f"{settings.url} failed {attempt + 1} times (last: {failure}): check that the server is up, or "
+            f"raise refiner.max_retries / refiner.max_retry_s. Re-running resumes after the refined samples.")
+
+    def _json(self, response: requests.Response) -> dict:
+        try:
+            return response.json()
+        except ValueError:
+            raise BindWeaveInputError(f"{self.settings.url} answered HTTP 200 with no JSON "
+                                      f"({response.text[:200]!r}): is base_url an OpenAI-compatible API?") from None
+
+    def _answer(self, body: dict) -> str:
+        try:
+            choice = body["choices"][0]
+            text, finish_reason = choice["message"]["content"], choice.get("finish_reason")
+        except (KeyError, IndexError, TypeError):
+            raise BindWeaveInputError(f"{self.settings.url} answered without choices[0].message.content "
+                                      f"({json.dumps(body)[:300]}): is it a chat-completions API?") from None
+        if finish_reason == "length":
+            raise BindWeaveInputError(f"{self.settings.url} cut the answer off at refiner.max_tokens="
+                                      f"{self.settings.max_tokens}: raise it.")
+        return text or ""
+
+
+# ---- local Qwen2.5-VL ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class LocalSettings:
+    max_new_tokens: int = 512
+    # Only for the tiny random model of the demo, which never emits end-of-turn: keep its cut-off
+    # gibberish instead of refusing it.
+    allow_truncated: bool = False
+
+
+class LocalQwenRefiner:
+    """Greedy generation with the local Qwen2.5-VL from the stage-2 message (text, then images)."""
+
+    def __init__(self, qwen: QwenVL, settings: LocalSettings):
+        self.qwen = qwen
+        self.settings = settings
+
+    @torch.inference_mode()
+    def refine(self, prompt: str, images: list[Image.Image]) -> str:
+        inputs = build_inputs(self.qwen, refine_instruction(prompt), prescale_references(images))
+        output = self.qwen.model.generate(**inputs, max_new_tokens=self.settings.max_new_tokens, do_sample=False)
+        new_tokens = output[0, inputs["input_ids"].shape[1]:]
+        stop_ids = self.qwen.model.generation_config.eos_token_id
+        stop_ids = set(stop_ids if isinstance(stop_ids, list) else [stop_ids])
+        if len(new_tokens) >= self.settings.max_new_tokens and int(new_tokens[-1]) not in stop_ids:
+            if not self.settings.allow_truncated:
+                raise BindWeaveInputError(f"the local Qwen2.5-VL answer was cut off at refiner.max_new_tokens="
+                                          f"{self.settings.max_new_tokens}: raise it.")
+            log.warning("refiner: keeping an answer cut off at %d tokens (refiner.allow_truncated=true)",
+                        self.settings.max_new_tokens)
+        return self.qwen.tokenizer.decode(new_tokens, skip_special_tokens=True)
+
+
+# ---- the stage ----------------------------------------------------------------------------------
+
+
+def refine_samples(refiner, samples: list[Sample], output_meta: Path, progress: bool = True) -> dict[str, list[str]]:
+    """Refine every sample not refined yet and write `output_meta` after each one."""
+    previous = _read_previous(output_meta)
+    entries = {sample.sample_id: dict(sample.fields) for sample in samples}
+    summary = {"done": [], "skipped": []}
+    pending = []
+    for sample in samples:
+        earlier = previous.get(sample.sample_id)
+        if "prompt_original" in sample.fields:  # the input is itself a refined meta file
+            summary["skipped"].append(sample.sample_id)
+        elif isinstance(earlier, dict) and earlier.get("prompt_original") == sample.prompt and earlier.get("prompt"):
+            entries[sample.sample_id] = _refined_entry(sample, earlier["prompt"])
+            summary["skipped"].append(sample.sample_id)
+        else:
+            pending.append(sample)
+    for sample in tqdm(pending, desc="refine", disable=not progress):
+        started = time.perf_counter()
+        images = [load_reference_image(path) for path in sample.image_paths]
+        refined = refiner.refine(sample.prompt, images).strip()
+        if not refined:
+            raise BindWeaveInputError(f"sample {sample.sample_id!r}: the refiner answered with an empty prompt, "
+                                      f"which is not written. Check the refiner model, or skip stage 1.")
+        entries[sample.sample_id] = _refined_entry(sample, refined)
+        write_json(output_meta, entries)
+        log.info("%s (%.1f s): %r -> %r", sample.sample_id, time.perf_counter() - started, sample.prompt, refined)
+        summary["done"].append(sample.sample_id)
+    write_json(output_meta, entries)
+    return summary
+
+
+def _refined_entry(sample: Sample, refined: str) -> dict:
+    """The sample's fields with the refined prompt, the user's text kept, and no stale hidden states."""
+    entry = {key: value for key, value in sample.fields.items() if key not in STALE_FIELDS}
+    return {**entry, "prompt": refined, "prompt_original": sample.prompt}
+
+
+def _read_previous(output_meta: Path) -> dict:
+    """The output of an earlier run, for resuming; unreadable counts as none."""
+    if not output_meta.is_file():
+        return {}
+    try:
+        previous = json.loads(output_meta.read_text(encoding="utf-8"))
+    except (ValueError, OSError):
+        log.warning("refiner: %s is not readable JSON; refining every sample again", output_meta)
+        return {}
+    return previous if isinstance(previous, dict) else {}
+
+
+# ---- command line (launch/refine.py) ----------------------------------------------------------
+
+
+def run_refine_command(cfg: DictConfig) -> int:
+    """Exit code: 0 done, 2 bad input/config/endpoint (one clear message)."""
+    try:
+        return _refine(cfg)
+    except BindWeaveInputError as error:
+        log.error("%s", error)
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+
+
+def make_refiner(cfg: DictConfig):
+    try:
+        options = OmegaConf.to_container(cfg.refiner, throw_on_missing=True)
+    except MissingMandatoryValue as error:
+        raise BindWeaveInputError(f"refiner.{error.key} is not set: pass refiner.{error.key}=...") from None
+    backend = options.pop("backend")
+    if backend == "openai":
+        return EndpointRefiner(EndpointSettings(**options))
+    if backend == "local":
+        return LocalQwenRefiner(load_qwen(QwenSettings(**OmegaConf.to_container(cfg.qwen))), LocalSettings(**options))
+    raise BindWeaveInputError(f"refiner.backend={backend}: use refiner=openai or refiner=local")
+
+
+def _refine(cfg: DictConfig) -> int:
+    from bindweave.demo_cases import write_demo_cases
+
+    if cfg.data.meta_path is None:
+        meta_path, image_root = write_demo_cases(Path(cfg.data.demo_dir)), Path(cfg.data.demo_dir)
+        log.info("demo: built-in cases at %s with the tiny random Qwen2.5-VL (the prompts are gibberish)", meta_path)
+    else:
+        meta_path = Path(cfg.data.meta_path)
+        image_root = Path(cfg.data.image_root) if cfg.data.image_root else None
+    output_meta = Path(cfg.output_meta) if cfg.output_meta else Path(cfg.output_dir) / REFINED_META_NAME
+    if output_meta.resolve() == meta_path.resolve():
+        raise BindWeaveInputError(f"output_meta {output_meta} is the input meta file: stage 1 never rewrites "
+                                  f"its input; choose another output_meta or output_dir.")
+    samples = read_meta(meta_path, image_root)
+    summary = refine_samples(make_refiner(cfg), samples, output_meta, cfg.progress)
+    log.info("done: %d refined, %d already refined; wrote %s (stage 2: python launch/extract.py "
+             "data.meta_path=%s data.image_root=%s)", len(summary["done"]), len(summary["skipped"]),
+             output_meta, output_meta, (image_root or meta_path.parent).resolve())
+    return 0

@@ -1,0 +1,712 @@
+"""Speed and memory of every model of a 720P BindWeave job on one GPU, with random bf16 weights.
+
+    python launch/bench.py                              # everything, full size (one H100: ~10 min)
+    python launch/bench.py layers=10 parts=[dit]        # quick DiT iteration, scaled to 40 blocks
+    python launch/bench.py preset=tiny device=cpu       # smoke run of every code path (tests)
+
+Models are built directly on the device in bf16 (no checkpoints, no fp32 copy): the DiT on the
+meta device, then allocated and filled with random values; the others under the device context.
+Forward times are the median of ``repeats`` calls after ``warmup`` calls, timed with CUDA events;
+TFLOP/s come from bindweave.flops and are compared with a bf16 8192^3 matmul timed in the same run
+(``mfu`` = achieved / matmul rate). DiT variants run on the same weights (see conf/bench.yaml).
+Numbers go to ``out_dir/bench.json`` after every step, so a run stopped early keeps what it measured.
+"""
+
+from __future__ import annotations
+
+import datetime
+import gc
+import json
+import logging
+import math
+import re
+import statistics
+import sys
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+import hydra
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from diffusers.models.transformers.transformer_wan import (  # noqa: E402
+    WanAttention,
+    WanAttnProcessor,
+    WanRotaryPosEmbed,
+    WanTransformer3DModel,
+)
+
+from bindweave.checkpoint import keeps_fp32  # noqa: E402
+from bindweave.fast import SpeedOptions, apply_speed_options  # noqa: E402
+from bindweave.flops import ForwardTokens, dit_forward_flops, video_tokens  # noqa: E402
+from bindweave.transformer import BINDWEAVE_14B_CONFIG, TINY_CONFIG, BindWeaveTransformer  # noqa: E402
+
+log = logging.getLogger("bench")
+VARIANT_ORDER = ("stock_eager", "ours_eager", "stock_compiled", "ours_fast")
+GIB = 2**30
+
+# Shapes of the job each preset stands for. Qwen prefill: SPEC §3's singleface_1 (man.png gives a
+# 44 x 36 patch grid = 396 tokens after the 2 x 2 merge; L = 526).
+PRESETS = {
+    "full": dict(height=720, width=1280, frames=81, qwen_tokens=600, qwen_prefill_tokens=526,
+                 qwen_image_grid=(1, 44, 36), t5_true_tokens=120, clip_images=4, matmul_size=8192),
+    "tiny": dict(height=64, width=64, frames=5, qwen_tokens=20, qwen_prefill_tokens=24,
+                 qwen_image_grid=(1, 4, 4), t5_true_tokens=10, clip_images=4, matmul_size=256),
+}
+
+# The released configs, written out (nothing is downloaded).
+WAN_VAE_CONFIG = dict(base_dim=96, z_dim=16, dim_mult=[1, 2, 4, 4], num_res_blocks=2, attn_scales=[],
+                      temperal_downsample=[False, True, True], dropout=0.0)
+UMT5_XXL_CONFIG = dict(vocab_size=256384, d_model=4096, d_kv=64, d_ff=10240, num_layers=24, num_heads=64,
+                       relative_attention_num_buckets=32, relative_attention_max_distance=128,
+                       feed_forward_proj="gated-gelu", layer_norm_epsilon=1e-6, tie_word_embeddings=False)
+CLIP_VIT_H_CONFIG = dict(hidden_size=1280, intermediate_size=5120, num_hidden_layers=32, num_attention_heads=16,
+                         image_size=224, patch_size=14, projection_dim=1024, hidden_act="gelu", layer_norm_eps=1e-5)
+QWEN25_VL_7B_TEXT = dict(hidden_size=3584, intermediate_size=18944, num_hidden_layers=28, num_attention_heads=28,
+                         num_key_value_heads=4, vocab_size=152064, max_position_embeddings=128000,
+                         max_window_layers=28, rms_norm_eps=1e-6, rope_theta=1000000.0,
+                         rope_scaling={"type": "mrope", "mrope_section": [16, 24, 24]}, sliding_window=32768,
+                         use_sliding_window=False, hidden_act="silu")
+QWEN25_VL_7B_VISION = dict(depth=32, hidden_size=1280, intermediate_size=3420, num_heads=16, out_hidden_size=3584,
+                           patch_size=14, spatial_merge_size=2, temporal_patch_size=2, window_size=112,
+                           fullatt_block_indexes=[7, 15, 23, 31], tokens_per_second=2, hidden_act="silu")
+# Full-size seconds each part takes on an H100 with build and 4 calls (for the deadline).
+ENCODER_ESTIMATES_S = {"vae_decode": 40, "vae_encode": 40, "t5_encode": 25, "clip_encode": 10, "qwen_prefill": 35}
+QWEN25_VL_TOKEN_IDS = dict(image_token_id=151655, video_token_id=151656, vision_start_token_id=151652,
+                           vision_end_token_id=151653)
+
+
+def compute_dtype(device: torch.device) -> torch.dtype:
+    """bf16 on GPUs, as the pipeline runs; float32 on the CPU (smoke runs: CPU bf16 kernels are slow)."""
+    return torch.bfloat16 if device.type == "cuda" else torch.float32
+
+
+# ---- measuring ------------------------------------------------------------------------------------
+
+
+class Clock:
+    """Times one call: CUDA events on a GPU (device time between them), perf_counter on the CPU."""
+
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+
+    def seconds(self, fn) -> float:
+        if not self.cuda:
+            start = time.perf_counter()
+            fn()
+            return time.perf_counter() - start
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        return start.elapsed_time(end) / 1e3
+
+    def wall_seconds(self, fn) -> float:
+        """Host wall time including compilation, synchronised."""
+        self.sync()
+        start = time.perf_counter()
+        fn()
+        self.sync()
+        return time.perf_counter() - start
+
+    def sync(self):
+        if self.cuda:
+            torch.cuda.synchronize()
+
+
+def measure(fn, clock: Clock, warmup: int, repeats: int) -> dict:
+    """``first_s`` (wall, includes any compilation), then ``warmup - 1`` more untimed calls, then
+    ``repeats`` timed calls: their ``median_s`` and all ``times_s``."""
+    first = clock.wall_seconds(fn)
+    for _ in range(max(warmup - 1, 0)):
+        fn()
+    times = [clock.seconds(fn) for _ in range(repeats)]
+    return {"first_s": first, "median_s": statistics.median(times), "times_s": times}
+
+
+@contextmanager
+def peak_memory(device: torch.device, into: dict):
+    """Peak allocated GiB inside the block, into ``into["peak_gib"]``."""
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    yield
+    if device.type == "cuda":
+        into["peak_gib"] = torch.cuda.max_memory_allocated() / GIB
+
+
+def free_memory(device: torch.device):
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+class Report:
+    """All numbers of the run, written to ``bench.json`` after every step."""
+
+    def __init__(self, path: Path, header: dict, deadline_s: float | None):
+        self.path = path
+        self.data = {**header, "results": {}, "skipped": {}, "failed": {}}
+        self.start = time.perf_counter()
+        self.deadline_s = deadline_s
+
+    def elapsed(self) -> float:
+        return time.perf_counter() - self.start
+
+    def fits(self, name: str, estimate_s: float) -> bool:
+        """False (and noted) if a step estimated at ``estimate_s`` would end past the deadline."""
+        if self.deadline_s is None or self.elapsed() + estimate_s <= self.deadline_s:
+            return True
+        self.data["skipped"][name] = f"estimated {estimate_s:.0f} s, {self.deadline_s - self.elapsed():.0f} s left"
+        log.warning("skipping %s: %s", name, self.data["skipped"][name])
+        self.write()
+        return False
+
+    def fail(self, name: str, error: Exception):
+        log.exception("%s failed", name)
+        self.data["failed"][name] = f"{type(error).__name__}: {error}"[:500]
+        self.write()
+
+    def add(self, name: str, result: dict):
+        self.data["results"][name] = result
+        log.info("%s: %s", name, json.dumps(_rounded(result)))
+        self.write()
+
+    def write(self):
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(_rounded(self.data), indent=1) + "\n")
+        tmp.replace(self.path)
+
+
+def _rounded(value):
+    if isinstance(value, float):
+        return float(f"{value:.5g}")
+    if isinstance(value, dict):
+        return {key: _rounded(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_rounded(item) for item in value]
+    return value
+
+
+# ---- building models with random weights on the device -------------------------------------------
+
+
+@contextmanager
+def default_dtype(dtype: torch.dtype):
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(previous)
+
+
+@torch.no_grad()
+def fill_random_(model: torch.nn.Module, generator: torch.Generator):
+    """Weights ~ N(0, 1/fan_in) (unit-scale activations through each layer), norm scales 1, biases 0."""
+    for name, param in model.named_parameters():
+        if param.ndim >= 2:
+            param.normal_(0.0, (param[0].numel()) ** -0.5, generator=generator)
+        elif "norm" in name and name.endswith("weight"):
+            param.fill_(1.0)
+        else:
+            param.zero_()
+
+
+def build_dit(config: dict, device: torch.device, seed: int) -> BindWeaveTransformer:
+    """The DiT as the checkpoint loader leaves it (bf16 on a GPU, diffusers' fp32 modules in fp32), with
+    random values: built on the meta device, then allocated on ``device`` (no fp32 copy anywhere)."""
+    with torch.device("meta"):
+        model = BindWeaveTransformer(**config)
+    fp32_modules = model._keep_in_fp32_modules
+    with torch.no_grad():
+        for name, param in list(model.named_parameters()):
+            module_name, _, param_name = name.rpartition(".")
+            module = model.get_submodule(module_name)
+            dtype = torch.float32 if keeps_fp32(name, fp32_modules) else compute_dtype(device)
+            setattr(module, param_name, torch.nn.Parameter(torch.empty_like(param, dtype=dtype, device=device),
+                                                           requires_grad=False))
+    fill_random_(model, torch.Generator(device).manual_seed(seed))
+    # Non-persistent float64 tables, computed from the config (as bindweave.checkpoint does).
+    model.rope = WanRotaryPosEmbed(config["attention_head_dim"], config["patch_size"], config["rope_max_seq_len"]).to(device)
+    left_on_meta = [name for name, tensor in model.state_dict(keep_vars=True).items() if tensor.is_meta]
+    if left_on_meta:
+        raise RuntimeError(f"build_dit left tensors on the meta device: {left_on_meta[:5]}")
+    return model.eval()
+
+
+def build_on_device(factory, device: torch.device, seed: int) -> torch.nn.Module:
+    """``factory()`` constructed under the device context in the compute dtype (library init), then re-filled."""
+    torch.manual_seed(seed)
+    with torch.device(device), default_dtype(compute_dtype(device)):
+        model = factory()
+    model = model.eval().requires_grad_(False)
+    fill_random_(model, torch.Generator(device).manual_seed(seed))
+    return model
+
+
+# ---- DiT ------------------------------------------------------------------------------------------
+
+
+def dit_inputs(config: dict, shape: dict, device: torch.device, seed: int) -> dict:
+    latent_frames, latent_height, latent_width = 1 + (shape["frames"] - 1) // 4, shape["height"] // 8, shape["width"] // 8
+    generator = torch.Generator(device).manual_seed(seed)
+
+    def randn(*size):
+        return torch.randn(*size, generator=generator, device=device, dtype=compute_dtype(device))
+
+    return dict(
+        latents=randn(1, 16, latent_frames, latent_height, latent_width),
+        timestep=torch.tensor([999], device=device),
+        t5_embeds=randn(1, 512, config["text_dim"]),
+        qwen_states=randn(1, shape["qwen_tokens"], config["mllm_dim"]),
+        clip_embeds=randn(1, config["max_references"] * config["image_tokens_per_reference"], config["image_dim"]),
+        condition=randn(1, 20, config["max_references"] + latent_frames, latent_height, latent_width),
+    )
+
+
+def stock_forward(model: BindWeaveTransformer, inputs: dict) -> torch.Tensor:
+    """diffusers' own ``WanTransformer3DModel.forward`` on our weights and the same tokens: the 4
+    reference slots prepended by hand, the same text context; its processor splits the context at
+    ``len - 512`` (same K/V token total, so the same FLOPs; not BindWeave's output)."""
+    latents = inputs["latents"]
+    references = model.config.max_references
+    slots = latents.new_zeros(latents.shape[0], latents.shape[1], references, *latents.shape[3:])
+    hidden = torch.cat([torch.cat([slots, latents], dim=2), inputs["condition"]], dim=1)
+    context = model.build_context(inputs["t5_embeds"], inputs["qwen_states"])
+    output = WanTransformer3DModel.forward(model, hidden, inputs["timestep"], encoder_hidden_states=context,
+                                           encoder_hidden_states_image=inputs["clip_embeds"], return_dict=False)[0]
+    return output[:, :, references:]
+
+
+@contextmanager
+def stock_processors(model: torch.nn.Module):
+    """diffusers' WanAttnProcessor on every attention for the duration, then ours back."""
+    attentions = [module for module in model.modules() if isinstance(module, WanAttention)]
+    ours = [attn.processor for attn in attentions]
+    for attn in attentions:
+        attn.set_processor(WanAttnProcessor())
+    try:
+        yield
+    finally:
+        for attn, processor in zip(attentions, ours):
+            attn.set_processor(processor)
+
+
+@contextmanager
+def first_blocks(model: torch.nn.Module, count: int):
+    """The model with only its first ``count`` blocks, for the duration (profiling, fixed cost)."""
+    blocks = model.blocks
+    model.blocks = torch.nn.ModuleList(list(blocks)[:count])
+    try:
+        yield
+    finally:
+        model.blocks = blocks
+
+
+KERNEL_CLASSES = (  # first match wins
+    ("attention", re.compile(r"fmha|flash|attention|sdpa|mha", re.I)),
+    ("gemm", re.compile(r"gemm|nvjet|xmma|cutlass|cublas|addmm|aten::mm|aten::bmm|conv", re.I)),
+    ("compiled fused (triton)", re.compile(r"triton", re.I)),
+)
+
+
+def profile_forward(call, device: torch.device, top: int = 12) -> dict:
+    """Device time by kernel class and the top kernels of one ``call()`` (torch.profiler)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activity = ProfilerActivity.CUDA if device.type == "cuda" else ProfilerActivity.CPU
+    with profile(activities=[activity]) as prof:
+        call()
+        Clock(device).sync()
+    kernels = []
+    for event in prof.key_averages():
+        if device.type == "cuda":
+            if event.device_type != torch.autograd.DeviceType.CUDA:
+                continue
+            seconds = event.self_device_time_total / 1e6
+        else:
+            if "::" not in event.key:
+                continue
+            seconds = event.self_cpu_time_total / 1e6
+        kernels.append((event.key, event.count, seconds))
+    total = sum(seconds for _, _, seconds in kernels) or 1.0
+    classes: dict[str, float] = {}
+    for name, _, seconds in kernels:
+        label = next((label for label, pattern in KERNEL_CLASSES if pattern.search(name)), "eager element-wise/other")
+        classes[label] = classes.get(label, 0.0) + seconds
+    kernels.sort(key=lambda kernel: -kernel[2])
+    return {
+        "device_s": total,
+        "by_class_s": dict(sorted(classes.items(), key=lambda item: -item[1])),
+        "top_kernels": [{"name": name[:120], "calls": count, "s": seconds} for name, count, seconds in kernels[:top]],
+    }
+
+
+def relative_error(output: torch.Tensor, reference: torch.Tensor) -> float:
+    return ((output.float() - reference.float()).norm() / reference.float().norm()).item()
+
+
+def run_dit(cfg: DictConfig, shape: dict, device: torch.device, report: Report, matmul_tflops: float | None):
+    full_config = dict(BINDWEAVE_14B_CONFIG if cfg.preset == "full" else TINY_CONFIG)
+    full_layers = full_config["num_layers"]
+    layers = cfg.layers or full_layers
+    config = dict(full_config, num_layers=layers)
+    clock = Clock(device)
+    latent_frames = 1 + (shape["frames"] - 1) // 4
+    tokens = ForwardTokens(video=video_tokens(config, latent_frames, shape["height"] // 8, shape["width"] // 8),
+                           qwen=shape["qwen_tokens"],
+                           clip=config["max_references"] * config["image_tokens_per_reference"])
+    flops = dit_forward_flops(full_config, tokens)
+    log.info("DiT: %d of %d blocks, %d video tokens, %.3f PFLOP per full forward", layers, full_layers,
+             tokens.video, flops["total"] / 1e15)
+
+    start = time.perf_counter()
+    model = build_dit(config, device, cfg.seed)
+    clock.sync()
+    inputs = dit_inputs(config, shape, device, cfg.seed + 1)
+    parameters = sum(param.numel() for param in model.parameters())
+    report.add("dit_setup", {"layers_built": layers, "layers_full": full_layers, "parameters": parameters,
+                             "build_s": time.perf_counter() - start, "tokens": vars(tokens), "flops": flops,
+                             "weights_gib": torch.cuda.memory_allocated() / GIB if device.type == "cuda" else None})
+
+    outputs: dict[str, torch.Tensor] = {}
+    with torch.no_grad():
+        # Blocks-independent cost (patch embedding, embedders, head), so that a run with fewer
+        # blocks scales to the full depth as fixed + (time - fixed) * full / built.
+        fixed_s = 0.0
+        if layers != full_layers:
+            with first_blocks(model, 0):
+                fixed_s = measure(lambda: model(**inputs), clock, cfg.warmup, cfg.repeats)["median_s"]
+
+        def scaled(seconds: float) -> float:
+            return fixed_s + (seconds - fixed_s) * full_layers / layers
+
+        variants = [name for name in VARIANT_ORDER if name in cfg.variants]
+        if not cfg.compile:
+            variants = [name for name in variants if name != "stock_compiled"]
+        forward_estimate_s = None
+        for name in variants:
+            calls = cfg.warmup + cfg.repeats
+            estimate = None if forward_estimate_s is None else calls * forward_estimate_s + (
+                90.0 if name in ("stock_compiled", "ours_fast") and cfg.compile else 0.0)
+            if estimate is not None and not report.fits(f"dit_{name}", estimate):
+                continue
+            result: dict = {}
+            try:
+                with peak_memory(device, result), dit_variant(name, model, inputs, cfg, result) as call:
+                    timing = measure(call, clock, cfg.warmup, cfg.repeats)
+                    outputs[name] = call()
+                    profile = profile_variant(cfg, model, call, device)
+            except Exception as error:  # one broken variant must not cost the others' numbers
+                report.fail(f"dit_{name}", error)
+                continue
+            compiled = name in ("stock_compiled", "ours_fast") and cfg.compile
+            forward_s = scaled(timing["median_s"])
+            forward_estimate_s = max(forward_estimate_s or 0.0, timing["median_s"])
+            tflops = flops["total"] / forward_s / 1e12
+            result.update(timing)
+            result.update(forward_s=forward_s, tflops=tflops,
+                          mfu=tflops / matmul_tflops if matmul_tflops else None,
+                          compile_s=max(timing["first_s"] - timing["median_s"], 0.0) if compiled else None,
+                          compiled_graphs=_compile_stats() if compiled else None,
+                          profile=profile)
+            if layers != full_layers:
+                result.update(fixed_s=fixed_s, scaled_from_layers=layers)
+            report.add(f"dit_{name}", result)
+        errors = {}
+        for name, reference in (("ours_fast", "ours_eager"), ("stock_compiled", "stock_eager")):
+            if name in outputs and reference in outputs:
+                errors[f"{name}_vs_{reference}"] = relative_error(outputs[name], outputs[reference])
+        if errors:
+            report.add("dit_output_relative_error", errors)
+    del model, outputs, inputs
+    torch._dynamo.reset()
+    free_memory(device)
+
+
+@contextmanager
+def dit_variant(name: str, model: BindWeaveTransformer, inputs: dict, cfg: DictConfig, result: dict):
+    """Set ``model`` up as variant ``name`` (conf/bench.yaml) and yield its forward call.
+
+    The stock variants swap diffusers' processors in for the duration; ours_fast changes the model
+    for good (it runs last)."""
+    if name in ("stock_eager", "stock_compiled"):
+        with stock_processors(model):
+            if name == "stock_compiled":
+                reset_compiler()
+                model.compile_repeated_blocks(backend=cfg.compile_backend)
+            yield lambda: stock_forward(model, inputs)
+        return
+    if name == "ours_fast":
+        reset_compiler()
+        options = SpeedOptions(attention=cfg.attention, compile=False, heads_major=cfg.heads_major)
+        apply_speed_options(model, options)
+        if cfg.compile:  # as apply_speed_options does, with the configured backend
+            model.compile_repeated_blocks(backend=cfg.compile_backend)
+        result["options"] = {**vars(options), "compile": bool(cfg.compile)}
+    yield lambda: model(**inputs)
+
+
+def profile_variant(cfg: DictConfig, model, call, device: torch.device) -> dict | None:
+    if "profile" not in cfg.parts:
+        return None
+    with first_blocks(model, cfg.profile_blocks):
+        call()  # warm: a truncated model may hit new kernel plans
+        result = profile_forward(call, device)
+    result["blocks"] = cfg.profile_blocks
+    return result
+
+
+def reset_compiler():
+    """Forget earlier compiled graphs and their counters, so each variant compiles from scratch."""
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+
+
+def _compile_stats() -> dict:
+    stats = torch._dynamo.utils.counters
+    return {"unique_graphs": stats["stats"]["unique_graphs"], "graph_breaks": sum(stats["graph_break"].values())}
+
+
+# ---- the other models ----------------------------------------------------------------------------
+
+
+def run_matmul(cfg: DictConfig, shape: dict, device: torch.device, report: Report) -> float:
+    size = shape["matmul_size"]
+    generator = torch.Generator(device).manual_seed(cfg.seed)
+    a, b = (torch.randn(size, size, device=device, dtype=compute_dtype(device), generator=generator) for _ in range(2))
+    timing = measure(lambda: a @ b, Clock(device), warmup=3, repeats=10)
+    tflops = 2 * size**3 / timing["median_s"] / 1e12
+    report.add("matmul", {"size": size, "dtype": str(compute_dtype(device)).removeprefix("torch."), **timing,
+                          "tflops": tflops})
+    return tflops
+
+
+def run_attention(cfg: DictConfig, shape: dict, device: torch.device, report: Report):
+    """Self-attention alone at the DiT's shape, per SDPA kernel and q/k/v layout."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    config = BINDWEAVE_14B_CONFIG if cfg.preset == "full" else TINY_CONFIG
+    heads, head_dim = config["num_attention_heads"], config["attention_head_dim"]
+    latent_frames = 1 + (shape["frames"] - 1) // 4
+    n = video_tokens(config, latent_frames, shape["height"] // 8, shape["width"] // 8)
+    flops = 4 * n * n * heads * head_dim
+    generator = torch.Generator(device).manual_seed(cfg.seed)
+    token_major = [torch.randn(1, n, heads, head_dim, device=device, dtype=compute_dtype(device), generator=generator) for _ in range(3)]
+    layouts = {"token_major_view": [x.transpose(1, 2) for x in token_major],
+               "heads_major": [x.transpose(1, 2).contiguous() for x in token_major]}
+    default = torch._fused_sdp_choice(*layouts["token_major_view"])
+    result = {"tokens": n, "default_kernel": SDPBackend(default).name, "tflops": {}}
+    kernels = {"cudnn": SDPBackend.CUDNN_ATTENTION, "flash": SDPBackend.FLASH_ATTENTION,
+               "efficient": SDPBackend.EFFICIENT_ATTENTION}
+    if device.type != "cuda":
+        kernels = {"math": SDPBackend.MATH}
+    for kernel_name, kernel in kernels.items():
+        for layout_name, (q, k, v) in layouts.items():
+            try:
+                with sdpa_kernel(kernel):
+                    timing = measure(lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v),
+                                     Clock(device), cfg.warmup, cfg.repeats)
+            except RuntimeError as error:  # a kernel that does not take this input
+                result["tflops"][f"{kernel_name}/{layout_name}"] = f"unavailable: {str(error)[:100]}"
+                continue
+            result["tflops"][f"{kernel_name}/{layout_name}"] = flops / timing["median_s"] / 1e12
+    report.add("self_attention_kernels", result)
+    del token_major, layouts
+    free_memory(device)
+
+
+def run_encoders(cfg: DictConfig, shape: dict, device: torch.device, report: Report):
+    clock = Clock(device)
+    tiny = cfg.preset == "tiny"
+    if tiny:
+        from bindweave.tiny import TINY_CLIP, TINY_QWEN_TEXT, TINY_QWEN_VISION, TINY_UMT5, TINY_VAE
+    generator = torch.Generator(device).manual_seed(cfg.seed)
+
+    def randn(*size):
+        return torch.randn(*size, generator=generator, device=device, dtype=compute_dtype(device))
+
+    def timed(name: str, build, call, extra=None):
+        if not report.fits(name, ENCODER_ESTIMATES_S[name]):
+            return
+        result: dict = {}
+        try:
+            with peak_memory(device, result):
+                start = time.perf_counter()
+                model = build()
+                clock.sync()
+                result["build_s"] = time.perf_counter() - start
+                result["parameters"] = sum(param.numel() for param in model.parameters())
+                with torch.no_grad():
+                    result.update(measure(lambda: call(model), clock, cfg.warmup, cfg.repeats))
+            del model
+        except Exception as error:  # e.g. a config a library version refuses: keep the other parts
+            report.fail(name, error)
+        else:
+            result.update(extra or {})
+            report.add(name, result)
+        free_memory(device)
+
+    latent_shape = (1, 16, 1 + (shape["frames"] - 1) // 4, shape["height"] // 8, shape["width"] // 8)
+    if {"vae_decode", "vae_encode"} & set(cfg.parts):
+        from diffusers import AutoencoderKLWan
+
+        vae_config = TINY_VAE if tiny else WAN_VAE_CONFIG
+
+        def build_vae():
+            return build_on_device(lambda: AutoencoderKLWan(**vae_config), device, cfg.seed)
+
+        if "vae_decode" in cfg.parts:
+            latents = randn(*latent_shape)
+            timed("vae_decode", build_vae, lambda vae: vae.decode(latents).sample,
+                  {"latents": list(latent_shape), "frames": shape["frames"]})
+            del latents
+        if "vae_encode" in cfg.parts:
+            # The video condition is VAE(an all-zero clip) (SPEC §5): zeros are the real input here.
+            video = torch.zeros(1, 3, shape["frames"], shape["height"], shape["width"], device=device, dtype=compute_dtype(device))
+            timed("vae_encode", build_vae, lambda vae: vae.encode(video).latent_dist.mode(),
+                  {"video": list(video.shape), "note": "all-zero clip, once per resolution (cacheable)"})
+            del video
+    if "t5" in cfg.parts:
+        from transformers import UMT5Config, UMT5EncoderModel
+
+        t5_config = dict(TINY_UMT5, vocab_size=300) if tiny else UMT5_XXL_CONFIG
+        ids = torch.randint(3, t5_config["vocab_size"], (1, 512), device=device, generator=generator)
+        mask = (torch.arange(512, device=device) < shape["t5_true_tokens"]).long()[None]
+        timed("t5_encode", lambda: build_on_device(lambda: UMT5EncoderModel(UMT5Config(**t5_config)), device, cfg.seed),
+              lambda t5: t5(ids, attention_mask=mask).last_hidden_state, {"tokens": 512})
+    if "clip" in cfg.parts:
+        from transformers import CLIPVisionConfig, CLIPVisionModel
+
+        clip_config = TINY_CLIP if tiny else CLIP_VIT_H_CONFIG
+        images = randn(shape["clip_images"], 3, clip_config["image_size"], clip_config["image_size"])
+
+        def encode_references(clip):
+            # One call per reference, as bindweave.conditioning.reference_condition does.
+            return [clip(pixel_values=image[None], output_hidden_states=True).hidden_states[-2] for image in images]
+
+        timed("clip_encode", lambda: build_on_device(lambda: CLIPVisionModel(CLIPVisionConfig(**clip_config)),
+                                                     device, cfg.seed),
+              encode_references, {"images": shape["clip_images"]})
+    if "qwen" in cfg.parts:
+        from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+
+        token_ids = dict(image_token_id=390, video_token_id=391, vision_start_token_id=388,
+                         vision_end_token_id=389) if tiny else QWEN25_VL_TOKEN_IDS
+        text = dict(TINY_QWEN_TEXT, vocab_size=400, bos_token_id=386, eos_token_id=387) if tiny else QWEN25_VL_7B_TEXT
+        vision = TINY_QWEN_VISION if tiny else QWEN25_VL_7B_VISION
+        qwen_config = Qwen2_5_VLConfig(text_config=text, vision_config=vision, tie_word_embeddings=False, **token_ids)
+        grid = shape["qwen_image_grid"]
+        patches = math.prod(grid)
+        image_tokens = patches // vision["spatial_merge_size"] ** 2
+        text_tokens = shape["qwen_prefill_tokens"] - image_tokens - 2
+        prompt = torch.randint(0, min(text["vocab_size"], 151000) - 20, (text_tokens,), device=device, generator=generator)
+        # The chat template's order (SPEC §3): text first, then <|vision_start|> image pads <|vision_end|>.
+        ids = torch.cat([prompt, torch.tensor([token_ids["vision_start_token_id"]], device=device),
+                         torch.full((image_tokens,), token_ids["image_token_id"], device=device),
+                         torch.tensor([token_ids["vision_end_token_id"]], device=device)])[None]
+        pixels = randn(patches, 3 * vision["temporal_patch_size"] * vision["patch_size"] ** 2)
+        grid_thw = torch.tensor([grid], device=device)
+
+        def prefill(qwen):
+            # Stage 2 keeps the language model's last hidden state; the LM head is not needed.
+            return qwen.model(input_ids=ids, pixel_values=pixels, image_grid_thw=grid_thw).last_hidden_state
+
+        timed("qwen_prefill",
+              lambda: build_on_device(lambda: Qwen2_5_VLForConditionalGeneration(qwen_config), device, cfg.seed),
+              prefill, {"tokens": ids.shape[1], "image_tokens": image_tokens})
+
+
+# ---- summary -------------------------------------------------------------------------------------
+
+
+def summary_lines(data: dict) -> list[str]:
+    results = data["results"]
+    lines = [f"{data['device_name']} | torch {data['torch']} | cuDNN {data['cudnn']} | {data['date']}"]
+    if "matmul" in results:
+        matmul = results["matmul"]
+        lines.append(f"{matmul['dtype']} matmul {matmul['size']}^3: {matmul['tflops']:.0f} TFLOP/s")
+    if "self_attention_kernels" in results:
+        attention = results["self_attention_kernels"]
+        rates = ", ".join(f"{name} {value:.0f}" if isinstance(value, float) else f"{name} n/a"
+                          for name, value in attention["tflops"].items())
+        lines.append(f"self-attention {attention['tokens']} tokens, TFLOP/s: {rates} (default: {attention['default_kernel']})")
+    setup = results.get("dit_setup")
+    if setup:
+        scaled = (f", measured with {setup['layers_built']} blocks and scaled"
+                  if setup["layers_built"] != setup["layers_full"] else "")
+        lines.append(f"DiT forward ({setup['layers_full']} blocks{scaled}, "
+                     f"{setup['flops']['total'] / 1e15:.2f} PFLOP):")
+        lines.append(f"  {'variant':16s} {'s/forward':>10s} {'TFLOP/s':>8s} {'MFU':>6s} {'compile s':>9s} {'peak GiB':>8s}")
+        for name in VARIANT_ORDER:
+            result = results.get(f"dit_{name}")
+            if result is None:
+                continue
+            mfu = f"{result['mfu']:.3f}" if result.get("mfu") else "-"
+            compile_s = f"{result['compile_s']:.1f}" if result.get("compile_s") is not None else "-"
+            peak = f"{result['peak_gib']:.1f}" if "peak_gib" in result else "-"
+            lines.append(f"  {name:16s} {result['forward_s']:10.3f} {result['tflops']:8.1f} {mfu:>6s} "
+                         f"{compile_s:>9s} {peak:>8s}")
+    if "dit_output_relative_error" in results:
+        lines.append("  output relative error: " + ", ".join(
+            f"{name} {value:.2e}" for name, value in results["dit_output_relative_error"].items()))
+    for name in ("vae_decode", "vae_encode", "t5_encode", "clip_encode", "qwen_prefill"):
+        if name in results:
+            result = results[name]
+            peak = f", peak {result['peak_gib']:.1f} GiB" if "peak_gib" in result else ""
+            lines.append(f"{name:13s} {result['median_s']:8.3f} s (build {result['build_s']:.1f} s{peak})")
+    for name, reason in data["skipped"].items():
+        lines.append(f"skipped {name}: {reason}")
+    for name, reason in data["failed"].items():
+        lines.append(f"FAILED {name}: {reason}")
+    return lines
+
+
+@hydra.main(config_path="../conf", config_name="bench", version_base="1.3")
+def main(cfg: DictConfig) -> None:
+    if cfg.preset not in PRESETS:
+        raise SystemExit(f"preset={cfg.preset}: choose one of {', '.join(PRESETS)}")
+    unknown = set(cfg.variants) - set(VARIANT_ORDER)
+    if unknown:
+        raise SystemExit(f"variants: unknown {sorted(unknown)}; choose from {', '.join(VARIANT_ORDER)}")
+    SpeedOptions(attention=cfg.attention)  # validates the name before any model is built
+    device = torch.device(cfg.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("device=cuda but no CUDA device is visible; use device=cpu (with preset=tiny)")
+    shape = dict(PRESETS[cfg.preset])
+    shape.update({key: cfg[key] for key in ("height", "width", "frames", "qwen_tokens") if cfg[key] is not None})
+    import diffusers
+    import transformers
+
+    header = {
+        "date": datetime.date.today().isoformat(),
+        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "torch": torch.__version__, "cuda": torch.version.cuda,
+        "cudnn": torch.backends.cudnn.version() if device.type == "cuda" else None,
+        "diffusers": diffusers.__version__, "transformers": transformers.__version__,
+        "config": OmegaConf.to_container(cfg, resolve=True), "shape": shape,
+    }
+    report = Report(Path(cfg.out_dir) / "bench.json", header, cfg.deadline_s)
+    log.info("benchmark on %s, writing %s", header["device_name"], report.path)
+    matmul_tflops = run_matmul(cfg, shape, device, report) if "matmul" in cfg.parts else None
+    if "attention" in cfg.parts:
+        run_attention(cfg, shape, device, report)
+    if "dit" in cfg.parts:
+        run_dit(cfg, shape, device, report, matmul_tflops)
+    run_encoders(cfg, shape, device, report)
+    report.data["total_s"] = report.elapsed()
+    report.write()
+    print("\n".join(summary_lines(report.data)), flush=True)
+    if report.data["failed"]:
+        raise SystemExit(1)
+
+
+if __name__ == "__main__":
+    logging.captureWarnings(True)
+    main()

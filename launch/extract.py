@@ -1,0 +1,27 @@
+"""Stage 2 entry point: `python launch/extract.py [overrides]` or `torchrun ... launch/extract.py`.
+
+With no arguments it extracts the built-in demo cases with the tiny random Qwen2.5-VL (the states
+are noise). A real run: `python launch/extract.py qwen=qwen2_5_vl_7b data.meta_path=META
+data.image_root=IMAGES output_dir=features`. See conf/extract.yaml.
+"""
+
+import logging
+import sys
+from pathlib import Path
+
+import hydra
+from omegaconf import DictConfig
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bindweave.extract import run_extract_command  # noqa: E402
+
+
+@hydra.main(config_path="../conf", config_name="extract", version_base="1.3")
+def main(cfg: DictConfig) -> None:
+    sys.exit(run_extract_command(cfg))
+
+
+if __name__ == "__main__":
+    logging.captureWarnings(True)
+    main()

@@ -1,0 +1,128 @@
+"""The one owner of the stage-3 process layout: data x cfg x ring x ulysses = world size.
+
+One sample runs on one *sequence group* (ring x ulysses ranks that share its tokens); with
+cfg=2 the positive and negative passes run on two sequence groups at once; data groups take
+different samples. Every check happens here, before any weight is read, and an error names
+each degree, the world size and what to change.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from collections.abc import Mapping
+from dataclasses import dataclass, fields
+
+from bindweave.errors import BindWeaveInputError
+
+BACKENDS = ("auto", "xfuser", "deepspeed")
+# What a sequence-parallel backend needs installed (setup.cfg extras).
+BACKEND_PACKAGES = {"xfuser": "pip install -e '.[cuda]' (xfuser, yunchang)", "deepspeed": "pip install -e '.[deepspeed]'"}
+
+
+@dataclass(frozen=True)
+class ParallelLayout:
+    """Degrees of the process layout and the sequence-parallel attention backend.
+
+    ``backend``: ``xfuser`` (USP; CUDA only; ring and ulysses), ``deepspeed`` (Ulysses only; CUDA
+    or CPU/gloo) or ``auto`` (xfuser on CUDA, deepspeed elsewhere). It matters only when
+    ``sequence > 1``.
+    """
+
+    data: int = 1
+    cfg: int = 1
+    ring: int = 1
+    ulysses: int = 1
+    backend: str = "auto"
+
+    @property
+    def sequence(self) -> int:
+        """Ranks that share one sample's tokens."""
+        return self.ring * self.ulysses
+
+    @property
+    def world_size(self) -> int:
+        return self.data * self.cfg * self.sequence
+
+    def attention_backend(self, device_type: str) -> str:
+        """The concrete backend: ``auto`` is xfuser on CUDA, deepspeed elsewhere."""
+        if self.backend == "auto":
+            return "xfuser" if device_type == "cuda" else "deepspeed"
+        return self.backend
+
+    def describe(self) -> str:
+        return (f"data={self.data} x cfg={self.cfg} x ring={self.ring} x ulysses={self.ulysses} "
+                f"(= {self.world_size} ranks), backend={self.backend}")
+
+    def validate(self, world_size: int, num_heads: int, device_type: str) -> None:
+        """Raise :class:`BindWeaveInputError` listing every problem with this layout."""
+        problems = []
+        for name in ("data", "cfg", "ring", "ulysses"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                problems.append(f"parallel.{name}={value!r} must be a whole number >= 1")
+        if problems:  # the checks below multiply the degrees
+            raise self._error(world_size, num_heads, problems)
+        if self.backend not in BACKENDS:
+            problems.append(f"parallel.backend={self.backend!r} is not one of {', '.join(BACKENDS)}")
+        if self.cfg not in (1, 2):
+            problems.append(f"parallel.cfg={self.cfg}: CFG has two passes, so use cfg=1 or cfg=2")
+        if num_heads % self.ulysses:
+            fitting = [d for d in range(1, num_heads + 1) if num_heads % d == 0]
+            problems.append(f"parallel.ulysses={self.ulysses} does not divide the model's {num_heads} attention "
+                            f"heads (Ulysses gives each rank whole heads): use ulysses in {fitting}")
+        if self.world_size != world_size:
+            problems.append(
+                f"the degrees multiply to {self.world_size} but {world_size} process(es) were started: change "
+                f"them so that data*cfg*ring*ulysses = {world_size} (or use parallel=auto), or start "
+                f"{self.world_size} processes (torchrun --nproc_per_node={self.world_size})")
+        backend = self.attention_backend(device_type)
+        if self.sequence > 1 and backend == "xfuser" and device_type != "cuda":
+            problems.append(f"parallel.backend=xfuser needs CUDA (this run is on {device_type}): "
+                            "use parallel.backend=deepspeed or auto")
+        if self.sequence > 1 and backend in BACKEND_PACKAGES and importlib.util.find_spec(backend) is None:
+            problems.append(f"sequence parallel uses {backend}, which is not installed: {BACKEND_PACKAGES[backend]}")
+        if self.ring > 1 and backend != "xfuser":
+            problems.append(f"parallel.ring={self.ring} needs the xfuser backend on CUDA (deepspeed has Ulysses "
+                            f"only; this run uses {backend}): move the degree to ulysses, or use "
+                            "parallel.backend=xfuser on GPUs")
+        if problems:
+            raise self._error(world_size, num_heads, problems)
+
+    def _error(self, world_size: int, num_heads: int, problems: list[str]) -> BindWeaveInputError:
+        listed = "\n  - ".join(problems)
+        return BindWeaveInputError(
+            f"invalid parallel layout {self.describe()} for world size {world_size} and {num_heads} attention "
+            f"heads:\n  - {listed}")
+
+    @classmethod
+    def auto(cls, world_size: int, num_heads: int, backend: str = "auto") -> ParallelLayout:
+        """A valid layout for any world size, fastest for one sample first.
+
+        - cfg=2 whenever the world size is even: the two passes then cost one exchange of the
+          prediction per step, far less than Ulysses' four all-to-alls per block;
+        - ulysses = the largest divisor of the rest that also divides the head count;
+        - data takes what is left (whole samples per group, no communication at all);
+        - ring stays 1: padded keys cannot be masked under xfuser's ring attention.
+        E.g. 8 ranks, 40 heads: cfg=2 x ulysses=4; 2 ranks: cfg=2; 6 ranks: cfg=2 x data=3.
+        """
+        cfg = 2 if world_size % 2 == 0 else 1
+        rest = world_size // cfg
+        ulysses = max(d for d in range(1, rest + 1) if rest % d == 0 and num_heads % d == 0)
+        return cls(data=rest // ulysses, cfg=cfg, ulysses=ulysses, backend=backend)
+
+
+def layout_from_config(parallel: Mapping, world_size: int, num_heads: int, device_type: str) -> ParallelLayout:
+    """The validated layout of a ``conf/parallel`` preset: ``auto: true`` picks one for the world size."""
+    degrees = {f.name: parallel[f.name] for f in fields(ParallelLayout) if f.name in parallel}
+    if parallel.get("auto", False):
+        chosen = {name: value for name, value in degrees.items() if name != "backend" and value != 1}
+        if chosen:
+            settings = " ".join(f"parallel.{name}={value}" for name, value in chosen.items())
+            raise BindWeaveInputError(
+                f"parallel=auto chooses the degrees itself, but {settings} was given: start from an explicit "
+                f"layout instead, e.g. parallel=single {settings}")
+        layout = ParallelLayout.auto(world_size, num_heads, backend=degrees.get("backend", "auto"))
+    else:
+        layout = ParallelLayout(**degrees)
+    layout.validate(world_size, num_heads, device_type)
+    return layout

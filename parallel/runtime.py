@@ -1,0 +1,91 @@
+"""The running layout: this rank's coordinates and the process groups, all sliced from ONE device mesh.
+
+Mesh dimensions, slowest first: ``data`` (different samples), ``cfg`` (positive / negative pass),
+``sequence`` (ranks sharing one sample's tokens). Adjacent ranks share a sequence group, so
+on one node its all-to-alls stay on NVLink. Nothing else in the project creates process groups
+(xfuser makes its own, for the same ranks, inside :mod:`parallel.xfuser_backend`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from typing import Callable, TypeVar
+
+import torch
+import torch.distributed as dist
+from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
+
+from parallel.distributed import Processes
+from parallel.layout import ParallelLayout
+
+MESH_DIMS = ("data", "cfg", "sequence")
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class Runtime:
+    """Where this process sits in the layout. One process: no mesh, every coordinate 0."""
+
+    layout: ParallelLayout
+    device: torch.device
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    mesh: DeviceMesh | None = None
+
+    @classmethod
+    def single_process(cls, device: torch.device) -> Runtime:
+        return cls(layout=ParallelLayout(), device=torch.device(device))
+
+    @classmethod
+    def build(cls, layout: ParallelLayout, processes: Processes, device: torch.device) -> Runtime:
+        """After ``start_process_group``: slice the groups (a collective: every rank calls it)."""
+        # "auto" settles here, so the runtime (and each sidecar) names the backend actually used.
+        layout = replace(layout, backend=layout.attention_backend(device.type))
+        mesh = None
+        if processes.world_size > 1:
+            mesh = init_device_mesh(device.type, (layout.data, layout.cfg, layout.sequence), mesh_dim_names=MESH_DIMS)
+        return cls(layout=layout, device=device, rank=processes.rank, world_size=processes.world_size,
+                   local_rank=processes.local_rank, mesh=mesh)
+
+    def _coordinate(self, dim: str) -> int:
+        return 0 if self.mesh is None else self.mesh.get_local_rank(dim)
+
+    @property
+    def data_rank(self) -> int:
+        return self._coordinate("data")
+
+    @property
+    def cfg_rank(self) -> int:
+        """0: the positive (conditional) pass, 1: the negative one (with cfg=2)."""
+        return self._coordinate("cfg")
+
+    @property
+    def sequence_rank(self) -> int:
+        return self._coordinate("sequence")
+
+    @property
+    def sequence_group(self) -> dist.ProcessGroup | None:
+        return None if self.mesh is None else self.mesh.get_group("sequence")
+
+    @property
+    def cfg_group(self) -> dist.ProcessGroup | None:
+        return None if self.mesh is None else self.mesh.get_group("cfg")
+
+    @property
+    def is_writer(self) -> bool:
+        """One rank per data group decodes and writes each of its samples."""
+        return self.sequence_rank == 0 and self.cfg_rank == 0
+
+    def from_rank0(self, compute: Callable[[], T]) -> T:
+        """Run ``compute`` on rank 0 only and hand its (picklable) result to every rank.
+
+        One decision (which samples exist, which are done) is then followed everywhere, and an
+        error in it is raised, and printed, by rank 0 alone; the others wait in the broadcast
+        until the launcher ends them.
+        """
+        if self.mesh is None:
+            return compute()
+        box = [compute() if self.rank == 0 else None]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]

@@ -1,0 +1,136 @@
+"""The speed options compute the same function, and the benchmark runs end to end (tiny, CPU)."""
+
+import importlib.util
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from diffusers.models.transformers.transformer_wan import WanAttention
+
+from bindweave.attention import CrossAttnProcessor, SelfAttnProcessor
+from bindweave.fast import PreferredKernelAttention, SpeedOptions, apply_speed_options, fuse_projections
+from bindweave.flops import ForwardTokens, dit_forward_flops, video_tokens
+from bindweave.transformer import TINY_CONFIG, BindWeaveTransformer
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def tiny_model(seed=0):
+    torch.manual_seed(seed)
+    return BindWeaveTransformer(**TINY_CONFIG).eval()
+
+
+def tiny_inputs(qwen_tokens=7, clip_tokens=1028, frames=3, height=8, width=12, seed=1):
+    generator = torch.Generator().manual_seed(seed)
+    c = TINY_CONFIG
+    return dict(
+        latents=torch.randn(1, 16, frames, height, width, generator=generator),
+        timestep=torch.tensor([937]),
+        t5_embeds=torch.randn(1, 512, c["text_dim"], generator=generator),
+        qwen_states=torch.randn(1, qwen_tokens, c["mllm_dim"], generator=generator),
+        clip_embeds=torch.randn(1, clip_tokens, c["image_dim"], generator=generator),
+        condition=torch.randn(1, 20, 4 + frames, height, width, generator=generator),
+    )
+
+
+def load_bench_module():
+    spec = importlib.util.spec_from_file_location("bench", REPO / "launch" / "bench.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize("attention,heads_major", [("cudnn", False), ("cudnn", True), ("default", False)])
+@torch.no_grad()
+def test_speed_options_keep_the_output(attention, heads_major):
+    x = tiny_inputs()
+    expected = tiny_model()(**x)
+    fast = apply_speed_options(tiny_model(), SpeedOptions(attention=attention, heads_major=heads_major, compile=False))
+    torch.testing.assert_close(fast(**x), expected, rtol=1e-5, atol=1e-5)
+    assert all(attn.fused_projections for attn in fast.modules() if isinstance(attn, WanAttention))
+
+
+@torch.no_grad()
+def test_fused_projections_hold_each_weight_once():
+    model = tiny_model()
+    before = {name: tensor.clone() for name, tensor in model.state_dict().items()}
+    storage_bytes = sum(param.untyped_storage().nbytes() for param in model.parameters())
+    fuse_projections(model)
+    attn1, attn2 = model.blocks[0].attn1, model.blocks[0].attn2
+    for part in (attn1.to_q, attn1.to_k, attn1.to_v):
+        assert part.weight.untyped_storage().data_ptr() == attn1.to_qkv.weight.untyped_storage().data_ptr()
+    for part in (attn2.add_k_proj, attn2.add_v_proj):
+        assert part.weight.untyped_storage().data_ptr() == attn2.to_added_kv.weight.untyped_storage().data_ptr()
+    unique = {param.untyped_storage().data_ptr(): param.untyped_storage().nbytes() for param in model.parameters()}
+    assert sum(unique.values()) == storage_bytes
+    after = model.state_dict()
+    assert all(torch.equal(after[name], tensor) for name, tensor in before.items())  # every key still loads
+
+
+@torch.no_grad()
+def test_compiled_blocks_match_eager_with_one_graph_for_all_blocks():
+    """Regional compile (inductor, float32 on the CPU): output within float rounding noise of eager,
+    and the 2 blocks share one graph with no graph breaks (so 40 blocks compile once)."""
+    x = tiny_inputs()
+    expected = tiny_model()(**x)
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    model = apply_speed_options(tiny_model(), SpeedOptions(attention="cudnn", compile=True))
+    output = model(**x)
+    torch.testing.assert_close(output, expected, rtol=1e-5, atol=1e-5)
+    counters = torch._dynamo.utils.counters
+    assert counters["stats"]["unique_graphs"] == 1
+    assert not counters["graph_break"]
+    torch._dynamo.reset()
+
+
+def test_preferred_kernel_rejects_unknown_names():
+    with pytest.raises(ValueError, match="choose one of"):
+        SpeedOptions(attention="fa3")
+    assert PreferredKernelAttention("flash").priority[0].name == "FLASH_ATTENTION"
+
+
+@torch.no_grad()
+def test_bench_stock_forward_is_diffusers_and_leaves_our_processors():
+    """With one reference (257 CLIP tokens) and no Qwen tokens the stock split equals BindWeave's, so
+    the benchmark's stock forward must give our output; afterwards our processors are back."""
+    bench = load_bench_module()
+    model = tiny_model()
+    x = tiny_inputs(qwen_tokens=0, clip_tokens=257)
+    with bench.stock_processors(model):
+        stock = bench.stock_forward(model, x)
+    torch.testing.assert_close(stock, model(**x), rtol=1e-5, atol=1e-5)
+    assert isinstance(model.blocks[0].attn1.processor, SelfAttnProcessor)
+    assert isinstance(model.blocks[0].attn2.processor, CrossAttnProcessor)
+
+
+def test_bench_build_dit_keeps_diffusers_fp32_modules():
+    bench = load_bench_module()
+    model = bench.build_dit(dict(TINY_CONFIG), torch.device("cpu"), seed=0)
+    dtypes = {name: param.dtype for name, param in model.named_parameters()}
+    assert dtypes["blocks.0.scale_shift_table"] == torch.float32
+    assert dtypes["condition_embedder.time_embedder.linear_1.weight"] == torch.float32
+    assert all(param.abs().sum() > 0 for name, param in model.named_parameters() if name.endswith("weight"))
+
+
+@pytest.mark.timeout(600)
+def test_bench_tiny_cpu_runs_every_part(tmp_path):
+    # aot_eager: dynamo traces exactly as for inductor, without the minutes of CPU code generation.
+    command = [sys.executable, str(REPO / "launch" / "bench.py"), "preset=tiny", "device=cpu",
+               "compile_backend=aot_eager", "repeats=1", f"out_dir={tmp_path}"]
+    done = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = json.loads((tmp_path / "bench.json").read_text())
+    results = report["results"]
+    for name in ("matmul", "self_attention_kernels", "dit_setup", "dit_stock_eager", "dit_ours_eager",
+                 "dit_stock_compiled", "dit_ours_fast", "vae_decode", "vae_encode", "t5_encode", "clip_encode",
+                 "qwen_prefill"):
+        assert name in results, name
+    tokens = ForwardTokens(video=video_tokens(TINY_CONFIG, 2, 8, 8), qwen=20)
+    assert results["dit_setup"]["flops"]["total"] == dit_forward_flops(TINY_CONFIG, tokens)["total"]
+    assert results["dit_ours_fast"]["compiled_graphs"] == {"unique_graphs": 1, "graph_breaks": 0}
+    assert results["dit_output_relative_error"]["ours_fast_vs_ours_eager"] < 1e-5
+    assert "ours_fast" in done.stdout and "qwen_prefill" in done.stdout

@@ -1,0 +1,119 @@
+"""``torchrun ... launch/generate.py`` on the tiny demo (3 samples): parallel=auto for 1, 2 and 4
+processes, data parallel, and a failing sample ending the job with its error printed once.
+
+Every run is its own torchrun (gloo, CPU) with a timeout. The 1-process run is the reference;
+it also writes the tiny models and the demo inputs that the other runs reuse. Runs through
+tests/parallel_record_inputs.py also record, per rank, which sample files were opened and
+which rank decoded.
+"""
+
+import json
+from pathlib import Path
+
+import imageio.v3 as iio
+import numpy as np
+import pytest
+
+from parallel_launch import run_script
+
+GENERATE = "launch/generate.py"
+RECORD = "tests/parallel_record_inputs.py"
+FAST = ["sampler.num_steps=2", "video.num_frames=5", "progress=false"]
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("generate")
+
+
+def overrides(workspace: Path, output: str) -> list[str]:
+    return [f"model.tiny_root={workspace / 'tiny'}", f"model.cache_dir={workspace / 'cache'}",
+            f"data.demo_dir={workspace / 'demo'}", f"output_dir={workspace / output}", *FAST]
+
+
+def records(folder: Path, rank: int) -> list[tuple[str, str]]:
+    path = folder / f"rank{rank}.tsv"
+    lines = path.read_text().splitlines() if path.exists() else []
+    return [tuple(line.split("\t", 1)) for line in lines]
+
+
+def demo_meta(workspace: Path) -> dict:
+    return json.loads((workspace / "demo" / "meta_with_features.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def reference(workspace) -> Path:
+    """parallel=auto on ONE process started by torchrun (no process group at all)."""
+    run_script(GENERATE, *overrides(workspace, "one"), processes=1, timeout=400)
+    return workspace / "one"
+
+
+def videos(folder: Path) -> dict[str, bytes]:
+    return {path.stem: path.read_bytes() for path in sorted(folder.glob("*.mp4"))}
+
+
+def layout_used(folder: Path) -> dict:
+    layouts = {json.dumps(json.loads(path.read_text())["parallel"]) for path in folder.glob("*.json")}
+    assert len(layouts) == 1
+    return json.loads(layouts.pop())
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_data_parallel_splits_the_samples_and_writes_the_same_files(reference, workspace):
+    run_script(RECORD, workspace / "opened", "parallel=data2", *overrides(workspace, "data2"), processes=2,
+               timeout=400)
+    assert videos(workspace / "data2") == videos(reference) and len(videos(reference)) == 3
+    meta = demo_meta(workspace)
+    sample_ids = sorted(meta)
+    for rank in range(2):
+        own = sample_ids[rank::2]
+        opened = records(workspace / "opened", rank)
+        assert sorted(Path(value).stem for kind, value in opened if kind == "hidden_states") == own
+        own_images = {Path(image).name for sample_id in own for image in meta[sample_id]["img_paths"]}
+        assert {Path(value).name for kind, value in opened if kind == "image"} == own_images
+        assert sum(kind == "decode" for kind, _ in opened) == len(own)  # each rank writes its own samples
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_auto_layout_for_two_and_four_processes(reference, workspace):
+    """2 processes: cfg=2; 4 processes (the tiny DiT has 2 heads): cfg=2 x ulysses=2."""
+    run_script(GENERATE, *overrides(workspace, "auto2"), processes=2, timeout=400)
+    assert layout_used(workspace / "auto2") == {"data": 1, "cfg": 2, "ring": 1, "ulysses": 1, "backend": "deepspeed"}
+    assert videos(workspace / "auto2") == videos(reference)  # CFG parallel does the same float operations
+
+    run_script(RECORD, workspace / "auto4-records", *overrides(workspace, "auto4"), processes=4, timeout=600)
+    assert layout_used(workspace / "auto4") == {"data": 1, "cfg": 2, "ring": 1, "ulysses": 2, "backend": "deepspeed"}
+    for name in videos(reference):
+        ours, theirs = (iio.imread(folder / f"{name}.mp4").astype(int) for folder in (workspace / "auto4", reference))
+        assert np.abs(ours - theirs).max() <= 2, name  # Ulysses reorders float sums only
+    decodes = [sum(kind == "decode" for kind, _ in records(workspace / "auto4-records", rank)) for rank in range(4)]
+    assert decodes == [3, 0, 0, 0]  # only the writer decodes
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_a_failing_sample_ends_the_job_with_its_error_printed_once(reference, workspace):
+    meta = demo_meta(workspace)
+    meta["demo_face_1"]["hidden_states_path"] = "hidden_states/missing.safetensors"
+    broken = workspace / "demo" / "meta_broken.json"
+    broken.write_text(json.dumps(meta))
+    result = run_script(GENERATE, "parallel=ulysses2", f"data.meta_path={broken}", *overrides(workspace, "broken"),
+                        processes=2, timeout=400, check=False)
+    output = result.stdout + result.stderr
+    assert result.returncode != 0
+    assert output.count("error: Hidden-states file") == 1, output[-3000:]
+    assert "missing.safetensors" in output
+    assert sorted(videos(workspace / "broken")) == ["demo_dog_teapot_2"]  # the sample before it was finished
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_a_layout_that_does_not_fit_fails_before_any_weight_is_loaded(workspace):
+    result = run_script(RECORD, workspace / "bad-records", "parallel=ulysses2", *overrides(workspace, "bad"),
+                        processes=None, timeout=240, check=False)
+    assert result.returncode == 2
+    assert "the degrees multiply to 2 but 1 process(es) were started" in result.stderr
+    assert "torchrun --nproc_per_node=2" in result.stderr
+    assert records(workspace / "bad-records", 0) == []

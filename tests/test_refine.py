@@ -1,0 +1,294 @@
+"""Stage 1: prompt refinement (bindweave/refine.py), SPEC §8, against a real loopback HTTP server."""
+
+import base64
+import io
+import json
+import socket
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from PIL import Image
+
+from bindweave.data import load_reference_image, read_meta
+from bindweave.demo_cases import write_demo_cases
+from bindweave.errors import BindWeaveInputError
+from bindweave.qwen import QwenSettings, build_inputs, load_qwen, prescale_references
+from bindweave.refine import (
+    EndpointRefiner,
+    EndpointSettings,
+    LocalQwenRefiner,
+    LocalSettings,
+    refine_instruction,
+    refine_samples,
+    run_refine_command,
+)
+from bindweave.tiny import write_tiny_models
+
+REPO = Path(__file__).resolve().parents[1]
+KEY_ENV = "BINDWEAVE_TEST_API_KEY"
+
+
+class ChatServer:
+    """A chat-completions server on 127.0.0.1 that plays scripted replies and records requests.
+
+    `replies` holds (status, body) pairs, used in order; when one is left it is repeated.
+    """
+
+    def __init__(self):
+        self.replies = []
+        self.requests = []
+        server = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self):
+                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                server.requests.append({"path": self.path, "headers": dict(self.headers), "json": body})
+                status, reply = server.replies.pop(0) if len(server.replies) > 1 else server.replies[0]
+                data = json.dumps(reply).encode()
+                self.send_response(status)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            def log_message(self, *args):
+                pass
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.thread = threading.Thread(target=self.httpd.serve_forever, args=(0.05,), daemon=True)
+        self.thread.start()
+        self.base_url = f"http://127.0.0.1:{self.httpd.server_address[1]}/v1"
+
+    def close(self):
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+def answer(text, finish_reason="stop"):
+    return 200, {"id": "x", "object": "chat.completion", "model": "test-vlm",
+                 "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
+                              "finish_reason": finish_reason}]}
+
+
+def error(status, message):
+    return status, {"error": {"message": message, "type": "error"}}
+
+
+@pytest.fixture
+def server():
+    chat = ChatServer()
+    yield chat
+    chat.close()
+
+
+@pytest.fixture(scope="session")
+def demo_meta(tmp_path_factory):
+    return write_demo_cases(tmp_path_factory.mktemp("demo"))
+
+
+def endpoint(server, **options):
+    settings = dict(base_url=server.base_url, model="test-vlm", api_key_env=KEY_ENV, retry_base_s=0.01,
+                    max_retries=3, max_retry_s=10)
+    return EndpointRefiner(EndpointSettings(**{**settings, **options}))
+
+
+def decode_data_url(url):
+    prefix = "data:image/jpeg;base64,"
+    assert url.startswith(prefix)
+    return Image.open(io.BytesIO(base64.b64decode(url[len(prefix):])))
+
+
+# ---- endpoint ---------------------------------------------------------------------------------
+
+
+def test_endpoint_request_format_and_retry_after_500(server, demo_meta, tmp_path, monkeypatch):
+    monkeypatch.setenv(KEY_ENV, "sk-test")
+    server.replies = [error(500, "overloaded"), answer("  A boy waves in a sunny park.  ")]
+    samples = [s for s in read_meta(demo_meta) if s.sample_id == "demo_face_dog_house_3"]
+    output = tmp_path / "refined.json"
+    summary = refine_samples(endpoint(server), samples, output, progress=False)
+
+    assert summary == {"done": ["demo_face_dog_house_3"], "skipped": []}
+    assert len(server.requests) == 2  # the 500, then the retry
+    request = server.requests[-1]
+    assert request["path"] == "/v1/chat/completions"
+    assert request["headers"]["Authorization"] == "Bearer sk-test"
+    assert request["json"]["model"] == "test-vlm"
+    [message] = request["json"]["messages"]
+    text, *images = message["content"]
+    assert text["type"] == "text" and samples[0].prompt in text["text"]
+    assert "split screen" in text["text"] and "English" in text["text"]
+    # The references as JPEG data URLs, in img_paths order (face 480x600, dog 800x560, house 1024x576).
+    decoded = [decode_data_url(part["image_url"]["url"]) for part in images]
+    assert [image.format for image in decoded] == ["JPEG"] * 3
+    assert [image.size for image in decoded] == [load_reference_image(p).size for p in samples[0].image_paths]
+
+    entry = json.loads(output.read_text())["demo_face_dog_house_3"]
+    assert entry["prompt"] == "A boy waves in a sunny park."
+    assert entry["prompt_original"] == samples[0].prompt
+    assert entry["class_label"] == ["Man", "Dog", "House"]
+
+
+def test_endpoint_401_fails_clearly_without_retrying(server, demo_meta, tmp_path, monkeypatch):
+    monkeypatch.setenv(KEY_ENV, "sk-wrong")
+    server.replies = [error(401, "Incorrect API key provided")]
+    output = tmp_path / "refined.json"
+    with pytest.raises(BindWeaveInputError) as caught:
+        refine_samples(endpoint(server), read_meta(demo_meta), output, progress=False)
+    message = str(caught.value)
+    assert server.base_url in message and KEY_ENV in message and "401" in message
+    assert len(server.requests) == 1
+    assert not output.exists()
+
+
+def test_endpoint_other_4xx_is_not_retried(server, demo_meta, tmp_path):
+    server.replies = [error(404, "model not found")]
+    with pytest.raises(BindWeaveInputError, match="refiner.model=test-vlm"):
+        refine_samples(endpoint(server), read_meta(demo_meta)[:1], tmp_path / "r.json", progress=False)
+    assert len(server.requests) == 1
+
+
+def test_endpoint_retries_are_bounded(server, demo_meta, tmp_path):
+    server.replies = [error(503, "busy")]
+    with pytest.raises(BindWeaveInputError, match="failed 4 times"):
+        refine_samples(endpoint(server, max_retries=3), read_meta(demo_meta)[:1], tmp_path / "r.json",
+                       progress=False)
+    assert len(server.requests) == 4
+
+
+def test_connection_errors_are_retried_then_reported(demo_meta, tmp_path):
+    with socket.socket() as probe:  # a port nobody listens on
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    refiner = EndpointRefiner(EndpointSettings(base_url=f"http://127.0.0.1:{port}/v1", model="m",
+                                               max_retries=2, retry_base_s=0.01))
+    with pytest.raises(BindWeaveInputError, match="failed 3 times .*ConnectionError"):
+        refine_samples(refiner, read_meta(demo_meta)[:1], tmp_path / "r.json", progress=False)
+
+
+@pytest.mark.parametrize("reply, match", [
+    (answer("A boy waves and", finish_reason="length"), "cut the answer off at refiner.max_tokens"),
+    (answer("   "), "empty prompt"),
+    (answer(None), "empty prompt"),
+    ((200, {"unexpected": True}), "without choices"),
+])
+def test_truncated_or_empty_answers_are_refused(server, demo_meta, tmp_path, reply, match):
+    server.replies = [reply]
+    output = tmp_path / "refined.json"
+    with pytest.raises(BindWeaveInputError, match=match):
+        refine_samples(endpoint(server), read_meta(demo_meta), output, progress=False)
+    assert not output.exists()
+
+
+def test_resume_asks_only_for_new_or_changed_prompts(server, demo_meta, tmp_path):
+    server.replies = [answer("A refined scene.")]
+    output = tmp_path / "refined.json"
+    samples = read_meta(demo_meta)
+    refine_samples(endpoint(server), samples, output, progress=False)
+    assert len(server.requests) == 3
+
+    summary = refine_samples(endpoint(server), samples, output, progress=False)
+    assert len(server.requests) == 3 and summary["done"] == []
+
+    entries = json.loads(demo_meta.read_text())
+    entries["demo_face_1"]["prompt"] = "A boy jumps."
+    entries["demo_dog_teapot_2"]["hidden_states_path"] = "old/states.safetensors"
+    edited = tmp_path / "edited.json"
+    edited.write_text(json.dumps(entries))
+    summary = refine_samples(endpoint(server), read_meta(edited, demo_meta.parent), output, progress=False)
+    assert summary["done"] == ["demo_face_1"] and len(server.requests) == 4
+    assert "A boy jumps." in server.requests[-1]["json"]["messages"][0]["content"][0]["text"]
+    result = json.loads(output.read_text())
+    assert result["demo_face_1"]["prompt_original"] == "A boy jumps."
+    # Hidden states of the old prompt do not describe the refined one: they are dropped.
+    assert "hidden_states_path" not in result["demo_dog_teapot_2"]
+
+    # A meta file that is itself refined output is passed through, not refined twice.
+    summary = refine_samples(endpoint(server), read_meta(output, demo_meta.parent), tmp_path / "again.json",
+                             progress=False)
+    assert summary["done"] == [] and len(server.requests) == 4
+
+
+def test_interrupted_run_keeps_finished_samples(server, demo_meta, tmp_path):
+    server.replies = [answer("First refined."), error(400, "bad image")]
+    output = tmp_path / "refined.json"
+    with pytest.raises(BindWeaveInputError, match="400"):
+        refine_samples(endpoint(server), read_meta(demo_meta), output, progress=False)
+    entries = json.loads(output.read_text())
+    first, *others = sorted(entries)
+    assert entries[first]["prompt"] == "First refined."
+    assert all("prompt_original" not in entries[key] for key in others)
+
+
+# ---- local Qwen2.5-VL -------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def tiny_root(tmp_path_factory):
+    root = tmp_path_factory.mktemp("tiny-models")
+    write_tiny_models(root)
+    return root
+
+
+def test_local_qwen_refines_and_refuses_cut_off_answers(tiny_root, demo_meta, tmp_path):
+    qwen = load_qwen(QwenSettings(tiny_root=str(tiny_root), device="cpu"))
+    samples = read_meta(demo_meta)[:1]
+    # The tiny random model never emits its end-of-turn token: every answer is cut off.
+    with pytest.raises(BindWeaveInputError, match="cut off at refiner.max_new_tokens=3"):
+        refine_samples(LocalQwenRefiner(qwen, LocalSettings(max_new_tokens=3)), samples, tmp_path / "r.json",
+                       progress=False)
+    demo = LocalQwenRefiner(qwen, LocalSettings(max_new_tokens=3, allow_truncated=True))
+    refine_samples(demo, samples, tmp_path / "r.json", progress=False)
+    entry = json.loads((tmp_path / "r.json").read_text())[samples[0].sample_id]
+    assert entry["prompt"].strip() and entry["prompt_original"] == samples[0].prompt
+
+
+def test_local_answer_ending_within_the_limit_is_kept(tiny_root, demo_meta):
+    qwen = load_qwen(QwenSettings(tiny_root=str(tiny_root), device="cpu"))  # its config is changed below
+    images = [load_reference_image(p) for p in read_meta(demo_meta)[0].image_paths]
+    inputs = build_inputs(qwen, refine_instruction("a boy"), prescale_references(images))
+    first_token = int(qwen.model.generate(**inputs, max_new_tokens=1, do_sample=False)[0, -1])
+    # Make the greedy first token the end-of-turn token: the answer then ends within the limit.
+    qwen.model.generation_config.eos_token_id = first_token
+    answer_text = LocalQwenRefiner(qwen, LocalSettings(max_new_tokens=3)).refine("a boy", images)
+    assert answer_text == qwen.tokenizer.decode([first_token], skip_special_tokens=True)
+
+
+# ---- command line -----------------------------------------------------------------------------
+
+
+def compose_refine(overrides):
+    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
+        return compose(config_name="refine", overrides=overrides)
+
+
+def test_command_with_endpoint(server, demo_meta, tmp_path):
+    server.replies = [answer("A refined scene.")]
+    cfg = compose_refine(["refiner=openai", f"refiner.base_url={server.base_url}", "refiner.model=test-vlm",
+                          f"data.meta_path={demo_meta}", f"output_dir={tmp_path}", "progress=false"])
+    assert run_refine_command(cfg) == 0
+    assert all(entry["prompt"] == "A refined scene." for entry in json.loads(
+        (tmp_path / "meta_refined.json").read_text()).values())
+
+
+def test_command_demo_defaults_and_bad_input(tiny_root, tmp_path, capsys):
+    cfg = compose_refine([f"output_dir={tmp_path}", f"data.demo_dir={tmp_path / 'demo'}",
+                          f"qwen.tiny_root={tiny_root}", "refiner.max_new_tokens=2", "progress=false"])
+    assert cfg.refiner.backend == "local" and cfg.refiner.allow_truncated
+    assert run_refine_command(cfg) == 0
+    refined = json.loads((tmp_path / "meta_refined.json").read_text())
+    assert len(refined) == 3 and all(entry["prompt"].strip() for entry in refined.values())
+
+    cfg = compose_refine([f"output_dir={tmp_path}", f"data.meta_path={tmp_path / 'meta_refined.json'}",
+                          f"output_meta={tmp_path / 'meta_refined.json'}", "refiner=openai", "refiner.model=m"])
+    assert run_refine_command(cfg) == 2
+    assert "never rewrites its input" in capsys.readouterr().err
+
+
+def test_command_needs_the_endpoint_model_name(tmp_path, capsys):
+    cfg = compose_refine(["refiner=openai", f"output_dir={tmp_path}", f"data.demo_dir={tmp_path / 'demo'}"])
+    assert run_refine_command(cfg) == 2
+    assert "refiner.model is not set" in capsys.readouterr().err
