@@ -16,8 +16,6 @@ import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
-
 import torch
 from safetensors import safe_open
 
@@ -134,23 +132,29 @@ def check_against_model(folder: Path, tensors: dict[str, TensorInfo], expected: 
         )
 
 
+def read_rows(file: Path, key: str, start: int, stop: int) -> torch.Tensor:
+    """Rows ``[start, stop)`` of one tensor, read with exactly one ``pread`` of their bytes.
+
+    Sharded loading uses this instead of the mmap: a mapping faults in (and keeps resident)
+    neighbouring pages of other ranks' rows, which would defeat "each rank reads only its share".
+    """
+    with open(file, "rb") as handle:
+        header_size = int.from_bytes(handle.read(8), "little")
+        entry = json.loads(handle.read(header_size))[key]
+        shape, dtype = entry["shape"], FLOAT_DTYPES[entry["dtype"]]
+        row_bytes = dtype.itemsize * int(torch.Size(shape[1:]).numel())
+        offset = 8 + header_size + entry["data_offsets"][0] + start * row_bytes
+        data = bytearray(os.pread(handle.fileno(), (stop - start) * row_bytes, offset))
+    return torch.frombuffer(data, dtype=dtype).reshape(stop - start, *shape[1:])
+
+
 def keeps_fp32(name: str, fp32_modules: list[str] | None) -> bool:
     """diffusers' rule: parameters under these module names stay fp32 (time embedding, modulation, norms)."""
     return any(module in name.split(".") for module in fp32_modules or [])
 
 
-def load_strict(
-    model: torch.nn.Module,
-    folder: Path,
-    dtype: torch.dtype,
-    device: torch.device | str,
-    materialize: Callable[[str, Callable[[], torch.Tensor]], torch.Tensor] | None = None,
-) -> None:
-    """Fill a meta-device ``model`` from ``folder``, one tensor at a time, checked first.
-
-    ``materialize(name, read)`` lets a caller (FSDP sharded loading) decide what to read; the default
-    reads the whole tensor.
-    """
+def load_strict(model: torch.nn.Module, folder: Path, dtype: torch.dtype, device: torch.device | str) -> None:
+    """Fill a meta-device ``model`` from ``folder``, one tensor at a time, checked first."""
     expected = {name: tensor.shape for name, tensor in model.state_dict().items()}
     tensors = index_checkpoint(folder)
     check_against_model(folder, tensors, expected)
@@ -163,12 +167,26 @@ def load_strict(
         with safe_open(file, framework="pt", device="cpu") as handle:
             for key in keys:
                 target = torch.float32 if keeps_fp32(key, fp32_modules) else dtype
-
-                def read(handle=handle, key=key, target=target):
-                    return handle.get_tensor(key).to(device=device, dtype=target)
-
-                state[key] = materialize(key, read) if materialize else read()
+                state[key] = handle.get_tensor(key).to(device=device, dtype=target)
     model.load_state_dict(state, strict=True, assign=True)
+
+
+def meta_bindweave_transformer(folder: Path):
+    """The DiT of ``folder``'s config (14B defaults for a bare safetensors folder), on the meta device."""
+    from bindweave.transformer import BINDWEAVE_14B_CONFIG, BindWeaveTransformer
+
+    config = read_config(folder, BindWeaveTransformer, BINDWEAVE_14B_CONFIG)
+    with torch.device("meta"):
+        return BindWeaveTransformer(**config)
+
+
+def finish_loading(model, device: torch.device | str):
+    """Rebuild the RoPE tables (non-persistent buffers: computed from the config, never stored)."""
+    from diffusers.models.transformers.transformer_wan import WanRotaryPosEmbed
+
+    config = model.config
+    model.rope = WanRotaryPosEmbed(config.attention_head_dim, config.patch_size, config.rope_max_seq_len).to(device)
+    return model.eval().requires_grad_(False)
 
 
 def load_bindweave_transformer(
@@ -178,16 +196,8 @@ def load_bindweave_transformer(
     subfolder: str | None = None,
     revision: str | None = None,
 ):
-    """Build the DiT on the meta device and load it strictly; the rope tables are rebuilt for real."""
-    from bindweave.transformer import BINDWEAVE_14B_CONFIG, BindWeaveTransformer
-    from diffusers.models.transformers.transformer_wan import WanRotaryPosEmbed
-
+    """Build the DiT on the meta device and load it strictly, tensor by tensor."""
     folder = resolve_folder(path_or_repo_id, subfolder, revision)
-    config = read_config(folder, BindWeaveTransformer, BINDWEAVE_14B_CONFIG)
-    with torch.device("meta"):
-        model = BindWeaveTransformer(**config)
+    model = meta_bindweave_transformer(folder)
     load_strict(model, folder, dtype, device)
-    # Non-persistent float64 buffers: not in the checkpoint, computed from the config.
-    model.rope = WanRotaryPosEmbed(model.config.attention_head_dim, model.config.patch_size,
-                                   model.config.rope_max_seq_len).to(device)
-    return model.eval().requires_grad_(False)
+    return finish_loading(model, device)

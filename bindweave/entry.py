@@ -53,7 +53,7 @@ def _generate(cfg: DictConfig, processes: Processes) -> int:
     from parallel.distributed import rank_device, start_process_group
     from parallel.layout import layout_from_config
     from parallel.parallelize import parallelize
-    from parallel.runtime import Runtime
+    from parallel.runtime import RaisedOnRank0, Runtime
 
     if cfg.on_error not in ("fail", "skip"):
         raise BindWeaveInputError(f"on_error={cfg.on_error}: use on_error=fail or on_error=skip")
@@ -73,7 +73,7 @@ def _generate(cfg: DictConfig, processes: Processes) -> int:
     runtime = Runtime.build(layout, processes, models.device)
     parallelize(models.transformer, runtime)
     if runtime.rank == 0 and runtime.world_size > 1:
-        log.info("parallel layout: %s", layout.describe())
+        log.info("parallel layout: %s", runtime.layout.describe())
     meta_path = cfg.data.meta_path
     if meta_path is None:
         from bindweave.tiny import write_tiny_models
@@ -97,7 +97,8 @@ def _generate(cfg: DictConfig, processes: Processes) -> int:
     try:
         summary = run_generation(models, run, video, sampler, runtime)
     except BindWeaveInputError as error:
-        if runtime.is_writer:  # the meta file (rank 0 reads it) or a sample's inputs (its group read them)
+        # A sample's inputs are read by every rank of its group, and they fail alike: its writer reports.
+        if runtime.is_writer and not isinstance(error, RaisedOnRank0):
             _report(error)
         return 2
     if runtime.is_writer:
@@ -107,7 +108,7 @@ def _generate(cfg: DictConfig, processes: Processes) -> int:
 
 
 def _device_type(device: str) -> str:
-    """"cuda" or "cpu" for the configured model device, without touching a GPU ("auto": CUDA if present)."""
+    """The configured model device's type, cuda or cpu, without touching a GPU (auto: CUDA if present)."""
     import torch
 
     return ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else torch.device(device).type

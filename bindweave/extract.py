@@ -8,8 +8,9 @@ is written beside it. A NEW meta JSON names the files; the input is never rewrit
 
 Resume: a sample whose file exists and whose header matches the current prompt, image bytes and
 model is skipped without a forward (a missing .pt pair is then written from it). The safetensors
-file is written last, so it marks a finished sample. Under torchrun, rank r takes samples
-r, r + world, ...; rank 0 writes the meta JSON once every rank has passed a barrier.
+file is written last, so it marks a finished sample. Under torchrun or srun (parallel.distributed),
+rank r takes samples r, r + world, ...; rank 0 writes the meta JSON once every rank has passed a
+barrier.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import logging
 import os
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import timedelta
 from pathlib import Path
 
@@ -235,6 +236,7 @@ def run_extract_command(cfg: DictConfig) -> int:
 
 def _extract(cfg: DictConfig) -> int:
     from bindweave.demo_cases import write_demo_cases
+    from parallel.distributed import detect_processes, rank_device, start_process_group, stop_process_group
 
     settings = ExtractSettings(
         output_dir=Path(cfg.output_dir),
@@ -248,27 +250,21 @@ def _extract(cfg: DictConfig) -> int:
     else:
         meta_path = Path(cfg.data.meta_path)
         image_root = Path(cfg.data.image_root) if cfg.data.image_root else None
-    rank, world_size = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-    barrier = _start_data_parallel(rank, world_size)
+    qwen_settings = QwenSettings(**OmegaConf.to_container(cfg.qwen))
+    processes = detect_processes()
+    device_type = qwen_settings.device_type()
+    # A barrier only, before rank 0 writes the meta JSON: ranks may finish hours apart.
+    start_process_group(processes, device_type, timeout_s=BARRIER_TIMEOUT.total_seconds())
     try:
-        qwen = load_qwen(QwenSettings(**OmegaConf.to_container(cfg.qwen)))
-        written = run_extract(qwen, meta_path, image_root, settings, rank, world_size, barrier)
+        if processes.world_size > 1:  # one process per GPU: rank r computes on GPU LOCAL_RANK
+            qwen_settings = replace(qwen_settings, device=str(rank_device(processes, device_type)))
+        barrier = torch.distributed.barrier if processes.world_size > 1 else lambda: None
+        written = run_extract(load_qwen(qwen_settings), meta_path, image_root, settings, processes.rank,
+                              processes.world_size, barrier)
     finally:
-        if world_size > 1:
-            torch.distributed.destroy_process_group()
+        stop_process_group()
     if written is not None:
         root = (image_root or meta_path.parent).resolve()
         log.info("wrote %s; stage 3: python launch/generate.py data.meta_path=%s data.image_root=%s",
                  written, written, root)
     return 0
-
-
-def _start_data_parallel(rank: int, world_size: int):
-    """Under torchrun: pin this rank's GPU and return a barrier (gloo: a CPU barrier needs no GPU
-    and tolerates ranks finishing hours apart). One process: a no-op barrier."""
-    if world_size == 1:
-        return lambda: None
-    if torch.cuda.is_available():
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
-    torch.distributed.init_process_group("gloo", rank=rank, world_size=world_size, timeout=BARRIER_TIMEOUT)
-    return torch.distributed.barrier

@@ -15,11 +15,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from diffusers.models.transformers.transformer_wan import WanAttention
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from bindweave.attention import AttentionHook, sdpa
+from bindweave.attention import AttentionHook, CrossAttnProcessor, sdpa
 
 # Each name puts its kernel first and keeps the others as fallbacks, so an input the preferred
 # kernel cannot take (or a CPU tensor) still runs.
@@ -34,37 +33,53 @@ ATTENTION_CHOICES = (*SDPA_PRIORITIES, "default")
 @dataclass(frozen=True)
 class SpeedOptions:
     """``attention``: the SDPA kernel tried first for self-attention (``default``: PyTorch's own
-    order); ``fuse_projections``: one GEMM for q/k/v (and for each cross-attention K/V pair);
-    ``compile``: ``torch.compile`` each transformer block (one graph, reused by all 40 blocks);
-    ``heads_major``: give the kernel contiguous ``[B, heads, tokens, dim]`` q/k/v instead of the
-    strided view of ``[B, tokens, heads, dim]`` (a layout the kernel may run faster on; under
-    compile the copy is fused into the RoPE kernel)."""
+    order); ``text_attention`` / ``image_attention``: the same for the two cross-attentions (90,000
+    queries against ~1,900 text or 257 image keys, shapes where kernels rank differently);
+    ``fuse_projections``: one GEMM for q/k/v (and for each cross-attention K/V pair); ``compile``:
+    ``torch.compile`` each transformer block (one graph, reused by all 40 blocks)."""
 
     attention: str = "cudnn"
+    text_attention: str = "default"
+    image_attention: str = "default"
     fuse_projections: bool = True
     compile: bool = True
-    heads_major: bool = False
 
     def __post_init__(self):
-        if self.attention not in ATTENTION_CHOICES:
-            raise ValueError(f"attention={self.attention!r}: choose one of {', '.join(ATTENTION_CHOICES)}")
+        for field in ("attention", "text_attention", "image_attention"):
+            if getattr(self, field) not in ATTENTION_CHOICES:
+                raise ValueError(f"{field}={getattr(self, field)!r}: choose one of {', '.join(ATTENTION_CHOICES)}")
 
 
 class PreferredKernelAttention(AttentionHook):
     """Single-device self-attention with an SDPA kernel tried first (``SDPA_PRIORITIES``)."""
 
-    def __init__(self, kernel: str, heads_major: bool = False):
+    def __init__(self, kernel: str):
         self.kernel = kernel
-        self.priority = SDPA_PRIORITIES[kernel]
-        self.heads_major = heads_major
 
     def self_attention(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
-        # torch.compile records this context in the graph, so the compiled block keeps the choice.
-        with sdpa_kernel(self.priority, set_priority=True):
-            if not self.heads_major:
-                return sdpa(query, key, value)
-            query, key, value = (x.transpose(1, 2).contiguous() for x in (query, key, value))
-            return F.scaled_dot_product_attention(query, key, value).transpose(1, 2)
+        # torch.compile records the kernel context in the graph, so the compiled block keeps the choice.
+        return _attention_with(self.kernel, query, key, value)
+
+
+class PreferredKernelCrossAttnProcessor(CrossAttnProcessor):
+    """BindWeave's cross-attention with an SDPA kernel tried first for each of its two attentions."""
+
+    def __init__(self, image_tokens: int, text_kernel: str, image_kernel: str):
+        super().__init__(image_tokens)
+        self.text_kernel, self.image_kernel = text_kernel, image_kernel
+
+    def text_attention(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+        return _attention_with(self.text_kernel, query, key, value)
+
+    def image_attention(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+        return _attention_with(self.image_kernel, query, key, value)
+
+
+def _attention_with(kernel: str, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+    if kernel == "default":
+        return sdpa(query, key, value)
+    with sdpa_kernel(SDPA_PRIORITIES[kernel], set_priority=True):
+        return sdpa(query, key, value)
 
 
 @torch.no_grad()
@@ -105,7 +120,11 @@ def apply_speed_options(model: torch.nn.Module, options: SpeedOptions) -> torch.
     projections and the compiled blocks stay.
     """
     if options.attention != "default":
-        model.set_attention_hook(PreferredKernelAttention(options.attention, options.heads_major))
+        model.set_attention_hook(PreferredKernelAttention(options.attention))
+    if (options.text_attention, options.image_attention) != ("default", "default"):
+        for block in model.blocks:
+            block.attn2.set_processor(PreferredKernelCrossAttnProcessor(
+                block.attn2.processor.image_tokens, options.text_attention, options.image_attention))
     if options.fuse_projections:
         fuse_projections(model)
     if options.compile:

@@ -60,12 +60,18 @@ class QwenSettings:
     device: str = "auto"  # auto: the current CUDA device, else CPU
     attn_implementation: str = "sdpa"
 
-    def resolved_device(self) -> torch.device:
+    def device_type(self) -> str:
+        """cuda or cpu, without touching a GPU (auto: CUDA if present)."""
         if self.device == "auto":
-            if torch.cuda.is_available():
-                return torch.device("cuda", torch.cuda.current_device())
-            return torch.device("cpu")
-        return torch.device(self.device)
+            return "cuda" if torch.cuda.is_available() else "cpu"
+        return torch.device(self.device).type
+
+    def resolved_device(self) -> torch.device:
+        if self.device != "auto":
+            return torch.device(self.device)
+        if self.device_type() == "cuda":
+            return torch.device("cuda", torch.cuda.current_device())
+        return torch.device("cpu")
 
     def torch_dtype(self, device: torch.device) -> torch.dtype:
         if self.dtype == "auto":

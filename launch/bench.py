@@ -24,6 +24,7 @@ import statistics
 import sys
 import time
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 import hydra
@@ -40,7 +41,13 @@ from diffusers.models.transformers.transformer_wan import (  # noqa: E402
 )
 
 from bindweave.checkpoint import keeps_fp32  # noqa: E402
-from bindweave.fast import SpeedOptions, apply_speed_options  # noqa: E402
+from bindweave.attention import SelfAttnProcessor  # noqa: E402
+from bindweave.fast import (  # noqa: E402
+    PreferredKernelAttention,
+    PreferredKernelCrossAttnProcessor,
+    SpeedOptions,
+    fuse_projections,
+)
 from bindweave.flops import ForwardTokens, dit_forward_flops, video_tokens  # noqa: E402
 from bindweave.transformer import BINDWEAVE_14B_CONFIG, TINY_CONFIG, BindWeaveTransformer  # noqa: E402
 
@@ -285,20 +292,6 @@ def stock_forward(model: BindWeaveTransformer, inputs: dict) -> torch.Tensor:
 
 
 @contextmanager
-def stock_processors(model: torch.nn.Module):
-    """diffusers' WanAttnProcessor on every attention for the duration, then ours back."""
-    attentions = [module for module in model.modules() if isinstance(module, WanAttention)]
-    ours = [attn.processor for attn in attentions]
-    for attn in attentions:
-        attn.set_processor(WanAttnProcessor())
-    try:
-        yield
-    finally:
-        for attn, processor in zip(attentions, ours):
-            attn.set_processor(processor)
-
-
-@contextmanager
 def first_blocks(model: torch.nn.Module, count: int):
     """The model with only its first ``count`` blocks, for the duration (profiling, fixed cost)."""
     blocks = model.blocks
@@ -341,8 +334,14 @@ def profile_forward(call, device: torch.device, top: int = 12) -> dict:
         label = next((label for label, pattern in KERNEL_CLASSES if pattern.search(name)), "eager element-wise/other")
         classes[label] = classes.get(label, 0.0) + seconds
     kernels.sort(key=lambda kernel: -kernel[2])
+    attention_pattern = KERNEL_CLASSES[0][1]
+    # Separately, to tell the long self-attention calls from the short cross-attention ones.
+    attention_calls = [event.time_range.elapsed_us() / 1e6 for event in prof.events()
+                       if attention_pattern.search(event.name)
+                       and (device.type != "cuda" or event.device_type == torch.autograd.DeviceType.CUDA)]
     return {
         "device_s": total,
+        "attention_calls_s": attention_calls,
         "by_class_s": dict(sorted(classes.items(), key=lambda item: -item[1])),
         "top_kernels": [{"name": name[:120], "calls": count, "s": seconds} for name, count, seconds in kernels[:top]],
     }
@@ -352,7 +351,96 @@ def relative_error(output: torch.Tensor, reference: torch.Tensor) -> float:
     return ((output.float() - reference.float()).norm() / reference.float().norm()).item()
 
 
+@dataclass(frozen=True)
+class DitVariant:
+    """One way of running the same DiT (conf/bench.yaml ``variants``)."""
+
+    name: str
+    stock: bool  # diffusers' forward and WanAttnProcessor
+    compiled: bool
+    options: SpeedOptions | None = None  # ours_fast only
+
+
+def dit_variants(cfg: DictConfig) -> list[DitVariant]:
+    variants = []
+    for name in VARIANT_ORDER:
+        if name not in cfg.variants or (name == "stock_compiled" and not cfg.compile):
+            continue
+        if name == "ours_fast":
+            for entry in cfg.fast_options:
+                entry = dict(entry)
+                label = entry.pop("name", name)
+                variants.append(DitVariant(label, stock=False, compiled=cfg.compile,
+                                           options=SpeedOptions(**entry, compile=cfg.compile)))
+        else:
+            variants.append(DitVariant(name, stock=name.startswith("stock"), compiled=name.endswith("compiled")))
+    names = [variant.name for variant in variants]
+    if len(set(names)) != len(names):
+        raise SystemExit(f"DiT variant names repeat: {names}; give each fast_options entry its own name")
+    return variants
+
+
+class DitStates:
+    """Switches one model between variants in any order, without rebuilding or recompiling.
+
+    Each variant's processors and hook are made once, so torch.compile's guards meet the same
+    objects every time and pick the graph compiled for that variant (one graph per compiled
+    variant, shared by all blocks). Projections are fused once (the separate layers become views
+    of the fused weights) and each variant sets the flag that says which ones to use. Eager
+    variants run the compiled blocks under ``torch.compiler.set_stance("force_eager")``.
+    """
+
+    def __init__(self, model: BindWeaveTransformer, variants: list[DitVariant], inputs: dict, compile_backend: str):
+        self.model = model
+        self.inputs = inputs
+        self.attentions = [module for module in model.modules() if isinstance(module, WanAttention)]
+        plain_hook, ours = model.attention_hook, [attn.processor for attn in self.attentions]
+        self.setups = {}
+        for variant in variants:
+            if variant.stock:
+                self.setups[variant.name] = ([WanAttnProcessor() for _ in self.attentions], None, False)
+            elif variant.options is None:
+                self.setups[variant.name] = (ours, plain_hook, False)
+            else:
+                options = variant.options
+                hook = plain_hook if options.attention == "default" else PreferredKernelAttention(options.attention)
+                processors = [self._fast_processor(processor, hook, options) for processor in ours]
+                self.setups[variant.name] = (processors, hook, options.fuse_projections)
+        if any(fused for _, _, fused in self.setups.values()):
+            fuse_projections(model)
+        if any(variant.compiled for variant in variants):
+            model.compile_repeated_blocks(backend=compile_backend)
+
+    @staticmethod
+    def _fast_processor(processor, hook, options: SpeedOptions):
+        if isinstance(processor, SelfAttnProcessor):
+            return SelfAttnProcessor(hook)
+        if (options.text_attention, options.image_attention) == ("default", "default"):
+            return processor
+        return PreferredKernelCrossAttnProcessor(processor.image_tokens, options.text_attention, options.image_attention)
+
+    def call(self, variant: DitVariant):
+        """Put the model in ``variant``'s state and return its forward call."""
+        processors, hook, fused = self.setups[variant.name]
+        for attn, processor in zip(self.attentions, processors):
+            attn.set_processor(processor)
+            attn.fused_projections = fused and hasattr(attn, "to_added_kv" if attn.is_cross_attention else "to_qkv")
+        if hook is not None:
+            self.model.set_attention_hook(hook)
+        forward = (lambda: stock_forward(self.model, self.inputs)) if variant.stock else (lambda: self.model(**self.inputs))
+        if variant.compiled:
+            return forward
+
+        def eager():
+            with torch.compiler.set_stance("force_eager"):
+                return forward()
+
+        return eager
+
+
 def run_dit(cfg: DictConfig, shape: dict, device: torch.device, report: Report, matmul_tflops: float | None):
+    """Every variant on one model: first calls (compilation) in order, then ``repeats`` rounds that
+    time each variant once per round, so clock or temperature drift hits all of them alike."""
     full_config = dict(BINDWEAVE_14B_CONFIG if cfg.preset == "full" else TINY_CONFIG)
     full_layers = full_config["num_layers"]
     layers = cfg.layers or full_layers
@@ -363,19 +451,21 @@ def run_dit(cfg: DictConfig, shape: dict, device: torch.device, report: Report, 
                            qwen=shape["qwen_tokens"],
                            clip=config["max_references"] * config["image_tokens_per_reference"])
     flops = dit_forward_flops(full_config, tokens)
-    log.info("DiT: %d of %d blocks, %d video tokens, %.3f PFLOP per full forward", layers, full_layers,
-             tokens.video, flops["total"] / 1e15)
+    variants = dit_variants(cfg)
+    log.info("DiT: %d of %d blocks, %d video tokens, %.3f PFLOP per full forward; variants %s", layers,
+             full_layers, tokens.video, flops["total"] / 1e15, [variant.name for variant in variants])
 
     start = time.perf_counter()
     model = build_dit(config, device, cfg.seed)
     clock.sync()
     inputs = dit_inputs(config, shape, device, cfg.seed + 1)
-    parameters = sum(param.numel() for param in model.parameters())
-    report.add("dit_setup", {"layers_built": layers, "layers_full": full_layers, "parameters": parameters,
+    report.add("dit_setup", {"layers_built": layers, "layers_full": full_layers,
+                             "parameters": sum(param.numel() for param in model.parameters()),
                              "build_s": time.perf_counter() - start, "tokens": vars(tokens), "flops": flops,
-                             "weights_gib": torch.cuda.memory_allocated() / GIB if device.type == "cuda" else None})
-
-    outputs: dict[str, torch.Tensor] = {}
+                             "weights_gib": torch.cuda.memory_allocated() / GIB if device.type == "cuda" else None,
+                             "variants": {variant.name: {"stock": variant.stock, "compiled": variant.compiled,
+                                                         "options": vars(variant.options) if variant.options else None}
+                                          for variant in variants}})
     with torch.no_grad():
         # Blocks-independent cost (patch embedding, embedders, head), so that a run with fewer
         # blocks scales to the full depth as fixed + (time - fixed) * full / built.
@@ -383,90 +473,72 @@ def run_dit(cfg: DictConfig, shape: dict, device: torch.device, report: Report, 
         if layers != full_layers:
             with first_blocks(model, 0):
                 fixed_s = measure(lambda: model(**inputs), clock, cfg.warmup, cfg.repeats)["median_s"]
-
-        def scaled(seconds: float) -> float:
-            return fixed_s + (seconds - fixed_s) * full_layers / layers
-
-        variants = [name for name in VARIANT_ORDER if name in cfg.variants]
-        if not cfg.compile:
-            variants = [name for name in variants if name != "stock_compiled"]
-        forward_estimate_s = None
-        for name in variants:
-            calls = cfg.warmup + cfg.repeats
-            estimate = None if forward_estimate_s is None else calls * forward_estimate_s + (
-                90.0 if name in ("stock_compiled", "ours_fast") and cfg.compile else 0.0)
-            if estimate is not None and not report.fits(f"dit_{name}", estimate):
+        states = DitStates(model, variants, inputs, cfg.compile_backend)
+        torch._dynamo.utils.counters.clear()
+        results: dict[str, dict] = {}
+        outputs: dict[str, torch.Tensor] = {}
+        forward_estimate_s = None  # from eager first calls
+        for variant in variants:
+            estimate = cfg.warmup * (forward_estimate_s or 0.0) + (90.0 if variant.compiled else 0.0)
+            if not report.fits(f"dit_{variant.name}", estimate):
                 continue
             result: dict = {}
             try:
-                with peak_memory(device, result), dit_variant(name, model, inputs, cfg, result) as call:
-                    timing = measure(call, clock, cfg.warmup, cfg.repeats)
-                    outputs[name] = call()
-                    profile = profile_variant(cfg, model, call, device)
+                call = states.call(variant)
+                with peak_memory(device, result):
+                    result["first_s"] = clock.wall_seconds(lambda: outputs.__setitem__(variant.name, call()))
+                    for _ in range(cfg.warmup - 1):
+                        call()
             except Exception as error:  # one broken variant must not cost the others' numbers
-                report.fail(f"dit_{name}", error)
+                report.fail(f"dit_{variant.name}", error)
                 continue
-            compiled = name in ("stock_compiled", "ours_fast") and cfg.compile
-            forward_s = scaled(timing["median_s"])
-            forward_estimate_s = max(forward_estimate_s or 0.0, timing["median_s"])
-            tflops = flops["total"] / forward_s / 1e12
-            result.update(timing)
-            result.update(forward_s=forward_s, tflops=tflops,
-                          mfu=tflops / matmul_tflops if matmul_tflops else None,
-                          compile_s=max(timing["first_s"] - timing["median_s"], 0.0) if compiled else None,
-                          compiled_graphs=_compile_stats() if compiled else None,
-                          profile=profile)
+            result["times_s"] = []
+            results[variant.name] = result
+            if not variant.compiled:
+                forward_estimate_s = max(forward_estimate_s or 0.0, result["first_s"])
+        graphs_after_first_calls = _compile_stats()
+        timed = [variant for variant in variants if variant.name in results]
+        # The quickest first call is at least one forward (compiled first calls include compiling).
+        round_estimate_s = len(timed) * min((results[v.name]["first_s"] for v in timed), default=0.0)
+        for _ in range(cfg.repeats):
+            if not report.fits("dit_timing_round", round_estimate_s):
+                break
+            for variant in timed:
+                results[variant.name]["times_s"].append(clock.seconds(states.call(variant)))
+        for variant in timed:
+            result = results[variant.name]
+            if not result["times_s"]:
+                continue
+            result["median_s"] = statistics.median(result["times_s"])
+            result["forward_s"] = fixed_s + (result["median_s"] - fixed_s) * full_layers / layers
+            result["tflops"] = flops["total"] / result["forward_s"] / 1e12
+            result["mfu"] = result["tflops"] / matmul_tflops if matmul_tflops else None
+            result["compile_s"] = max(result["first_s"] - result["median_s"], 0.0) if variant.compiled else None
             if layers != full_layers:
                 result.update(fixed_s=fixed_s, scaled_from_layers=layers)
-            report.add(f"dit_{name}", result)
+            if "profile" in cfg.parts:
+                result["profile"] = profile_variant(cfg, model, states.call(variant), device)
+            report.add(f"dit_{variant.name}", result)
+        report.add("dit_compile", {"after_first_calls": graphs_after_first_calls, "at_end": _compile_stats(),
+                                   "compiled_variants": sum(variant.compiled for variant in timed)})
         errors = {}
-        for name, reference in (("ours_fast", "ours_eager"), ("stock_compiled", "stock_eager")):
-            if name in outputs and reference in outputs:
-                errors[f"{name}_vs_{reference}"] = relative_error(outputs[name], outputs[reference])
+        for variant in timed:
+            reference = "stock_eager" if variant.stock else "ours_eager"
+            if variant.name != reference and reference in outputs:
+                errors[f"{variant.name}_vs_{reference}"] = relative_error(outputs[variant.name], outputs[reference])
         if errors:
             report.add("dit_output_relative_error", errors)
-    del model, outputs, inputs
+    del model, states, outputs, inputs
     torch._dynamo.reset()
     free_memory(device)
 
 
-@contextmanager
-def dit_variant(name: str, model: BindWeaveTransformer, inputs: dict, cfg: DictConfig, result: dict):
-    """Set ``model`` up as variant ``name`` (conf/bench.yaml) and yield its forward call.
-
-    The stock variants swap diffusers' processors in for the duration; ours_fast changes the model
-    for good (it runs last)."""
-    if name in ("stock_eager", "stock_compiled"):
-        with stock_processors(model):
-            if name == "stock_compiled":
-                reset_compiler()
-                model.compile_repeated_blocks(backend=cfg.compile_backend)
-            yield lambda: stock_forward(model, inputs)
-        return
-    if name == "ours_fast":
-        reset_compiler()
-        options = SpeedOptions(attention=cfg.attention, compile=False, heads_major=cfg.heads_major)
-        apply_speed_options(model, options)
-        if cfg.compile:  # as apply_speed_options does, with the configured backend
-            model.compile_repeated_blocks(backend=cfg.compile_backend)
-        result["options"] = {**vars(options), "compile": bool(cfg.compile)}
-    yield lambda: model(**inputs)
-
-
-def profile_variant(cfg: DictConfig, model, call, device: torch.device) -> dict | None:
-    if "profile" not in cfg.parts:
-        return None
+def profile_variant(cfg: DictConfig, model, call, device: torch.device) -> dict:
     with first_blocks(model, cfg.profile_blocks):
         call()  # warm: a truncated model may hit new kernel plans
         result = profile_forward(call, device)
     result["blocks"] = cfg.profile_blocks
     return result
-
-
-def reset_compiler():
-    """Forget earlier compiled graphs and their counters, so each variant compiles from scratch."""
-    torch._dynamo.reset()
-    torch._dynamo.utils.counters.clear()
 
 
 def _compile_stats() -> dict:
@@ -489,36 +561,55 @@ def run_matmul(cfg: DictConfig, shape: dict, device: torch.device, report: Repor
 
 
 def run_attention(cfg: DictConfig, shape: dict, device: torch.device, report: Report):
-    """Self-attention alone at the DiT's shape, per SDPA kernel and q/k/v layout."""
+    """The DiT's attentions alone, per SDPA kernel: self-attention over all video tokens with q/k/v
+    as the model hands them over (views of [B, tokens, heads, dim], separate or slices of one fused
+    QKV output) and as contiguous [B, heads, tokens, dim]; the two cross-attentions (the video
+    tokens against the 257 image and the text keys)."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     config = BINDWEAVE_14B_CONFIG if cfg.preset == "full" else TINY_CONFIG
     heads, head_dim = config["num_attention_heads"], config["attention_head_dim"]
     latent_frames = 1 + (shape["frames"] - 1) // 4
     n = video_tokens(config, latent_frames, shape["height"] // 8, shape["width"] // 8)
-    flops = 4 * n * n * heads * head_dim
+    image_keys = config["image_tokens_per_reference"]
+    text_keys = shape["qwen_tokens"] + 512 + config["max_references"] * image_keys - image_keys
+    dtype = compute_dtype(device)
     generator = torch.Generator(device).manual_seed(cfg.seed)
-    token_major = [torch.randn(1, n, heads, head_dim, device=device, dtype=compute_dtype(device), generator=generator) for _ in range(3)]
-    layouts = {"token_major_view": [x.transpose(1, 2) for x in token_major],
-               "heads_major": [x.transpose(1, 2).contiguous() for x in token_major]}
-    default = torch._fused_sdp_choice(*layouts["token_major_view"])
-    result = {"tokens": n, "default_kernel": SDPBackend(default).name, "tflops": {}}
+
+    def token_major(tokens: int, count: int = 1) -> torch.Tensor:
+        return torch.randn(1, tokens, count, heads, head_dim, device=device, dtype=dtype, generator=generator)
+
+    def views(tensor: torch.Tensor) -> list[torch.Tensor]:  # [B, tokens, k, heads, dim] -> k x [B, heads, tokens, dim]
+        return [part.transpose(1, 2) for part in tensor.unbind(2)]
+
+    fused_qkv = views(token_major(n, 3))
+    separate = [views(token_major(n))[0] for _ in range(3)]
+    query = separate[0]
+    cases = {  # name -> (q, k, v, key tokens)
+        "self/token_major_view": (*separate, n),
+        "self/fused_qkv_view": (*fused_qkv, n),
+        "self/heads_major": (*[x.contiguous() for x in separate], n),
+        "cross_image": (query, *views(token_major(image_keys, 2)), image_keys),
+        "cross_text": (query, *views(token_major(text_keys, 2)), text_keys),
+    }
     kernels = {"cudnn": SDPBackend.CUDNN_ATTENTION, "flash": SDPBackend.FLASH_ATTENTION,
-               "efficient": SDPBackend.EFFICIENT_ATTENTION}
-    if device.type != "cuda":
-        kernels = {"math": SDPBackend.MATH}
-    for kernel_name, kernel in kernels.items():
-        for layout_name, (q, k, v) in layouts.items():
+               "efficient": SDPBackend.EFFICIENT_ATTENTION} if device.type == "cuda" else {"math": SDPBackend.MATH}
+    result = {"tokens": n, "key_tokens": {"cross_image": image_keys, "cross_text": text_keys},
+              "default_kernel": SDPBackend(torch._fused_sdp_choice(*separate)).name, "tflops": {}}
+    for case, (q, k, v, keys) in cases.items():
+        for kernel_name, kernel in kernels.items():
+            if kernel_name == "efficient" and case in ("self/fused_qkv_view", "self/heads_major"):
+                continue  # 3x slower than cuDNN: its layouts do not matter
             try:
                 with sdpa_kernel(kernel):
                     timing = measure(lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v),
                                      Clock(device), cfg.warmup, cfg.repeats)
             except RuntimeError as error:  # a kernel that does not take this input
-                result["tflops"][f"{kernel_name}/{layout_name}"] = f"unavailable: {str(error)[:100]}"
+                result["tflops"][f"{case}/{kernel_name}"] = f"unavailable: {str(error)[:100]}"
                 continue
-            result["tflops"][f"{kernel_name}/{layout_name}"] = flops / timing["median_s"] / 1e12
-    report.add("self_attention_kernels", result)
-    del token_major, layouts
+            result["tflops"][f"{case}/{kernel_name}"] = 4 * n * keys * heads * head_dim / timing["median_s"] / 1e12
+    report.add("attention_kernels", result)
+    del cases, fused_qkv, separate, query
     free_memory(device)
 
 
@@ -536,6 +627,7 @@ def run_encoders(cfg: DictConfig, shape: dict, device: torch.device, report: Rep
         if not report.fits(name, ENCODER_ESTIMATES_S[name]):
             return
         result: dict = {}
+        free_memory(device)  # what an earlier part left for the garbage collector must not count here
         try:
             with peak_memory(device, result):
                 start = time.perf_counter()
@@ -632,27 +724,33 @@ def summary_lines(data: dict) -> list[str]:
     if "matmul" in results:
         matmul = results["matmul"]
         lines.append(f"{matmul['dtype']} matmul {matmul['size']}^3: {matmul['tflops']:.0f} TFLOP/s")
-    if "self_attention_kernels" in results:
-        attention = results["self_attention_kernels"]
-        rates = ", ".join(f"{name} {value:.0f}" if isinstance(value, float) else f"{name} n/a"
-                          for name, value in attention["tflops"].items())
-        lines.append(f"self-attention {attention['tokens']} tokens, TFLOP/s: {rates} (default: {attention['default_kernel']})")
+    if "attention_kernels" in results:
+        attention = results["attention_kernels"]
+        lines.append(f"attention TFLOP/s, {attention['tokens']} queries, keys {attention['key_tokens']} "
+                     f"(default kernel: {attention['default_kernel']}):")
+        lines.extend(f"  {name:32s} {value:7.1f}" if isinstance(value, float) else f"  {name:32s} n/a"
+                     for name, value in attention["tflops"].items())
     setup = results.get("dit_setup")
     if setup:
         scaled = (f", measured with {setup['layers_built']} blocks and scaled"
                   if setup["layers_built"] != setup["layers_full"] else "")
         lines.append(f"DiT forward ({setup['layers_full']} blocks{scaled}, "
                      f"{setup['flops']['total'] / 1e15:.2f} PFLOP):")
-        lines.append(f"  {'variant':16s} {'s/forward':>10s} {'TFLOP/s':>8s} {'MFU':>6s} {'compile s':>9s} {'peak GiB':>8s}")
-        for name in VARIANT_ORDER:
+        lines.append(f"  {'variant':22s} {'s/forward':>10s} {'TFLOP/s':>8s} {'MFU':>6s} {'compile s':>9s} {'peak GiB':>8s}")
+        for name in setup["variants"]:
             result = results.get(f"dit_{name}")
             if result is None:
                 continue
             mfu = f"{result['mfu']:.3f}" if result.get("mfu") else "-"
             compile_s = f"{result['compile_s']:.1f}" if result.get("compile_s") is not None else "-"
             peak = f"{result['peak_gib']:.1f}" if "peak_gib" in result else "-"
-            lines.append(f"  {name:16s} {result['forward_s']:10.3f} {result['tflops']:8.1f} {mfu:>6s} "
+            lines.append(f"  {name:22s} {result['forward_s']:10.3f} {result['tflops']:8.1f} {mfu:>6s} "
                          f"{compile_s:>9s} {peak:>8s}")
+    for name in setup["variants"] if setup else ():
+        profile = results.get(f"dit_{name}", {}).get("profile")
+        if profile:
+            classes = ", ".join(f"{label} {seconds / profile['blocks']:.4f}" for label, seconds in profile["by_class_s"].items())
+            lines.append(f"  {name} per block (s, profiled with {profile['blocks']} blocks + embed/head): {classes}")
     if "dit_output_relative_error" in results:
         lines.append("  output relative error: " + ", ".join(
             f"{name} {value:.2e}" for name, value in results["dit_output_relative_error"].items()))
@@ -675,7 +773,7 @@ def main(cfg: DictConfig) -> None:
     unknown = set(cfg.variants) - set(VARIANT_ORDER)
     if unknown:
         raise SystemExit(f"variants: unknown {sorted(unknown)}; choose from {', '.join(VARIANT_ORDER)}")
-    SpeedOptions(attention=cfg.attention)  # validates the name before any model is built
+    dit_variants(cfg)  # validates the variants and speed options before any model is built
     device = torch.device(cfg.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise SystemExit("device=cuda but no CUDA device is visible; use device=cpu (with preset=tiny)")

@@ -15,11 +15,16 @@ import torch
 import torch.distributed as dist
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
+from bindweave.errors import BindWeaveInputError
 from parallel.distributed import Processes
 from parallel.layout import ParallelLayout
 
 MESH_DIMS = ("data", "cfg", "sequence")
 T = TypeVar("T")
+
+
+class RaisedOnRank0(BindWeaveInputError):
+    """Rank 0's input error, raised on the other ranks so that they stop too; rank 0 reports it."""
 
 
 @dataclass(frozen=True)
@@ -40,8 +45,8 @@ class Runtime:
     @classmethod
     def build(cls, layout: ParallelLayout, processes: Processes, device: torch.device) -> Runtime:
         """After ``start_process_group``: slice the groups (a collective: every rank calls it)."""
-        # "auto" settles here, so the runtime (and each sidecar) names the backend actually used.
-        layout = replace(layout, backend=layout.attention_backend(device.type))
+        if layout.sequence > 1:  # "auto" settles here, so the runtime (and each sidecar) names the backend used
+            layout = replace(layout, backend=layout.attention_backend(device.type))
         mesh = None
         if processes.world_size > 1:
             mesh = init_device_mesh(device.type, (layout.data, layout.cfg, layout.sequence), mesh_dim_names=MESH_DIMS)
@@ -80,12 +85,20 @@ class Runtime:
     def from_rank0(self, compute: Callable[[], T]) -> T:
         """Run ``compute`` on rank 0 only and hand its (picklable) result to every rank.
 
-        One decision (which samples exist, which are done) is then followed everywhere, and an
-        error in it is raised, and printed, by rank 0 alone; the others wait in the broadcast
-        until the launcher ends them.
+        One decision (which samples exist, which are done) is then followed everywhere. An input
+        error in it is raised on rank 0 as it is, and on every other rank as
+        :class:`RaisedOnRank0`, so that all of them stop and only rank 0 reports it.
         """
         if self.mesh is None:
             return compute()
-        box = [compute() if self.rank == 0 else None]
-        dist.broadcast_object_list(box, src=0)
-        return box[0]
+        outcome = [None]
+        if self.rank == 0:
+            try:
+                outcome = [(compute(), None)]
+            except BindWeaveInputError as error:
+                outcome = [(None, error)]
+        dist.broadcast_object_list(outcome, src=0)
+        value, error = outcome[0]
+        if error is not None:
+            raise error if self.rank == 0 else RaisedOnRank0(str(error))
+        return value

@@ -11,7 +11,12 @@ import torch
 from diffusers.models.transformers.transformer_wan import WanAttention
 
 from bindweave.attention import CrossAttnProcessor, SelfAttnProcessor
-from bindweave.fast import PreferredKernelAttention, SpeedOptions, apply_speed_options, fuse_projections
+from bindweave.fast import (
+    PreferredKernelCrossAttnProcessor,
+    SpeedOptions,
+    apply_speed_options,
+    fuse_projections,
+)
 from bindweave.flops import ForwardTokens, dit_forward_flops, video_tokens
 from bindweave.transformer import TINY_CONFIG, BindWeaveTransformer
 
@@ -37,18 +42,25 @@ def tiny_inputs(qwen_tokens=7, clip_tokens=1028, frames=3, height=8, width=12, s
 
 
 def load_bench_module():
-    spec = importlib.util.spec_from_file_location("bench", REPO / "launch" / "bench.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    """launch/bench.py as a module (launch/ is not a package)."""
+    name = "launch_bench"
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(name, REPO / "launch" / "bench.py")
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module  # dataclasses look their module up there
+        spec.loader.exec_module(module)
+    return sys.modules[name]
 
 
-@pytest.mark.parametrize("attention,heads_major", [("cudnn", False), ("cudnn", True), ("default", False)])
+@pytest.mark.parametrize("attention,text_attention,image_attention",
+                         [("cudnn", "default", "default"), ("cudnn", "flash", "efficient"), ("default", "efficient", "cudnn")])
 @torch.no_grad()
-def test_speed_options_keep_the_output(attention, heads_major):
+def test_speed_options_keep_the_output(attention, text_attention, image_attention):
     x = tiny_inputs()
     expected = tiny_model()(**x)
-    fast = apply_speed_options(tiny_model(), SpeedOptions(attention=attention, heads_major=heads_major, compile=False))
+    options = SpeedOptions(attention=attention, text_attention=text_attention, image_attention=image_attention,
+                           compile=False)
+    fast = apply_speed_options(tiny_model(), options)
     torch.testing.assert_close(fast(**x), expected, rtol=1e-5, atol=1e-5)
     assert all(attn.fused_projections for attn in fast.modules() if isinstance(attn, WanAttention))
 
@@ -90,21 +102,31 @@ def test_compiled_blocks_match_eager_with_one_graph_for_all_blocks():
 def test_preferred_kernel_rejects_unknown_names():
     with pytest.raises(ValueError, match="choose one of"):
         SpeedOptions(attention="fa3")
-    assert PreferredKernelAttention("flash").priority[0].name == "FLASH_ATTENTION"
+    with pytest.raises(ValueError, match="image_attention"):
+        SpeedOptions(image_attention="fa3")
 
 
 @torch.no_grad()
-def test_bench_stock_forward_is_diffusers_and_leaves_our_processors():
-    """With one reference (257 CLIP tokens) and no Qwen tokens the stock split equals BindWeave's, so
-    the benchmark's stock forward must give our output; afterwards our processors are back."""
+def test_bench_variants_switch_on_one_model():
+    """The benchmark's variant states on one model: with one reference (257 CLIP tokens) and no Qwen
+    tokens the stock split equals BindWeave's, so the stock forward must give our output; switching
+    back and forth (fused projections and all) must give the plain model's output again."""
     bench = load_bench_module()
-    model = tiny_model()
     x = tiny_inputs(qwen_tokens=0, clip_tokens=257)
-    with bench.stock_processors(model):
-        stock = bench.stock_forward(model, x)
-    torch.testing.assert_close(stock, model(**x), rtol=1e-5, atol=1e-5)
+    expected = tiny_model()(**x)
+    model = tiny_model()
+    variants = [bench.DitVariant("stock_eager", stock=True, compiled=False),
+                bench.DitVariant("ours_eager", stock=False, compiled=False),
+                bench.DitVariant("fast", stock=False, compiled=False,
+                                 options=SpeedOptions(text_attention="flash", compile=False))]
+    states = bench.DitStates(model, variants, x, compile_backend="inductor")
+    for variant in variants + variants:
+        torch.testing.assert_close(states.call(variant)(), expected, rtol=1e-5, atol=1e-5)
+    assert isinstance(model.blocks[0].attn2.processor, PreferredKernelCrossAttnProcessor)
+    states.call(variants[1])
     assert isinstance(model.blocks[0].attn1.processor, SelfAttnProcessor)
-    assert isinstance(model.blocks[0].attn2.processor, CrossAttnProcessor)
+    assert type(model.blocks[0].attn2.processor) is CrossAttnProcessor
+    assert not model.blocks[0].attn1.fused_projections
 
 
 def test_bench_build_dit_keeps_diffusers_fp32_modules():
@@ -125,12 +147,14 @@ def test_bench_tiny_cpu_runs_every_part(tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
     report = json.loads((tmp_path / "bench.json").read_text())
     results = report["results"]
-    for name in ("matmul", "self_attention_kernels", "dit_setup", "dit_stock_eager", "dit_ours_eager",
+    for name in ("matmul", "attention_kernels", "dit_setup", "dit_stock_eager", "dit_ours_eager",
                  "dit_stock_compiled", "dit_ours_fast", "vae_decode", "vae_encode", "t5_encode", "clip_encode",
                  "qwen_prefill"):
         assert name in results, name
     tokens = ForwardTokens(video=video_tokens(TINY_CONFIG, 2, 8, 8), qwen=20)
     assert results["dit_setup"]["flops"]["total"] == dit_forward_flops(TINY_CONFIG, tokens)["total"]
-    assert results["dit_ours_fast"]["compiled_graphs"] == {"unique_graphs": 1, "graph_breaks": 0}
+    # One graph per compiled variant, none added by switching variants during the timed rounds.
+    assert results["dit_compile"]["at_end"] == {"unique_graphs": 2, "graph_breaks": 0}
     assert results["dit_output_relative_error"]["ours_fast_vs_ours_eager"] < 1e-5
+    assert results["dit_output_relative_error"]["stock_compiled_vs_stock_eager"] < 1e-5
     assert "ours_fast" in done.stdout and "qwen_prefill" in done.stdout

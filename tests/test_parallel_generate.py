@@ -80,7 +80,7 @@ def test_data_parallel_splits_the_samples_and_writes_the_same_files(reference, w
 def test_auto_layout_for_two_and_four_processes(reference, workspace):
     """2 processes: cfg=2; 4 processes (the tiny DiT has 2 heads): cfg=2 x ulysses=2."""
     run_script(GENERATE, *overrides(workspace, "auto2"), processes=2, timeout=400)
-    assert layout_used(workspace / "auto2") == {"data": 1, "cfg": 2, "ring": 1, "ulysses": 1, "backend": "deepspeed"}
+    assert layout_used(workspace / "auto2") == {"data": 1, "cfg": 2, "ring": 1, "ulysses": 1, "backend": "auto"}
     assert videos(workspace / "auto2") == videos(reference)  # CFG parallel does the same float operations
 
     run_script(RECORD, workspace / "auto4-records", *overrides(workspace, "auto4"), processes=4, timeout=600)
@@ -106,6 +106,18 @@ def test_a_failing_sample_ends_the_job_with_its_error_printed_once(reference, wo
     assert output.count("error: Hidden-states file") == 1, output[-3000:]
     assert "missing.safetensors" in output
     assert sorted(videos(workspace / "broken")) == ["demo_dog_teapot_2"]  # the sample before it was finished
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(400)
+def test_an_error_on_rank_0_alone_is_printed_once_and_stops_every_rank(workspace):
+    """Rank 0 alone reads the meta file; the other ranks must stop too, quietly."""
+    result = run_script(GENERATE, "parallel=cfg2", f"data.meta_path={workspace / 'no-such-meta.json'}",
+                        *overrides(workspace, "no-meta"), processes=2, timeout=300, check=False)
+    output = result.stdout + result.stderr
+    assert result.returncode != 0
+    assert output.count("error: Meta file") == 1, output[-3000:]
+    assert "RuntimeError" not in output and "Connection closed by peer" not in output  # no rank crashed on it
 
 
 @pytest.mark.slow

@@ -1,0 +1,89 @@
+"""FSDP2 sharding of the DiT (per block) and the UMT5 encoder (per block), with sharded loading.
+
+The DiT is built on the meta device, sharded with ``fully_shard`` (dim-0 shards, torch.chunk
+sizes), then every rank reads ONLY its own rows of every tensor straight from the safetensors
+files (one pread per tensor, cast on the fly), so no rank ever holds a full copy, fp32 or bf16.
+The checkpoint is checked against the model from the headers first, as in unsharded loading.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.fsdp import fully_shard
+
+from bindweave.checkpoint import (
+    check_against_model,
+    finish_loading,
+    index_checkpoint,
+    keeps_fp32,
+    meta_bindweave_transformer,
+    read_rows,
+)
+
+
+@dataclass
+class ShardedReadStats:
+    """What this rank read from disk (tests check that it is only its own share)."""
+
+    bytes_read: int = 0
+    tensors: int = 0
+
+
+def shard_rows(rows: int, mesh: DeviceMesh) -> tuple[int, int]:
+    """This rank's [start, stop) rows under FSDP2's dim-0 sharding (torch.chunk sizes; may be empty)."""
+    sizes = [len(chunk) for chunk in torch.chunk(torch.empty(rows, device="meta"), mesh.size())]
+    sizes += [0] * (mesh.size() - len(sizes))
+    rank = mesh.get_local_rank()
+    start = sum(sizes[:rank])
+    return start, start + sizes[rank]
+
+
+def shard_dit(model: torch.nn.Module, mesh: DeviceMesh) -> None:
+    """One FSDP unit per transformer block, the rest (embedders, head) in the root unit."""
+    for block in model.blocks:
+        fully_shard(block, mesh=mesh, reshard_after_forward=True)
+    fully_shard(model, mesh=mesh, reshard_after_forward=True)
+
+
+def shard_t5(encoder: torch.nn.Module, mesh: DeviceMesh) -> None:
+    """One FSDP unit per UMT5 block (``encoder.block``), embeddings and final norm in the root."""
+    for block in encoder.encoder.block:
+        fully_shard(block, mesh=mesh, reshard_after_forward=True)
+    fully_shard(encoder, mesh=mesh, reshard_after_forward=True)
+
+
+@torch.no_grad()
+def load_sharded_dit(model: torch.nn.Module, folder: Path, mesh: DeviceMesh, dtype: torch.dtype,
+                     device: torch.device) -> ShardedReadStats:
+    """Shard a meta-device DiT over ``mesh`` and fill each rank's shards from ``folder``."""
+    expected = {name: tensor.shape for name, tensor in model.state_dict().items()}
+    tensors = index_checkpoint(folder)
+    check_against_model(folder, tensors, expected)
+    fp32_modules = getattr(model, "_keep_in_fp32_modules", None)
+    # FSDP2 keeps each parameter's dtype; set it before sharding (still on meta: no memory).
+    for name, parameter in model.named_parameters():
+        parameter.data = parameter.data.to(torch.float32 if keeps_fp32(name, fp32_modules) else dtype)
+    shard_dit(model, mesh)
+    model.to_empty(device=device)
+
+    stats = ShardedReadStats()
+    for name, parameter in model.named_parameters():
+        info = tensors[name]
+        start, stop = shard_rows(info.shape[0], mesh)
+        if stop > start:
+            rows = read_rows(info.file, name, start, stop)
+            stats.bytes_read += rows.nbytes
+            stats.tensors += 1
+            parameter.to_local().copy_(rows.to(parameter.dtype))
+    return stats
+
+
+def load_sharded_bindweave(folder: Path, mesh: DeviceMesh, dtype: torch.dtype, device: torch.device):
+    """The BindWeave DiT, FSDP-sharded over ``mesh`` and loaded rank by rank (no full copy anywhere)."""
+    model = meta_bindweave_transformer(folder)
+    stats = load_sharded_dit(model, folder, mesh, dtype, device)
+    return finish_loading(model, device), stats

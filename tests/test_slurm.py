@@ -1,0 +1,264 @@
+"""The Slurm story, tested against a REAL single-node Slurm started by the suite (tests/slurm_cluster.py).
+
+- the project's sbatch script runs the tiny demo as 2 tasks through srun (no torchrun) and writes
+  the same videos, byte for byte, as one plain process;
+- `scancel` in the middle of a run leaves only complete MP4s (temp files are hidden, never mistaken
+  for outputs);
+- `scontrol requeue` of a running job (the 1-node script's default path: srun + torchrun, 2 gloo
+  processes) resumes and finishes exactly the missing samples;
+- the hydra-submitit-launcher config (conf/hydra/launcher/slurm.yaml) turns a 2-job sweep into two
+  Slurm jobs that both write their outputs;
+- every script passes `bash -n` and shellcheck.
+
+Everything runs at the tiny size (48x64, 5 frames, 2 steps) on CPU with gloo.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from bindweave.outputs import read_mp4_info
+from slurm_cluster import slurm  # noqa: F401  (the session fixture; tests/ is on sys.path)
+
+REPO = Path(__file__).resolve().parents[1]
+SCRIPTS = sorted((REPO / "launch" / "slurm").glob("*.sbatch")) + [REPO / "launch" / "slurm" / "common.sh"]
+TINY = ["sampler.num_steps=2", "video.height=48", "video.width=64", "video.num_frames=5", "progress=false"]
+FRAMES = 5
+# No GPUs, gloo: the CI form of the GPU scripts (command-line options override the #SBATCH ones).
+CPU_JOB = ["--gpus-per-node=0", "--time=10"]
+
+
+# --------------------------------------------------------------------------------------------
+# static checks (no Slurm needed)
+
+
+@pytest.mark.parametrize("script", SCRIPTS, ids=lambda p: p.name)
+def test_script_passes_bash_n(script):
+    result = subprocess.run(["bash", "-n", str(script)], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+
+
+@pytest.mark.parametrize("script", SCRIPTS, ids=lambda p: p.name)
+def test_script_passes_shellcheck(script):
+    if shutil.which("shellcheck") is None:
+        pytest.skip("shellcheck is not installed (apt-get install shellcheck)")
+    result = subprocess.run(["shellcheck", "-x", str(script.relative_to(REPO))], cwd=REPO, capture_output=True,
+                            text=True)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+# --------------------------------------------------------------------------------------------
+# a shared work folder: tiny models, demo inputs, and the 1-process reference videos
+
+
+SAMPLE_IDS = [f"{case}_v{v}" for case in ("demo_dog_teapot_2", "demo_face_1", "demo_face_dog_house_3")
+              for v in range(3)]
+
+
+@pytest.fixture(scope="module")
+def work(tmp_path_factory):
+    """cwd of every job: `.cache/` holds the tiny models and the demo inputs (hidden states included)
+    before any job starts, so no two processes ever build them at once; `meta9.json` has 9 samples
+    (the 3 demo cases x 3 seeds); `reference/` is what ONE process makes of them."""
+    from bindweave.demo import demo_meta_with_hidden_states
+    from bindweave.pipeline import ModelSettings, RunSettings, VideoSettings, load_stage3_models, run_generation
+    from bindweave.sampler import SamplerSettings
+    from bindweave.tiny import write_tiny_models
+
+    work = tmp_path_factory.mktemp("slurm-work")
+    tiny = write_tiny_models(work / ".cache" / "tiny-models")
+    hidden_dim = json.loads((tiny.bindweave / "config.json").read_text())["mllm_dim"]
+    demo_meta = demo_meta_with_hidden_states(work / ".cache" / "demo-cases", hidden_dim=hidden_dim,
+                                             qwen_folder=tiny.qwen)
+    cases = json.loads(Path(demo_meta).read_text())
+    meta = {f"{case}_v{v}": {**entry, "seed": 100 + v} for case, entry in cases.items() for v in range(3)}
+    assert sorted(meta) == SAMPLE_IDS
+    (Path(demo_meta).parent / "meta9.json").write_text(json.dumps(meta, indent=1))
+    (work / "logs").mkdir()
+    # The 1-process reference, in this process (it already has torch & co. imported): the same
+    # settings the entry point builds from conf/model/tiny.yaml and the overrides in TINY.
+    models = load_stage3_models(ModelSettings(dit=None, wan=None, tiny_root=str(work / ".cache" / "tiny-models"),
+                                              dtype="float32", device="cpu", cache_dir=str(work / ".cache" / "bindweave")))
+    run = RunSettings(meta_path=Path(demo_meta).parent / "meta9.json", image_root=None,
+                      output_dir=work / "reference", progress=False)
+    run_generation(models, run, VideoSettings(height=48, width=64, num_frames=FRAMES), SamplerSettings(num_steps=2))
+    assert finished(work / "reference") == set(SAMPLE_IDS)
+    return work
+
+
+def meta_args(work: Path, name: str = "meta9.json") -> list[str]:
+    return [f"data.meta_path={work / '.cache' / 'demo-cases' / name}"]
+
+
+def plain_env() -> dict:
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    for name in list(env):
+        if name.startswith("SLURM_") or name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+            del env[name]
+    return env
+
+
+def job_env(work: Path, **knobs: str) -> dict:
+    """The knobs the sbatch scripts read (sbatch exports the submitting environment to the job)."""
+    return {"BINDWEAVE_ROOT": str(REPO), "BINDWEAVE_PYTHON": sys.executable,
+            "BINDWEAVE_ARGS": " ".join([*TINY, *meta_args(work)]), **knobs}
+
+
+def finished(folder: Path) -> set[str]:
+    """Samples with MP4 + sidecar (what a resumed run skips)."""
+    return {p.stem for p in folder.glob("[!.]*.json") if p.with_suffix(".mp4").is_file()} if folder.exists() else set()
+
+
+def assert_no_partial_output(folder: Path) -> list[str]:
+    """Every visible MP4 decodes to all its frames and every sidecar has its MP4; returns the temp
+    files left (hidden `.NAME.PID.tmp.EXT` files, which nothing ever reads as an output)."""
+    for video in folder.glob("[!.]*.mp4"):
+        assert read_mp4_info(video)["frames"] == FRAMES, f"{video} is incomplete"
+    for sidecar in folder.glob("[!.]*.json"):
+        assert sidecar.with_suffix(".mp4").is_file(), f"{sidecar} without its video"
+    visible = {p.name for p in folder.iterdir() if not p.name.startswith(".")}
+    assert visible <= {f"{s}.{ext}" for s in SAMPLE_IDS for ext in ("mp4", "json")}, visible
+    return sorted(p.name for p in folder.iterdir() if ".tmp" in p.name)
+
+
+def assert_same_videos(folder: Path, reference: Path, sample_ids) -> None:
+    for sample_id in sample_ids:
+        produced, expected = folder / f"{sample_id}.mp4", reference / f"{sample_id}.mp4"
+        assert produced.read_bytes() == expected.read_bytes(), f"{sample_id}: differs from the 1-process video"
+
+
+def wait_for_first_output(folder: Path, slurm, job_id: str, timeout: float = 150) -> set[str]:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        done = finished(folder)
+        if done:
+            return done
+        state = slurm.state(job_id)
+        assert state in ("PENDING", "RUNNING", "CONFIGURING", "COMPLETING"), f"job {job_id} is {state}"
+        time.sleep(0.05)
+    raise AssertionError(f"no sample finished within {timeout} s")
+
+
+def log_of(work: Path, job_id: str) -> str:
+    (log,) = (work / "logs").glob(f"*-{job_id}.out")
+    return log.read_text(errors="replace")
+
+
+# --------------------------------------------------------------------------------------------
+# the real-Slurm tests
+
+
+@pytest.mark.timeout(300)
+def test_srun_two_tasks_without_torchrun_make_the_same_videos_as_one_process(slurm, work):
+    job = slurm.sbatch("--ntasks-per-node=2", "--cpus-per-task=1", *CPU_JOB, "--output=logs/%x-%j.out",
+                       str(REPO / "launch/slurm/generate_1node.sbatch"), cwd=work,
+                       env=job_env(work, BINDWEAVE_LAUNCHER="srun", BINDWEAVE_OUTPUT="out-srun2"))
+    state = slurm.wait_finished(job, timeout=240)
+    log = log_of(work, job)
+    assert state == "COMPLETED" and slurm.job(job)["ExitCode"] == "0:0", log[-4000:]
+    assert "launcher srun" in log and "torch.distributed.run" not in log
+    assert "(= 2 ranks)" in log, log[-4000:]  # the two tasks formed one process group
+    assert finished(work / "out-srun2") == set(SAMPLE_IDS)
+    assert assert_no_partial_output(work / "out-srun2") == []
+    assert_same_videos(work / "out-srun2", work / "reference", SAMPLE_IDS)
+
+
+@pytest.mark.timeout(300)
+def test_scancel_mid_run_leaves_no_partial_output(slurm, work):
+    output = work / "out-scancel"
+    job = slurm.sbatch("--ntasks-per-node=2", "--cpus-per-task=1", *CPU_JOB, "--output=logs/%x-%j.out",
+                       str(REPO / "launch/slurm/generate_1node.sbatch"), cwd=work,
+                       env=job_env(work, BINDWEAVE_LAUNCHER="srun", BINDWEAVE_OUTPUT=output.name))
+    wait_for_first_output(output, slurm, job)
+    slurm.command("scancel", job)
+    assert slurm.wait_finished(job, timeout=60) == "CANCELLED"
+    time.sleep(1)  # let the killed processes' files settle
+    done = finished(output)
+    assert 0 < len(done) < len(SAMPLE_IDS), f"cancelled too late to test anything: {done}"
+    temp_files = assert_no_partial_output(output)
+    assert all(name.startswith(".") for name in temp_files), temp_files
+    assert_same_videos(output, work / "reference", done)
+
+
+@pytest.mark.timeout(300)
+def test_requeue_of_a_running_job_finishes_only_the_missing_samples(slurm, work):
+    """The 1-node script's default path (srun -> torchrun, c10d rendezvous; 2 gloo processes here)."""
+    output = work / "out-requeue"
+    job = slurm.sbatch("--cpus-per-task=2", *CPU_JOB, "--output=logs/%x-%j.out",
+                       str(REPO / "launch/slurm/generate_1node.sbatch"), cwd=work,
+                       env=job_env(work, BINDWEAVE_PROCS_PER_NODE="2", BINDWEAVE_OUTPUT=output.name))
+    wait_for_first_output(output, slurm, job)
+    slurm.command("scontrol", "requeue", job)
+    # Requeued: the job's processes are killed (COMPLETING until they are gone), then it waits in
+    # PENDING for its BeginTime (about 2 minutes, skipped below).
+    slurm.wait_for(job, {"PENDING"}, timeout=60)
+    before = {s: (output / f"{s}.json").stat().st_mtime_ns for s in finished(output)}
+    mp4_before = {s: (output / f"{s}.mp4").stat().st_mtime_ns for s in before}
+    assert 0 < len(before) < len(SAMPLE_IDS), f"requeued too late to test anything: {sorted(before)}"
+    assert_no_partial_output(output)
+
+    slurm.command("scontrol", "update", f"JobId={job}", "StartTime=now")
+    state = slurm.wait_finished(job, timeout=240)
+    log = log_of(work, job)
+    assert state == "COMPLETED", log[-4000:]
+    assert slurm.job(job)["Restarts"] == "1" and "restart 1" in log, log[-4000:]
+    assert finished(output) == set(SAMPLE_IDS)
+    for sample_id, mtime in before.items():  # finished before the requeue: skipped, not redone
+        assert (output / f"{sample_id}.json").stat().st_mtime_ns == mtime, f"{sample_id} was redone"
+        assert (output / f"{sample_id}.mp4").stat().st_mtime_ns == mp4_before[sample_id]
+        assert f"{sample_id}: already done" in log
+    second_run = log[log.index("restart 1"):]
+    for sample_id in set(SAMPLE_IDS) - set(before):  # the missing ones: made by the requeued run
+        assert f"{sample_id}: " in second_run and f"{sample_id}: already done" not in second_run
+    assert all(name.startswith(".") for name in assert_no_partial_output(output))
+    assert_same_videos(output, work / "reference", SAMPLE_IDS)
+
+
+@pytest.fixture(scope="module")
+def submitit_sweep(slurm, work):
+    """`launch/generate.py -m hydra/launcher=slurm sampler.seed=1,2` at the tiny CPU size."""
+    one = {"demo_face_1": json.loads((work / ".cache/demo-cases/meta9.json").read_text())["demo_face_1_v0"]}
+    del one["demo_face_1"]["seed"]
+    (work / ".cache/demo-cases/one.json").write_text(json.dumps(one))
+    sweep = work / "sweep"
+    command = [sys.executable, str(REPO / "launch/generate.py"), "-m", "hydra/launcher=slurm", "sampler.seed=1,2",
+               *TINY, *meta_args(work, "one.json"), f"hydra.sweep.dir={sweep}",
+               "output_dir=${hydra:sweep.dir}/${hydra:job.num}",
+               "hydra.launcher.gpus_per_node=0", "hydra.launcher.tasks_per_node=1", "hydra.launcher.cpus_per_task=1",
+               "hydra.launcher.timeout_min=10"]
+    env = {**plain_env(), **{k: v for k, v in slurm.env.items() if k in ("SLURM_CONF", "PATH")}}
+    started = time.monotonic()
+    result = subprocess.run(command, cwd=work, env=env, capture_output=True, text=True, timeout=280)
+    return sweep, result, time.monotonic() - started
+
+
+@pytest.mark.timeout(300)
+def test_submitit_launcher_sweep_runs_each_job_on_slurm(submitit_sweep):
+    sweep, result, _ = submitit_sweep
+    job_folders = sorted(p for p in (sweep / ".submitit").glob("*_*") if p.is_dir())
+    assert len(job_folders) == 2, result.stderr[-3000:]  # one Slurm array task per sweep job
+    for number, seed in ((0, 1), (1, 2)):
+        sidecar = sweep / str(number) / "demo_face_1.json"
+        assert sidecar.is_file(), result.stderr[-3000:]
+        assert json.loads(sidecar.read_text())["seed"] == seed
+        assert read_mp4_info(sweep / str(number) / "demo_face_1.mp4")["frames"] == FRAMES
+        assert (sweep / str(number) / ".hydra" / "config.yaml").is_file()
+
+
+@pytest.mark.xfail(strict=True, reason="launch/generate.py main() ends with sys.exit(run_generate_command(cfg)) "
+                   "inside the Hydra task function: under hydra-submitit-launcher the SystemExit skips submitit's "
+                   "result pickle, so a sweep whose jobs all succeeded fails with submitit's UncompletedJobError "
+                   "'has not produced any output (state: COMPLETED)'. In multirun, return the code (or raise for "
+                   "a non-zero one) instead of sys.exit.")
+@pytest.mark.timeout(300)
+def test_submitit_launcher_sweep_reports_success(submitit_sweep):
+    _, result, _ = submitit_sweep
+    assert result.returncode == 0, result.stderr[-3000:]
