@@ -11,6 +11,7 @@ Tensors are read one at a time (mmap) and cast straight to the target dtype and 
 
 from __future__ import annotations
 
+import hashlib
 import inspect
 import json
 import os
@@ -201,3 +202,17 @@ def load_bindweave_transformer(
     model = meta_bindweave_transformer(folder)
     load_strict(model, folder, dtype, device)
     return finish_loading(model, device)
+
+
+def folder_fingerprint(folder: Path) -> dict:
+    """Cheap identity of a model folder: HF snapshot revision when cached, else a hash of its
+    configs and weight-file names/sizes (hashing 33 GB of weights per run is not cheap)."""
+    digest = hashlib.sha256()
+    for path in sorted(folder.rglob("*")):
+        if path.is_file() and path.suffix in (".json", ".safetensors", ".txt", ".model"):
+            relative = str(path.relative_to(folder))
+            digest.update(relative.encode())
+            digest.update(path.read_bytes() if path.suffix == ".json" else str(path.stat().st_size).encode())
+    parts = folder.resolve().parts
+    revision = parts[parts.index("snapshots") + 1] if "snapshots" in parts else None
+    return {"folder": str(folder), "revision": revision, "fingerprint": digest.hexdigest()[:16]}

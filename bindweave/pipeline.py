@@ -7,7 +7,6 @@ loop, decoding and writing. Parallelism (sequence/CFG/data) is applied from outs
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import platform
@@ -19,7 +18,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from bindweave.checkpoint import resolve_folder
+from bindweave.checkpoint import folder_fingerprint, resolve_folder
 from bindweave.conditioning import (
     ClipImageEncoder,
     T5TextEncoder,
@@ -113,20 +112,6 @@ class Stage3Models:
     @property
     def hidden_dim(self) -> int:
         return self.transformer.config.mllm_dim
-
-
-def folder_fingerprint(folder: Path) -> dict:
-    """Cheap identity of a model folder: HF snapshot revision when cached, else a hash of its
-    configs and weight-file names/sizes (hashing 33 GB of weights per run is not cheap)."""
-    digest = hashlib.sha256()
-    for path in sorted(folder.rglob("*")):
-        if path.is_file() and path.suffix in (".json", ".safetensors", ".txt", ".model"):
-            relative = str(path.relative_to(folder))
-            digest.update(relative.encode())
-            digest.update(path.read_bytes() if path.suffix == ".json" else str(path.stat().st_size).encode())
-    parts = folder.resolve().parts
-    revision = parts[parts.index("snapshots") + 1] if "snapshots" in parts else None
-    return {"folder": str(folder), "revision": revision, "fingerprint": digest.hexdigest()[:16]}
 
 
 def load_stage3_models(settings: ModelSettings) -> Stage3Models:

@@ -29,7 +29,7 @@ import torch
 from PIL import Image
 from transformers import AutoTokenizer, Qwen2_5_VLForConditionalGeneration, Qwen2VLImageProcessorPil
 
-from bindweave.checkpoint import resolve_folder
+from bindweave.checkpoint import folder_fingerprint, resolve_folder
 from bindweave.data import MAX_REFERENCES
 from bindweave.errors import BindWeaveInputError
 
@@ -112,7 +112,6 @@ def qwen_folder(settings: QwenSettings) -> Path:
 
 def load_qwen(settings: QwenSettings) -> QwenVL:
     """Load model, tokenizer and image processor from one folder; refuse incomplete weights."""
-    from bindweave.pipeline import folder_fingerprint  # here: stage 3's module pulls in diffusers
 
     folder = qwen_folder(settings)
     device = settings.resolved_device()

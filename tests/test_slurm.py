@@ -24,6 +24,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 from bindweave.outputs import read_mp4_info
 from slurm_cluster import slurm  # noqa: F401  (the session fixture; tests/ is on sys.path)
@@ -63,6 +64,17 @@ SAMPLE_IDS = [f"{case}_v{v}" for case in ("demo_dog_teapot_2", "demo_face_1", "d
               for v in range(3)]
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_torch_thread():
+    """One intra-op thread in this process (and OMP_NUM_THREADS=1 for the subprocesses): the tiny
+    models are far too small to gain from two, and on a busy 2-core machine two threads per process
+    run several times slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
 def work(tmp_path_factory):
     """cwd of every job: `.cache/` holds the tiny models and the demo inputs (hidden states included)
@@ -99,7 +111,7 @@ def meta_args(work: Path, name: str = "meta9.json") -> list[str]:
 
 
 def plain_env() -> dict:
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
     for name in list(env):
         if name.startswith("SLURM_") or name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
             del env[name]
