@@ -42,12 +42,7 @@ from diffusers.models.transformers.transformer_wan import (  # noqa: E402
 
 from bindweave.checkpoint import keeps_fp32  # noqa: E402
 from bindweave.attention import SelfAttnProcessor  # noqa: E402
-from bindweave.fast import (  # noqa: E402
-    PreferredKernelAttention,
-    PreferredKernelCrossAttnProcessor,
-    SpeedOptions,
-    fuse_projections,
-)
+from bindweave.fast import SpeedOptions, fast_processors, fuse_projections  # noqa: E402
 from bindweave.flops import ForwardTokens, dit_forward_flops, video_tokens  # noqa: E402
 from bindweave.transformer import BINDWEAVE_14B_CONFIG, TINY_CONFIG, BindWeaveTransformer  # noqa: E402
 
@@ -302,10 +297,10 @@ def first_blocks(model: torch.nn.Module, count: int):
         model.blocks = blocks
 
 
-KERNEL_CLASSES = (  # first match wins
+KERNEL_CLASSES = (  # first match wins (fused Triton kernels are named after every op they hold)
+    ("compiled fused (triton)", re.compile(r"triton", re.I)),
     ("attention", re.compile(r"fmha|flash|attention|sdpa|mha", re.I)),
     ("gemm", re.compile(r"gemm|nvjet|xmma|cutlass|cublas|addmm|aten::mm|aten::bmm|conv", re.I)),
-    ("compiled fused (triton)", re.compile(r"triton", re.I)),
 )
 
 
@@ -334,10 +329,10 @@ def profile_forward(call, device: torch.device, top: int = 12) -> dict:
         label = next((label for label, pattern in KERNEL_CLASSES if pattern.search(name)), "eager element-wise/other")
         classes[label] = classes.get(label, 0.0) + seconds
     kernels.sort(key=lambda kernel: -kernel[2])
-    attention_pattern = KERNEL_CLASSES[0][1]
+    attention_pattern = dict(KERNEL_CLASSES)["attention"]
     # Separately, to tell the long self-attention calls from the short cross-attention ones.
     attention_calls = [event.time_range.elapsed_us() / 1e6 for event in prof.events()
-                       if attention_pattern.search(event.name)
+                       if attention_pattern.search(event.name) and "triton" not in event.name
                        and (device.type != "cuda" or event.device_type == torch.autograd.DeviceType.CUDA)]
     return {
         "device_s": total,
@@ -393,7 +388,7 @@ class DitStates:
     def __init__(self, model: BindWeaveTransformer, variants: list[DitVariant], inputs: dict, compile_backend: str):
         self.model = model
         self.inputs = inputs
-        self.attentions = [module for module in model.modules() if isinstance(module, WanAttention)]
+        self.attentions = [attn for block in model.blocks for attn in (block.attn1, block.attn2)]
         plain_hook, ours = model.attention_hook, [attn.processor for attn in self.attentions]
         self.setups = {}
         for variant in variants:
@@ -402,22 +397,13 @@ class DitStates:
             elif variant.options is None:
                 self.setups[variant.name] = (ours, plain_hook, False)
             else:
-                options = variant.options
-                hook = plain_hook if options.attention == "default" else PreferredKernelAttention(options.attention)
-                processors = [self._fast_processor(processor, hook, options) for processor in ours]
-                self.setups[variant.name] = (processors, hook, options.fuse_projections)
+                hook, cross = fast_processors(model, variant.options)
+                processors = [processor for block_cross in cross for processor in (SelfAttnProcessor(hook), block_cross)]
+                self.setups[variant.name] = (processors, hook, variant.options.fuse_projections)
         if any(fused for _, _, fused in self.setups.values()):
             fuse_projections(model)
         if any(variant.compiled for variant in variants):
             model.compile_repeated_blocks(backend=compile_backend)
-
-    @staticmethod
-    def _fast_processor(processor, hook, options: SpeedOptions):
-        if isinstance(processor, SelfAttnProcessor):
-            return SelfAttnProcessor(hook)
-        if (options.text_attention, options.image_attention) == ("default", "default"):
-            return processor
-        return PreferredKernelCrossAttnProcessor(processor.image_tokens, options.text_attention, options.image_attention)
 
     def call(self, variant: DitVariant):
         """Put the model in ``variant``'s state and return its forward call."""

@@ -37,14 +37,17 @@ class Processes:
 
 
 def detect_processes(env: Mapping[str, str] = os.environ) -> Processes:
-    """torchrun's RANK/WORLD_SIZE/LOCAL_RANK first, then Slurm's SLURM_PROCID/SLURM_NTASKS/SLURM_LOCALID."""
+    """torchrun's RANK/WORLD_SIZE/LOCAL_RANK first, then an srun task's SLURM_PROCID/SLURM_LOCALID.
+
+    An srun task's world is its step's SLURM_STEP_NUM_TASKS: the batch script itself also has
+    SLURM_PROCID=0 and, with --ntasks, SLURM_NTASKS, but it is one process, not rank 0 of many.
+    """
     if "RANK" in env and "WORLD_SIZE" in env:
         return Processes(rank=_int(env, "RANK"), world_size=_int(env, "WORLD_SIZE"),
                          local_rank=_int(env, "LOCAL_RANK", 0), launcher="torchrun",
                          master_addr=env.get("MASTER_ADDR"), master_port=_int(env, "MASTER_PORT"))
-    # A batch script itself has SLURM_PROCID but no SLURM_NTASKS unless -n was given: one process.
-    if "SLURM_PROCID" in env and "SLURM_NTASKS" in env and _int(env, "SLURM_NTASKS") > 1:
-        return Processes(rank=_int(env, "SLURM_PROCID"), world_size=_int(env, "SLURM_NTASKS"),
+    if "SLURM_PROCID" in env and _int(env, "SLURM_STEP_NUM_TASKS", 1) > 1:
+        return Processes(rank=_int(env, "SLURM_PROCID"), world_size=_int(env, "SLURM_STEP_NUM_TASKS"),
                          local_rank=_int(env, "SLURM_LOCALID", 0), launcher="srun",
                          master_addr=env.get("MASTER_ADDR") or _first_slurm_host(env),
                          master_port=_int(env, "MASTER_PORT") or _slurm_port(env))

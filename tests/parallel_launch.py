@@ -14,8 +14,9 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-# torchrun's own variables: a leftover one would make a plain run think it is a rank.
-LAUNCH_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "SLURM_PROCID", "SLURM_NTASKS")
+# torchrun's variables and a developer's own Slurm allocation: a leftover one would make a plain
+# run think it is a rank.
+LAUNCH_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
 
 
 def run_script(script: str | Path, *args: str, processes: int | None, timeout: float,
@@ -28,7 +29,8 @@ def run_script(script: str | Path, *args: str, processes: int | None, timeout: f
     script = REPO / script
     launcher = [] if processes is None else ["-m", "torch.distributed.run", "--standalone",
                                              f"--nproc_per_node={processes}"]
-    env = {name: value for name, value in os.environ.items() if name not in LAUNCH_VARIABLES}
+    env = {name: value for name, value in os.environ.items()
+           if name not in LAUNCH_VARIABLES and not name.startswith("SLURM_")}
     env.update(OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")])))
     result = subprocess.run([sys.executable, *launcher, str(script), *map(str, args)], cwd=REPO, env=env,
                             capture_output=True, text=True, timeout=timeout)

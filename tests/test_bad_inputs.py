@@ -347,7 +347,7 @@ class _Payload:
 def test_hidden_states_pickle_with_code_is_never_run(ws):
     _Payload.marker = ws.root / "payload-ran"
     with open(ws.root / "evil.pt", "wb") as file:
-        pickle.dump(_Payload(), file)
+        pickle.dump(_Payload(), file, protocol=2)
     torch.save(torch.zeros(5, ws.hidden_dim), ws.root / "neg.pt")
     check_bad_sample(ws, ws.entry(hidden_states_path="evil.pt", hidden_states_path_negative="neg.pt"),
                      "evil.pt", "refused by the safe loader", "one bare tensor")

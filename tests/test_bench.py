@@ -12,6 +12,8 @@ from diffusers.models.transformers.transformer_wan import WanAttention
 
 from bindweave.attention import CrossAttnProcessor, SelfAttnProcessor
 from bindweave.fast import (
+    attention_with,
+    opaque_attention,
     PreferredKernelCrossAttnProcessor,
     SpeedOptions,
     apply_speed_options,
@@ -52,14 +54,14 @@ def load_bench_module():
     return sys.modules[name]
 
 
-@pytest.mark.parametrize("attention,text_attention,image_attention",
-                         [("cudnn", "default", "default"), ("cudnn", "flash", "efficient"), ("default", "efficient", "cudnn")])
+@pytest.mark.parametrize("attention,text_attention,image_attention,opaque", [
+    ("cudnn", "cudnn", "cudnn", True), ("cudnn", "flash", "efficient", False), ("default", "efficient", "default", True)])
 @torch.no_grad()
-def test_speed_options_keep_the_output(attention, text_attention, image_attention):
+def test_speed_options_keep_the_output(attention, text_attention, image_attention, opaque):
     x = tiny_inputs()
     expected = tiny_model()(**x)
     options = SpeedOptions(attention=attention, text_attention=text_attention, image_attention=image_attention,
-                           compile=False)
+                           opaque_attention=opaque, compile=False)
     fast = apply_speed_options(tiny_model(), options)
     torch.testing.assert_close(fast(**x), expected, rtol=1e-5, atol=1e-5)
     assert all(attn.fused_projections for attn in fast.modules() if isinstance(attn, WanAttention))
@@ -97,6 +99,15 @@ def test_compiled_blocks_match_eager_with_one_graph_for_all_blocks():
     assert counters["stats"]["unique_graphs"] == 1
     assert not counters["graph_break"]
     torch._dynamo.reset()
+
+
+def test_opaque_attention_operator_is_well_formed():
+    """Schema, fake (meta) implementation and strides agree with the real one, for torch.compile."""
+    generator = torch.Generator().manual_seed(0)
+    query = torch.randn(1, 12, 3, 3, 16, generator=generator).unbind(2)[0]  # a strided view, as from fused QKV
+    key, value = torch.randn(2, 1, 7, 3, 16, generator=generator)
+    torch.library.opcheck(opaque_attention, (query, key, value, "cudnn"))
+    torch.testing.assert_close(opaque_attention(query, key, value, "cudnn"), attention_with("default", query, key, value))
 
 
 def test_preferred_kernel_rejects_unknown_names():

@@ -6,10 +6,13 @@ fixed inputs, a few UniPC steps with CFG; the final latents of every rank are co
 the 1-process run of the same script.
 """
 
+import sys
+
 import pytest
 import torch
 
-from parallel_launch import run_script
+from parallel_launch import REPO, run_script
+from slurm_cluster import slurm  # noqa: F401  (the session fixture: a real single-node Slurm)
 
 DENOISE = "tests/parallel_denoise.py"
 DIVIDES, PADS = "1x4x8", "1x6x6"  # 40 and 45 tokens: 45 is a multiple of neither 2 nor 4
@@ -53,3 +56,16 @@ def test_attending_the_padded_keys_changes_the_result(reference, tmp_path):
     error = (rank_latents(tmp_path, PADS, 2)[0] - reference[PADS]).abs().max().item()
     # Measured: 1.7e-3, against 2e-6 with the mask.
     assert error > 5 * TOLERANCE["atol"], f"padded keys attended, yet the latents moved only {error}"
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_srun_without_torchrun_gives_the_one_rank_latents(slurm, reference, tmp_path):  # noqa: F811
+    """Start-up from Slurm's variables alone: rank, world and local rank from the srun task,
+    MASTER_ADDR from `scontrol show hostnames`, the port from the job id."""
+    slurm.command("srun", "--ntasks=2", "--cpus-per-task=1", "--kill-on-bad-exit=1",
+                  f"--export=ALL,OMP_NUM_THREADS=1,PYTHONPATH={REPO}", sys.executable, str(REPO / DENOISE),
+                  str(tmp_path), "ulysses=2", "--grid", PADS, cwd=REPO, timeout=240)
+    latents = rank_latents(tmp_path, PADS, 2)
+    assert torch.equal(latents[0], latents[1])
+    torch.testing.assert_close(latents[0], reference[PADS], **TOLERANCE)

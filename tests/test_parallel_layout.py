@@ -108,8 +108,8 @@ def test_torchrun_environment():
 
 def test_no_launcher_is_one_process():
     assert detect_processes({}) == Processes()
-    # A batch script itself has SLURM_PROCID but, without -n, no SLURM_NTASKS.
-    assert detect_processes({"SLURM_PROCID": "0", "SLURM_JOB_ID": "7"}) == Processes()
+    # The batch script itself (measured with sbatch --ntasks=2): not rank 0 of two, one process.
+    assert detect_processes({"SLURM_PROCID": "0", "SLURM_NTASKS": "2", "SLURM_LOCALID": "0"}) == Processes()
 
 
 def test_srun_environment_finds_the_first_node_with_scontrol(tmp_path, monkeypatch):
@@ -117,8 +117,8 @@ def test_srun_environment_finds_the_first_node_with_scontrol(tmp_path, monkeypat
     scontrol.write_text('#!/bin/sh\n[ "$1 $2 $3" = "show hostnames gpu[3-4]" ] && printf "gpu3\\ngpu4\\n"\n')
     scontrol.chmod(scontrol.stat().st_mode | stat.S_IEXEC)
     monkeypatch.setenv("PATH", f"{tmp_path}{os.pathsep}{os.environ['PATH']}")
-    env = {"SLURM_PROCID": "3", "SLURM_NTASKS": "4", "SLURM_LOCALID": "1", "SLURM_JOB_NODELIST": "gpu[3-4]",
-           "SLURM_JOB_ID": "123"}
+    env = {"SLURM_PROCID": "3", "SLURM_NTASKS": "4", "SLURM_STEP_NUM_TASKS": "4", "SLURM_LOCALID": "1",
+           "SLURM_JOB_NODELIST": "gpu[3-4]", "SLURM_JOB_ID": "123"}
     processes = detect_processes(env)
     assert processes == Processes(rank=3, world_size=4, local_rank=1, launcher="srun", master_addr="gpu3",
                                   master_port=20123)

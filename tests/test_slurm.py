@@ -10,7 +10,7 @@
   Slurm jobs that both write their outputs;
 - every script passes `bash -n` and shellcheck.
 
-Everything runs at the tiny size (48x64, 5 frames, 2 steps) on CPU with gloo.
+Everything runs at the tiny size (48x64, 5 frames, 4 steps) on CPU with gloo.
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ from slurm_cluster import slurm  # noqa: F401  (the session fixture; tests/ is o
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPTS = sorted((REPO / "launch" / "slurm").glob("*.sbatch")) + [REPO / "launch" / "slurm" / "common.sh"]
-TINY = ["sampler.num_steps=2", "video.height=48", "video.width=64", "video.num_frames=5", "progress=false"]
+TINY = ["sampler.num_steps=4", "video.height=48", "video.width=64", "video.num_frames=5", "progress=false"]
 FRAMES = 5
 # No GPUs, gloo: the CI form of the GPU scripts (command-line options override the #SBATCH ones).
 CPU_JOB = ["--gpus-per-node=0", "--time=10"]
@@ -101,7 +101,7 @@ def work(tmp_path_factory):
                                               dtype="float32", device="cpu", cache_dir=str(work / ".cache" / "bindweave")))
     run = RunSettings(meta_path=Path(demo_meta).parent / "meta9.json", image_root=None,
                       output_dir=work / "reference", progress=False)
-    run_generation(models, run, VideoSettings(height=48, width=64, num_frames=FRAMES), SamplerSettings(num_steps=2))
+    run_generation(models, run, VideoSettings(height=48, width=64, num_frames=FRAMES), SamplerSettings(num_steps=4))
     assert finished(work / "reference") == set(SAMPLE_IDS)
     return work
 
@@ -232,6 +232,21 @@ def test_requeue_of_a_running_job_finishes_only_the_missing_samples(slurm, work)
         assert f"{sample_id}: " in second_run and f"{sample_id}: already done" not in second_run
     assert all(name.startswith(".") for name in assert_no_partial_output(output))
     assert_same_videos(output, work / "reference", SAMPLE_IDS)
+
+
+@pytest.mark.timeout(200)
+def test_stage2_script_extracts_on_one_task(slurm, work):
+    """extract_1gpu.sbatch (here without a GPU) on the built-in demo cases with the tiny Qwen2.5-VL."""
+    job = slurm.sbatch("--cpus-per-task=1", *CPU_JOB, "--output=logs/%x-%j.out",
+                       str(REPO / "launch/slurm/extract_1gpu.sbatch"), "progress=false", cwd=work,
+                       env={"BINDWEAVE_ROOT": str(REPO), "BINDWEAVE_PYTHON": sys.executable,
+                            "BINDWEAVE_OUTPUT": "features"})
+    state = slurm.wait_finished(job, timeout=150)
+    assert state == "COMPLETED", log_of(work, job)[-4000:]
+    meta = json.loads((work / "features" / "meta_with_features.json").read_text())
+    assert len(meta) == 3
+    for entry in meta.values():
+        assert (work / "features" / entry["hidden_states_path"]).is_file()
 
 
 @pytest.fixture(scope="module")
