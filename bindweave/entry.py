@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import atexit
 import logging
 import sys
 from dataclasses import replace
@@ -16,17 +17,22 @@ if TYPE_CHECKING:
     from parallel.distributed import Processes
 
 log = logging.getLogger("bindweave")
+# Process-wide state kept across the jobs of a Hydra multirun: the process group is started once
+# and the models are reloaded only when the model settings or the layout change.
+_SESSION: dict = {}
 
 
-def run_generate_command(cfg: DictConfig) -> int:
-    """Exit code: 0 all done, 1 some samples failed (on_error=skip), 2 bad input/config.
+def run_generate_command(cfg: DictConfig) -> dict:
+    """Run one stage-3 job; returns its summary with ``exit_code``: 0 all done, 1 some samples
+    failed (on_error=skip), 2 bad input/config.
 
     Under torchrun or srun every rank runs this. Ranks that read the same inputs fail alike, so an
     input error is reported once: by rank 0, or for a sample's own inputs by that sample's writer.
     The other ranks exit too, or the launcher ends them (collectives time out after
-    ``parallel.timeout_s``).
+    ``parallel.timeout_s``). The process group and the loaded models outlive the job, so the jobs
+    of a Hydra multirun reuse them (see :data:`_SESSION`).
     """
-    from parallel.distributed import detect_processes, stop_process_group
+    from parallel.distributed import detect_processes
 
     is_rank0 = True
     try:
@@ -36,9 +42,7 @@ def run_generate_command(cfg: DictConfig) -> int:
     except BindWeaveInputError as error:
         if is_rank0:
             _report(error)
-        return 2
-    finally:
-        stop_process_group()
+        return {"exit_code": 2, "error": str(error)}
 
 
 def _report(error: BindWeaveInputError) -> None:
@@ -50,7 +54,9 @@ def _generate(cfg: DictConfig, processes: Processes) -> int:
     from bindweave.demo import demo_meta_with_hidden_states
     from bindweave.pipeline import ModelSettings, RunSettings, VideoSettings, load_stage3_models, run_generation
     from bindweave.sampler import SamplerSettings
-    from parallel.distributed import rank_device, start_process_group
+    import torch.distributed as dist
+
+    from parallel.distributed import rank_device, start_process_group, stop_process_group
     from parallel.layout import layout_from_config
     from parallel.parallelize import parallelize
     from parallel.runtime import RaisedOnRank0, Runtime
@@ -65,15 +71,22 @@ def _generate(cfg: DictConfig, processes: Processes) -> int:
 
     device_type = _device_type(model_settings.device)
     layout = layout_from_config(cfg.parallel, processes.world_size, _dit_attention_heads(model_settings), device_type)
-    start_process_group(processes, device_type, cfg.parallel.timeout_s)
+    if not dist.is_initialized():  # once per process, also across the jobs of a multirun
+        start_process_group(processes, device_type, cfg.parallel.timeout_s)
+        atexit.register(stop_process_group)
     if processes.world_size > 1:  # one process per GPU: rank r computes on GPU LOCAL_RANK
         model_settings = replace(model_settings, device=str(rank_device(processes, device_type)))
 
-    models = load_stage3_models(model_settings)
-    runtime = Runtime.build(layout, processes, models.device)
-    parallelize(models.transformer, runtime)
-    if runtime.rank == 0 and runtime.world_size > 1:
-        log.info("parallel layout: %s", runtime.layout.describe())
+    # Loaded once per process: a sweep job that changes only sampler/video/data/output reuses them.
+    key = (model_settings, layout)
+    if _SESSION.get("key") != key:
+        _SESSION.clear()
+        runtime = Runtime.build(layout, processes, model_settings.resolved_device())
+        log.info("rank %d: loading stage-3 models (%s)", runtime.rank, layout.describe())
+        models = load_stage3_models(model_settings, runtime)
+        parallelize(models.transformer, runtime)
+        _SESSION.update(key=key, runtime=runtime, models=models)
+    runtime, models = _SESSION["runtime"], _SESSION["models"]
     meta_path = cfg.data.meta_path
     if meta_path is None:
         from bindweave.tiny import write_tiny_models
@@ -88,8 +101,7 @@ def _generate(cfg: DictConfig, processes: Processes) -> int:
     run = RunSettings(
         meta_path=Path(meta_path),
         image_root=Path(cfg.data.image_root) if cfg.data.image_root else None,
-        # Rank 0's: "${now:...}" in the default resolves to each rank's own clock.
-        output_dir=Path(runtime.from_rank0(lambda: str(cfg.output_dir))),
+        output_dir=_job_output_dir(cfg),
         overwrite=cfg.overwrite,
         on_error=cfg.on_error,
         progress=cfg.progress and runtime.rank == 0,
@@ -100,11 +112,21 @@ def _generate(cfg: DictConfig, processes: Processes) -> int:
         # A sample's inputs are read by every rank of its group, and they fail alike: its writer reports.
         if runtime.is_writer and not isinstance(error, RaisedOnRank0):
             _report(error)
-        return 2
+        return {"exit_code": 2, "error": str(error)}
     if runtime.is_writer:
         log.info("done: %d written, %d already there, %d failed; videos in %s", len(summary["done"]),
                  len(summary["skipped"]), len(summary["failed"]), run.output_dir.resolve())
-    return 1 if summary["failed"] else 0
+    return {**summary, "exit_code": 1 if summary["failed"] else 0}
+
+
+def _job_output_dir(cfg: DictConfig) -> Path:
+    """``output_dir``, or in a multirun the job's own folder (Hydra's sweep subdir, config saved there)."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    if HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN:
+        return Path(HydraConfig.get().runtime.output_dir)
+    return Path(cfg.output_dir)
 
 
 def _device_type(device: str) -> str:

@@ -9,11 +9,16 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 import time
+from pathlib import Path
+from typing import Callable
+
+import hydra
 
 from hydra.core.utils import JobStatus
 from hydra.experimental.callback import Callback
-from omegaconf import OmegaConf
+from omegaconf import DictConfig, OmegaConf
 
 log = logging.getLogger("bindweave")
 
@@ -41,10 +46,14 @@ class SweepSummary(Callback):
 
     def on_job_end(self, config, job_return, **kwargs) -> None:
         overrides = " ".join(job_return.overrides or []) or "(defaults)"
-        if job_return.status == JobStatus.COMPLETED and isinstance(job_return.return_value, dict):
-            result = job_return.return_value
+        result = job_return.return_value if job_return.status == JobStatus.COMPLETED else None
+        if isinstance(result, dict) and "done" in result:
             status = f"{len(result['done'])} done, {len(result['skipped'])} skipped, {len(result['failed'])} failed"
             where = str(result.get("output_dir", ""))
+        elif isinstance(result, dict):
+            status, where = f"error: {result.get('error', '')}"[:80], ""
+        elif job_return.status == JobStatus.COMPLETED:
+            status, where = f"exit code {result}", ""
         else:  # a failed job keeps its exception in _return_value (return_value would re-raise it)
             status, where = f"{job_return.status.name}: {job_return._return_value!r}"[:80], ""
         self.rows.append((overrides, status, where))
@@ -56,3 +65,25 @@ class SweepSummary(Callback):
         lines = ["sweep summary:", "  ".join(h.ljust(w) for h, w in zip(("job", "result", "output"), widths))]
         lines += ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)) for row in self.rows]
         log.info("\n".join(lines))
+
+
+CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
+
+
+def run_hydra_app(config_name: str, command: Callable[[DictConfig], dict | int]) -> None:
+    """Run ``command`` under Hydra (single run or ``-m`` multirun) and exit with the worst job's code.
+
+    ``command`` returns an exit code, or a summary dict with ``exit_code`` (the sweep table shows it).
+    """
+    register_resolvers()
+    logging.captureWarnings(True)
+    exit_codes: list[int] = []
+
+    @hydra.main(config_path=str(CONF_DIR), config_name=config_name, version_base="1.3")
+    def main(cfg: DictConfig):
+        result = command(cfg)
+        exit_codes.append(result["exit_code"] if isinstance(result, dict) else int(result))
+        return result
+
+    main()
+    sys.exit(max(exit_codes, default=0))

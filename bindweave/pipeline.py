@@ -75,6 +75,7 @@ class ModelSettings:
     tiny_root: str | None = None  # set: write (once) and use the tiny model set there
     cache_dir: str = ".cache/bindweave"
     vae_tiling: bool = False
+    offload_encoders: bool = False  # move T5 + CLIP to the CPU after each sample's conditioning
 
     @property
     def torch_dtype(self) -> torch.dtype:
@@ -108,13 +109,21 @@ class Stage3Models:
     device: torch.device
     provenance: dict = field(default_factory=dict)
     negative_t5: torch.Tensor | None = None
+    offload_encoders: bool = False  # T5 + CLIP live on the CPU between uses (GPU memory for the DiT)
+
+    def encoders_to(self, device: torch.device) -> None:
+        if self.offload_encoders:
+            self.text_encoder.model.to(device)
+            self.image_encoder.model.to(device)
 
     @property
     def hidden_dim(self) -> int:
         return self.transformer.config.mllm_dim
 
 
-def load_stage3_models(settings: ModelSettings) -> Stage3Models:
+def load_stage3_models(settings: ModelSettings, runtime: Runtime | None = None) -> Stage3Models:
+    """Every stage-3 model, once per process. With ``parallel.fsdp`` the DiT is built on the meta
+    device and each rank reads only its shards; a sharded T5 is sharded after loading."""
     if settings.tiny_root:
         from bindweave.tiny import write_tiny_models
 
@@ -124,16 +133,28 @@ def load_stage3_models(settings: ModelSettings) -> Stage3Models:
         dit_folder = resolve_folder(settings.dit, settings.dit_subfolder, settings.revision)
         wan_folder = resolve_folder(settings.wan)
     device, dtype = settings.resolved_device(), settings.torch_dtype
-    transformer = BindWeaveTransformer.from_pretrained(dit_folder, torch_dtype=dtype, device=device)
+    sharded = set(runtime.layout.fsdp) if runtime is not None and runtime.fsdp_mesh is not None else set()
+    if "dit" in sharded:
+        from parallel.fsdp import load_sharded_bindweave
+
+        transformer, _ = load_sharded_bindweave(dit_folder, runtime.fsdp_mesh, dtype, device)
+    else:
+        transformer = BindWeaveTransformer.from_pretrained(dit_folder, torch_dtype=dtype, device=device)
+    text_encoder = T5TextEncoder.from_folder(wan_folder, dtype=dtype, device=device)
+    if "t5" in sharded:
+        from parallel.fsdp import shard_t5
+
+        shard_t5(text_encoder.model, runtime.fsdp_mesh)
     return Stage3Models(
         transformer=transformer,
         vae=WanVae.from_folder(wan_folder, dtype=torch.float32 if device.type == "cpu" else dtype, device=device,
                                tiled=settings.vae_tiling),
-        text_encoder=T5TextEncoder.from_folder(wan_folder, dtype=dtype, device=device),
+        text_encoder=text_encoder,
         image_encoder=ClipImageEncoder.from_folder(wan_folder, dtype=dtype, device=device),
         video_conditions=VideoConditionCache(Path(settings.cache_dir) / "video_condition"),
         device=device,
         provenance={"dit": folder_fingerprint(dit_folder), "wan": folder_fingerprint(wan_folder)},
+        offload_encoders=settings.offload_encoders and "t5" not in sharded,
     )
 
 
@@ -152,6 +173,15 @@ def prepare_inputs(models: Stage3Models, sample: Sample, video: VideoSettings) -
     """SPEC §5: T5 (positive + cached negative), Qwen states from disk, reference canvases -> CLIP
     tokens and VAE latents, the cached all-zero video condition."""
     device, dtype = models.device, models.transformer.dtype
+    models.encoders_to(device)
+    try:
+        return _encode_inputs(models, sample, video, device, dtype)
+    finally:
+        models.encoders_to(torch.device("cpu"))
+
+
+def _encode_inputs(models: Stage3Models, sample: Sample, video: VideoSettings, device: torch.device,
+                   dtype: torch.dtype) -> SampleInputs:
     images = [load_reference_image(path) for path in sample.image_paths]
     qwen_positive, qwen_negative = load_sample_hidden_states(sample, hidden_dim=models.hidden_dim)
     if models.negative_t5 is None:
@@ -188,10 +218,25 @@ def sample_seed(sample: Sample, sampler: SamplerSettings) -> int:
     return sampler.seed if sample.seed is None else sample.seed
 
 
-def peak_memory_gib(device: torch.device) -> float:
+def memory_snapshot(device: torch.device) -> dict:
+    """Peak GPU memory since the last snapshot (then reset) and this process's peak host RSS, in GiB."""
+    report = {"host_peak_rss_gib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 3)}
     if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**30
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # kB -> GiB (host RSS)
+        report["gpu_peak_gib"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 3)
+        torch.cuda.reset_peak_memory_stats(device)
+    return report
+
+
+def peak_of(memory: dict) -> float:
+    """The headline peak: GPU memory on CUDA, host RSS on the CPU."""
+    key = "gpu_peak_gib" if any("gpu_peak_gib" in stage for stage in memory.values()) else "host_peak_rss_gib"
+    return max(stage[key] for stage in memory.values())
+
+
+def seconds_since_process_start() -> float:
+    import psutil
+
+    return time.time() - psutil.Process().create_time()
 
 
 def versions() -> dict:
@@ -211,24 +256,34 @@ def generate_sample(models: Stage3Models, sample: Sample, video: VideoSettings, 
     others return None.
     """
     runtime = runtime or Runtime.single_process(models.device)
-    timings = {}
+    timings, memory = {}, {}
     started = time.perf_counter()
     inputs = prepare_inputs(models, sample, video)
     timings["conditioning_s"] = time.perf_counter() - started
+    memory["conditioning"] = memory_snapshot(models.device)
 
     seed = sample_seed(sample, sampler)
     noise = initial_noise(video.latent_shape, seed).to(models.device)
     velocity = parallel_guided_velocity(dit_predictor(models.transformer, inputs), sampler.guidance_scale, runtime)
-    steps = (lambda timesteps: tqdm(timesteps, desc=f"{sample.sample_id} steps", leave=False)) if progress else iter
+
+    def steps(timesteps):
+        shown = tqdm(timesteps, desc=f"{sample.sample_id} steps", leave=False) if progress else timesteps
+        for index, timestep in enumerate(shown):
+            yield timestep
+            if index == 0:  # the first step is done: from process start, this includes loading
+                timings.setdefault("first_step_since_process_start_s", seconds_since_process_start())
+
     mark = time.perf_counter()
     latents = denoise(noise, make_scheduler(sampler), velocity, progress=steps)
     timings["denoise_s"] = time.perf_counter() - mark
+    memory["denoise"] = memory_snapshot(models.device)
     if not runtime.is_writer:
         return None
 
     mark = time.perf_counter()
     frames = models.vae.decode_to_frames(latents)
     timings["decode_s"] = time.perf_counter() - mark
+    memory["decode"] = memory_snapshot(models.device)
     mark = time.perf_counter()
     write_mp4(output_path, frames, fps=video.fps)
     timings["write_s"] = time.perf_counter() - mark
@@ -240,8 +295,8 @@ def generate_sample(models: Stage3Models, sample: Sample, video: VideoSettings, 
         "resolution": asdict(video), "images": [str(p) for p in sample.image_paths],
         "hidden_states": [str(p) for p in (sample.hidden_states_path, sample.hidden_states_path_negative) if p],
         "sample_fields": sample.fields, "models": models.provenance, "timings": timings,
-        "peak_memory_gib": round(peak_memory_gib(models.device), 3), "versions": versions(),
-        "parallel": asdict(runtime.layout),
+        "memory": memory, "peak_memory_gib": peak_of(memory),
+        "versions": versions(), "parallel": asdict(runtime.layout),
     }
     # The sidecar is written last: its presence marks the sample as finished (resume).
     write_json(output_path.with_suffix(".json"), record)
@@ -287,4 +342,8 @@ def run_generation(models: Stage3Models, run: RunSettings, video: VideoSettings,
         if record is not None:
             log.info("%s: %.1f s, peak memory %.2f GiB -> %s", sample.sample_id, record["timings"]["total_s"],
                      record["peak_memory_gib"], output_path)
+    # Every rank reports its own memory once (non-writers write no sidecar).
+    summary["rank_report"] = {"rank": runtime.rank, **memory_snapshot(models.device)}
+    log.info("rank %d memory: %s", runtime.rank, summary["rank_report"])
+    summary["output_dir"] = str(run.output_dir)
     return summary

@@ -5,23 +5,13 @@ are noise). A real run: `python launch/extract.py qwen=qwen2_5_vl_7b data.meta_p
 data.image_root=IMAGES output_dir=features`. See conf/extract.yaml.
 """
 
-import logging
 import sys
 from pathlib import Path
 
-import hydra
-from omegaconf import DictConfig
-
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bindweave.hydra_support import run_hydra_app  # noqa: E402
 from bindweave.extract import run_extract_command  # noqa: E402
 
-
-@hydra.main(config_path="../conf", config_name="extract", version_base="1.3")
-def main(cfg: DictConfig) -> None:
-    sys.exit(run_extract_command(cfg))
-
-
 if __name__ == "__main__":
-    logging.captureWarnings(True)
-    main()
+    run_hydra_app("extract", run_extract_command)

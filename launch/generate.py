@@ -4,23 +4,13 @@ With no arguments it runs the tiny CPU demo on the built-in cases (the output is
 tiny models are random). See conf/generate.yaml and the README for real runs.
 """
 
-import logging
 import sys
 from pathlib import Path
 
-import hydra
-from omegaconf import DictConfig
-
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bindweave.hydra_support import run_hydra_app  # noqa: E402
 from bindweave.entry import run_generate_command  # noqa: E402
 
-
-@hydra.main(config_path="../conf", config_name="generate", version_base="1.3")
-def main(cfg: DictConfig) -> None:
-    sys.exit(run_generate_command(cfg))
-
-
 if __name__ == "__main__":
-    logging.captureWarnings(True)
-    main()
+    run_hydra_app("generate", run_generate_command)

@@ -6,23 +6,13 @@ refiner.model=NAME data.meta_path=META data.image_root=IMAGES`, or `refiner=loca
 qwen=qwen2_5_vl_7b ...`. See conf/refine.yaml.
 """
 
-import logging
 import sys
 from pathlib import Path
 
-import hydra
-from omegaconf import DictConfig
-
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bindweave.hydra_support import run_hydra_app  # noqa: E402
 from bindweave.refine import run_refine_command  # noqa: E402
 
-
-@hydra.main(config_path="../conf", config_name="refine", version_base="1.3")
-def main(cfg: DictConfig) -> None:
-    sys.exit(run_refine_command(cfg))
-
-
 if __name__ == "__main__":
-    logging.captureWarnings(True)
-    main()
+    run_hydra_app("refine", run_refine_command)

@@ -15,6 +15,8 @@ from dataclasses import dataclass, fields
 from bindweave.errors import BindWeaveInputError
 
 BACKENDS = ("auto", "xfuser", "deepspeed")
+FSDP_MODELS = ("dit", "t5")
+FSDP_SCOPES = ("group", "sequence", "world")
 # What a sequence-parallel backend needs installed (setup.cfg extras).
 BACKEND_PACKAGES = {"xfuser": "pip install -e '.[cuda]' (xfuser, yunchang)", "deepspeed": "pip install -e '.[deepspeed]'"}
 
@@ -33,6 +35,13 @@ class ParallelLayout:
     ring: int = 1
     ulysses: int = 1
     backend: str = "auto"
+    # FSDP2 parameter sharding: which models, over which ranks ("group": the cfg x sequence ranks of
+    # one data group; "sequence": one sequence group; "world": every rank, only with data=1).
+    fsdp: tuple[str, ...] = ()
+    fsdp_scope: str = "group"
+
+    def __post_init__(self):
+        object.__setattr__(self, "fsdp", tuple(self.fsdp))
 
     @property
     def sequence(self) -> int:
@@ -50,8 +59,9 @@ class ParallelLayout:
         return self.backend
 
     def describe(self) -> str:
+        sharding = f", fsdp={'+'.join(self.fsdp)} over {self.fsdp_scope}" if self.fsdp else ""
         return (f"data={self.data} x cfg={self.cfg} x ring={self.ring} x ulysses={self.ulysses} "
-                f"(= {self.world_size} ranks), backend={self.backend}")
+                f"(= {self.world_size} ranks), backend={self.backend}{sharding}")
 
     def validate(self, world_size: int, num_heads: int, device_type: str) -> None:
         """Raise :class:`BindWeaveInputError` listing every problem with this layout."""
@@ -81,6 +91,14 @@ class ParallelLayout:
                             "use parallel.backend=deepspeed or auto")
         if self.sequence > 1 and backend in BACKEND_PACKAGES and importlib.util.find_spec(backend) is None:
             problems.append(f"sequence parallel uses {backend}, which is not installed: {BACKEND_PACKAGES[backend]}")
+        unknown = [name for name in self.fsdp if name not in FSDP_MODELS]
+        if unknown:
+            problems.append(f"parallel.fsdp={list(self.fsdp)}: {unknown} cannot be sharded; use a subset of {list(FSDP_MODELS)}")
+        if self.fsdp_scope not in FSDP_SCOPES:
+            problems.append(f"parallel.fsdp_scope={self.fsdp_scope!r} is not one of {', '.join(FSDP_SCOPES)}")
+        if self.fsdp and self.fsdp_scope == "world" and self.data > 1:
+            problems.append(f"parallel.fsdp_scope=world with data={self.data}: data groups run different numbers of "
+                            "forwards, so world-wide parameter gathers would wait forever; use fsdp_scope=group")
         if self.ring > 1 and backend != "xfuser":
             problems.append(f"parallel.ring={self.ring} needs the xfuser backend on CUDA (deepspeed has Ulysses "
                             f"only; this run uses {backend}): move the degree to ulysses, or use "
@@ -95,7 +113,8 @@ class ParallelLayout:
             f"heads:\n  - {listed}")
 
     @classmethod
-    def auto(cls, world_size: int, num_heads: int, backend: str = "auto") -> ParallelLayout:
+    def auto(cls, world_size: int, num_heads: int, backend: str = "auto", fsdp: tuple[str, ...] = (),
+             fsdp_scope: str = "group") -> ParallelLayout:
         """A valid layout for any world size, fastest for one sample first.
 
         - cfg=2 whenever the world size is even: the two passes then cost one exchange of the
@@ -108,20 +127,24 @@ class ParallelLayout:
         cfg = 2 if world_size % 2 == 0 else 1
         rest = world_size // cfg
         ulysses = max(d for d in range(1, rest + 1) if rest % d == 0 and num_heads % d == 0)
-        return cls(data=rest // ulysses, cfg=cfg, ulysses=ulysses, backend=backend)
+        return cls(data=rest // ulysses, cfg=cfg, ulysses=ulysses, backend=backend, fsdp=fsdp, fsdp_scope=fsdp_scope)
 
 
 def layout_from_config(parallel: Mapping, world_size: int, num_heads: int, device_type: str) -> ParallelLayout:
     """The validated layout of a ``conf/parallel`` preset: ``auto: true`` picks one for the world size."""
     degrees = {f.name: parallel[f.name] for f in fields(ParallelLayout) if f.name in parallel}
+    if "fsdp" in degrees:
+        degrees["fsdp"] = tuple(degrees["fsdp"] or ())
     if parallel.get("auto", False):
-        chosen = {name: value for name, value in degrees.items() if name != "backend" and value != 1}
+        chosen = {name: value for name, value in degrees.items()
+                  if name in ("data", "cfg", "ring", "ulysses") and value != 1}
         if chosen:
             settings = " ".join(f"parallel.{name}={value}" for name, value in chosen.items())
             raise BindWeaveInputError(
                 f"parallel=auto chooses the degrees itself, but {settings} was given: start from an explicit "
                 f"layout instead, e.g. parallel=single {settings}")
-        layout = ParallelLayout.auto(world_size, num_heads, backend=degrees.get("backend", "auto"))
+        layout = ParallelLayout.auto(world_size, num_heads, backend=degrees.get("backend", "auto"),
+                                     fsdp=tuple(degrees.get("fsdp", ())), fsdp_scope=degrees.get("fsdp_scope", "group"))
     else:
         layout = ParallelLayout(**degrees)
     layout.validate(world_size, num_heads, device_type)

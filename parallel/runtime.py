@@ -37,6 +37,7 @@ class Runtime:
     world_size: int = 1
     local_rank: int = 0
     mesh: DeviceMesh | None = None
+    fsdp_mesh: DeviceMesh | None = None  # 1-D: the ranks that share one copy of the sharded parameters
 
     @classmethod
     def single_process(cls, device: torch.device) -> Runtime:
@@ -47,11 +48,12 @@ class Runtime:
         """After ``start_process_group``: slice the groups (a collective: every rank calls it)."""
         if layout.sequence > 1:  # "auto" settles here, so the runtime (and each sidecar) names the backend used
             layout = replace(layout, backend=layout.attention_backend(device.type))
-        mesh = None
+        mesh = fsdp_mesh = None
         if processes.world_size > 1:
             mesh = init_device_mesh(device.type, (layout.data, layout.cfg, layout.sequence), mesh_dim_names=MESH_DIMS)
+            fsdp_mesh = _fsdp_mesh(layout, mesh, device.type)
         return cls(layout=layout, device=device, rank=processes.rank, world_size=processes.world_size,
-                   local_rank=processes.local_rank, mesh=mesh)
+                   local_rank=processes.local_rank, mesh=mesh, fsdp_mesh=fsdp_mesh)
 
     def _coordinate(self, dim: str) -> int:
         return 0 if self.mesh is None else self.mesh.get_local_rank(dim)
@@ -102,3 +104,17 @@ class Runtime:
         if error is not None:
             raise error if self.rank == 0 else RaisedOnRank0(str(error))
         return value
+
+
+def _fsdp_mesh(layout: ParallelLayout, mesh: DeviceMesh, device_type: str) -> DeviceMesh | None:
+    """The 1-D mesh FSDP shards over; None when nothing is sharded or the scope is one rank."""
+    if not layout.fsdp:
+        return None
+    if layout.fsdp_scope == "sequence":
+        scope = mesh["sequence"]
+    elif layout.fsdp_scope == "world":
+        scope = init_device_mesh(device_type, (layout.world_size,), mesh_dim_names=("world",))
+    else:  # group: the cfg x sequence ranks of one data group, as one dimension
+        scope = init_device_mesh(device_type, (layout.data, layout.cfg * layout.sequence),
+                                 mesh_dim_names=("data", "group"))["group"]
+    return scope if scope.size() > 1 else None

@@ -258,7 +258,6 @@ def submitit_sweep(slurm, work):
     sweep = work / "sweep"
     command = [sys.executable, str(REPO / "launch/generate.py"), "-m", "hydra/launcher=slurm", "sampler.seed=1,2",
                *TINY, *meta_args(work, "one.json"), f"hydra.sweep.dir={sweep}",
-               "output_dir=${hydra:sweep.dir}/${hydra:job.num}",
                "hydra.launcher.gpus_per_node=0", "hydra.launcher.tasks_per_node=1", "hydra.launcher.cpus_per_task=1",
                "hydra.launcher.timeout_min=10"]
     env = {**plain_env(), **{k: v for k, v in slurm.env.items() if k in ("SLURM_CONF", "PATH")}}
@@ -280,12 +279,19 @@ def test_submitit_launcher_sweep_runs_each_job_on_slurm(submitit_sweep):
         assert (sweep / str(number) / ".hydra" / "config.yaml").is_file()
 
 
-@pytest.mark.xfail(strict=True, reason="launch/generate.py main() ends with sys.exit(run_generate_command(cfg)) "
-                   "inside the Hydra task function: under hydra-submitit-launcher the SystemExit skips submitit's "
-                   "result pickle, so a sweep whose jobs all succeeded fails with submitit's UncompletedJobError "
-                   "'has not produced any output (state: COMPLETED)'. In multirun, return the code (or raise for "
-                   "a non-zero one) instead of sys.exit.")
 @pytest.mark.timeout(300)
 def test_submitit_launcher_sweep_reports_success(submitit_sweep):
+    """The submitting process collects both jobs' results (submitit's result pickles) and exits 0."""
     _, result, _ = submitit_sweep
-    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+
+
+@pytest.mark.xfail(strict=True, reason="bindweave/hydra_support.py SweepSummary collects rows in on_job_end, which "
+                   "hydra-submitit-launcher runs inside each Slurm job (another process), so on_multirun_end in the "
+                   "submitting process has no rows and prints no 'sweep summary' table; build the table from the "
+                   "JobReturns the launcher hands back (or from each job folder's result) instead.")
+@pytest.mark.timeout(300)
+def test_submitit_launcher_sweep_prints_the_summary_table(submitit_sweep):
+    _, result, _ = submitit_sweep
+    text = result.stdout + result.stderr
+    assert "sweep summary" in text and text.count("1 done, 0 skipped, 0 failed") == 2, text[-3000:]
