@@ -98,14 +98,6 @@ class CrossAttnProcessor:
         image_key = _heads(attn.norm_added_k(image_key), attn.heads)
         image_value = _heads(image_value, attn.heads)
 
-        out = self.text_attention(query, key, value).flatten(2).type_as(query)
-        out = out + self.image_attention(query, image_key, image_value).flatten(2).type_as(query)
+        out = sdpa(query, key, value).flatten(2).type_as(query)
+        out = out + sdpa(query, image_key, image_value).flatten(2).type_as(query)
         return attn.to_out[0](out)
-
-    # The two attentions are separate so that a subclass can run each with its own kernel
-    # (bindweave.fast): 90,000 queries against 257 or ~1,900 keys is far from what kernels tune for.
-    def text_attention(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
-        return sdpa(query, key, value)
-
-    def image_attention(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
-        return sdpa(query, key, value)

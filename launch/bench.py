@@ -1,15 +1,16 @@
 """Speed and memory of every model of a 720P BindWeave job on one GPU, with random bf16 weights.
 
-    python launch/bench.py                              # everything, full size (one H100: ~10 min)
+    python launch/bench.py                              # everything, full size (one H100: ~7 min)
     python launch/bench.py layers=10 parts=[dit]        # quick DiT iteration, scaled to 40 blocks
     python launch/bench.py preset=tiny device=cpu       # smoke run of every code path (tests)
 
 Models are built directly on the device in bf16 (no checkpoints, no fp32 copy): the DiT on the
 meta device, then allocated and filled with random values; the others under the device context.
-Forward times are the median of ``repeats`` calls after ``warmup`` calls, timed with CUDA events;
-TFLOP/s come from bindweave.flops and are compared with a bf16 8192^3 matmul timed in the same run
-(``mfu`` = achieved / matmul rate). DiT variants run on the same weights (see conf/bench.yaml).
-Numbers go to ``out_dir/bench.json`` after every step, so a run stopped early keeps what it measured.
+Times are the median of ``repeats`` calls after ``warmup`` calls, timed with CUDA events; the DiT
+variants (conf/bench.yaml) share one model and are timed in interleaved rounds. TFLOP/s come from
+bindweave.flops and are compared with a bf16 8192^3 matmul timed in the same run (``mfu`` =
+achieved / matmul rate). Numbers go to ``out_dir/bench.json`` after every step, so a run stopped
+early keeps what it measured; the table at the end is what docs/PERFORMANCE.md records.
 """
 
 from __future__ import annotations
@@ -34,15 +35,14 @@ from omegaconf import DictConfig, OmegaConf
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from diffusers.models.transformers.transformer_wan import (  # noqa: E402
-    WanAttention,
     WanAttnProcessor,
     WanRotaryPosEmbed,
     WanTransformer3DModel,
 )
 
-from bindweave.checkpoint import keeps_fp32  # noqa: E402
 from bindweave.attention import SelfAttnProcessor  # noqa: E402
-from bindweave.fast import SpeedOptions, fast_processors, fuse_projections  # noqa: E402
+from bindweave.checkpoint import keeps_fp32  # noqa: E402
+from bindweave.fast import PreferredKernelAttention, SpeedOptions, fuse_projections  # noqa: E402
 from bindweave.flops import ForwardTokens, dit_forward_flops, video_tokens  # noqa: E402
 from bindweave.transformer import BINDWEAVE_14B_CONFIG, TINY_CONFIG, BindWeaveTransformer  # noqa: E402
 
@@ -75,10 +75,10 @@ QWEN25_VL_7B_TEXT = dict(hidden_size=3584, intermediate_size=18944, num_hidden_l
 QWEN25_VL_7B_VISION = dict(depth=32, hidden_size=1280, intermediate_size=3420, num_heads=16, out_hidden_size=3584,
                            patch_size=14, spatial_merge_size=2, temporal_patch_size=2, window_size=112,
                            fullatt_block_indexes=[7, 15, 23, 31], tokens_per_second=2, hidden_act="silu")
-# Full-size seconds each part takes on an H100 with build and 4 calls (for the deadline).
-ENCODER_ESTIMATES_S = {"vae_decode": 40, "vae_encode": 40, "t5_encode": 25, "clip_encode": 10, "qwen_prefill": 35}
 QWEN25_VL_TOKEN_IDS = dict(image_token_id=151655, video_token_id=151656, vision_start_token_id=151652,
                            vision_end_token_id=151653)
+# Full-size seconds each part takes on an H100 with build and 4 calls (for the deadline).
+ENCODER_ESTIMATES_S = {"vae_decode": 40, "vae_encode": 40, "t5_encode": 25, "clip_encode": 10, "qwen_prefill": 35}
 
 
 def compute_dtype(device: torch.device) -> torch.dtype:
@@ -397,8 +397,9 @@ class DitStates:
             elif variant.options is None:
                 self.setups[variant.name] = (ours, plain_hook, False)
             else:
-                hook, cross = fast_processors(model, variant.options)
-                processors = [processor for block_cross in cross for processor in (SelfAttnProcessor(hook), block_cross)]
+                hook = PreferredKernelAttention(variant.options.attention)
+                processors = [SelfAttnProcessor(hook) if isinstance(processor, SelfAttnProcessor) else processor
+                              for processor in ours]
                 self.setups[variant.name] = (processors, hook, variant.options.fuse_projections)
         if any(fused for _, _, fused in self.setups.values()):
             fuse_projections(model)
@@ -514,9 +515,7 @@ def run_dit(cfg: DictConfig, shape: dict, device: torch.device, report: Report, 
                 errors[f"{variant.name}_vs_{reference}"] = relative_error(outputs[variant.name], outputs[reference])
         if errors:
             report.add("dit_output_relative_error", errors)
-    del model, states, outputs, inputs
-    torch._dynamo.reset()
-    free_memory(device)
+    torch._dynamo.reset()  # compiled graphs hold on to the model; the next part frees it
 
 
 def profile_variant(cfg: DictConfig, model, call, device: torch.device) -> dict:
@@ -623,13 +622,11 @@ def run_encoders(cfg: DictConfig, shape: dict, device: torch.device, report: Rep
                 result["parameters"] = sum(param.numel() for param in model.parameters())
                 with torch.no_grad():
                     result.update(measure(lambda: call(model), clock, cfg.warmup, cfg.repeats))
-            del model
         except Exception as error:  # e.g. a config a library version refuses: keep the other parts
             report.fail(name, error)
         else:
             result.update(extra or {})
             report.add(name, result)
-        free_memory(device)
 
     latent_shape = (1, 16, 1 + (shape["frames"] - 1) // 4, shape["height"] // 8, shape["width"] // 8)
     if {"vae_decode", "vae_encode"} & set(cfg.parts):

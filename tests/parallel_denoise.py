@@ -25,6 +25,7 @@ from bindweave.pipeline import SampleInputs, dit_predictor  # noqa: E402
 from bindweave.sampler import SamplerSettings, denoise, initial_noise, make_scheduler  # noqa: E402
 from bindweave.transformer import TINY_CONFIG, BindWeaveTransformer  # noqa: E402
 from parallel.cfg import parallel_guided_velocity  # noqa: E402
+from parallel.fsdp import load_sharded_bindweave  # noqa: E402
 from parallel.distributed import detect_processes, rank_device, start_process_group, stop_process_group  # noqa: E402
 from parallel.layout import ParallelLayout  # noqa: E402
 from parallel.parallelize import parallelize  # noqa: E402
@@ -70,11 +71,12 @@ def main() -> None:
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     parser.add_argument("--backend", default="auto")
+    parser.add_argument("--fsdp", action="store_true", help="FSDP2 over all ranks, loaded shard by shard from disk")
     args = parser.parse_args()
 
     processes = detect_processes()
     degrees = {name: int(value) for name, value in (degree.split("=") for degree in args.degrees)}
-    layout = ParallelLayout(**degrees, backend=args.backend)
+    layout = ParallelLayout(**degrees, backend=args.backend, fsdp=("dit",) if args.fsdp else (), fsdp_scope="world")
     layout.validate(processes.world_size, CONFIG["num_attention_heads"], args.device)
     start_process_group(processes, args.device, timeout_s=120)
     try:
@@ -82,6 +84,10 @@ def main() -> None:
         torch.manual_seed(0)
         model = BindWeaveTransformer(**CONFIG).eval().to(device, getattr(torch, args.dtype))
         runtime = Runtime.build(layout, processes, device)
+        if args.fsdp:  # the same seeded weights, written once, read back as per-rank shards
+            checkpoint = args.out_dir / "checkpoint"
+            runtime.from_rank0(lambda: model.save_pretrained(checkpoint))
+            model, _ = load_sharded_bindweave(checkpoint, runtime.fsdp_mesh, getattr(torch, args.dtype), device)
         parallelize(model, runtime)
         if args.attend_padding:
             model.set_attention_hook(PaddingAttendingHook(runtime.sequence_group, model.attention_hook.attention))

@@ -33,9 +33,9 @@ def main() -> None:
     decode = pipeline.WanVae.decode_to_frames
     load_models = pipeline.load_stage3_models
 
-    def recorded_load_models(settings):
+    def recorded_load_models(settings, *args, **kwargs):
         record("load_models", settings.device)
-        return load_models(settings)
+        return load_models(settings, *args, **kwargs)
 
     def recorded_hidden_states(sample, *args, **kwargs):
         record("hidden_states", sample.hidden_states_path)

@@ -10,15 +10,8 @@ import pytest
 import torch
 from diffusers.models.transformers.transformer_wan import WanAttention
 
-from bindweave.attention import CrossAttnProcessor, SelfAttnProcessor
-from bindweave.fast import (
-    attention_with,
-    opaque_attention,
-    PreferredKernelCrossAttnProcessor,
-    SpeedOptions,
-    apply_speed_options,
-    fuse_projections,
-)
+from bindweave.attention import AttentionHook, CrossAttnProcessor
+from bindweave.fast import PreferredKernelAttention, SpeedOptions, apply_speed_options, fuse_projections
 from bindweave.flops import ForwardTokens, dit_forward_flops, video_tokens
 from bindweave.transformer import TINY_CONFIG, BindWeaveTransformer
 
@@ -54,15 +47,12 @@ def load_bench_module():
     return sys.modules[name]
 
 
-@pytest.mark.parametrize("attention,text_attention,image_attention,opaque", [
-    ("cudnn", "cudnn", "cudnn", True), ("cudnn", "flash", "efficient", False), ("default", "efficient", "default", True)])
+@pytest.mark.parametrize("attention", ["cudnn", "flash", "default"])
 @torch.no_grad()
-def test_speed_options_keep_the_output(attention, text_attention, image_attention, opaque):
+def test_speed_options_keep_the_output(attention):
     x = tiny_inputs()
     expected = tiny_model()(**x)
-    options = SpeedOptions(attention=attention, text_attention=text_attention, image_attention=image_attention,
-                           opaque_attention=opaque, compile=False)
-    fast = apply_speed_options(tiny_model(), options)
+    fast = apply_speed_options(tiny_model(), SpeedOptions(attention=attention, compile=False))
     torch.testing.assert_close(fast(**x), expected, rtol=1e-5, atol=1e-5)
     assert all(attn.fused_projections for attn in fast.modules() if isinstance(attn, WanAttention))
 
@@ -101,20 +91,9 @@ def test_compiled_blocks_match_eager_with_one_graph_for_all_blocks():
     torch._dynamo.reset()
 
 
-def test_opaque_attention_operator_is_well_formed():
-    """Schema, fake (meta) implementation and strides agree with the real one, for torch.compile."""
-    generator = torch.Generator().manual_seed(0)
-    query = torch.randn(1, 12, 3, 3, 16, generator=generator).unbind(2)[0]  # a strided view, as from fused QKV
-    key, value = torch.randn(2, 1, 7, 3, 16, generator=generator)
-    torch.library.opcheck(opaque_attention, (query, key, value, "cudnn"))
-    torch.testing.assert_close(opaque_attention(query, key, value, "cudnn"), attention_with("default", query, key, value))
-
-
 def test_preferred_kernel_rejects_unknown_names():
     with pytest.raises(ValueError, match="choose one of"):
         SpeedOptions(attention="fa3")
-    with pytest.raises(ValueError, match="image_attention"):
-        SpeedOptions(image_attention="fa3")
 
 
 @torch.no_grad()
@@ -129,14 +108,15 @@ def test_bench_variants_switch_on_one_model():
     variants = [bench.DitVariant("stock_eager", stock=True, compiled=False),
                 bench.DitVariant("ours_eager", stock=False, compiled=False),
                 bench.DitVariant("fast", stock=False, compiled=False,
-                                 options=SpeedOptions(text_attention="flash", compile=False))]
+                                 options=SpeedOptions(attention="flash", compile=False))]
     states = bench.DitStates(model, variants, x, compile_backend="inductor")
     for variant in variants + variants:
         torch.testing.assert_close(states.call(variant)(), expected, rtol=1e-5, atol=1e-5)
-    assert isinstance(model.blocks[0].attn2.processor, PreferredKernelCrossAttnProcessor)
+    assert isinstance(model.blocks[0].attn1.processor.hook, PreferredKernelAttention)
+    assert model.blocks[0].attn1.fused_projections
     states.call(variants[1])
-    assert isinstance(model.blocks[0].attn1.processor, SelfAttnProcessor)
-    assert type(model.blocks[0].attn2.processor) is CrossAttnProcessor
+    assert type(model.blocks[0].attn1.processor.hook) is AttentionHook
+    assert isinstance(model.blocks[0].attn2.processor, CrossAttnProcessor)
     assert not model.blocks[0].attn1.fused_projections
 
 

@@ -38,7 +38,8 @@ def rank_latents(out, grid, processes):
     (4, ["ulysses=4"]),
     (2, ["cfg=2"]),
     (4, ["cfg=2", "ulysses=2"]),
-], ids=["ulysses2", "ulysses4", "cfg2", "cfg2_ulysses2"])
+    (4, ["cfg=2", "ulysses=2", "--fsdp"]),
+], ids=["ulysses2", "ulysses4", "cfg2", "cfg2_ulysses2", "cfg2_ulysses2_fsdp"])
 def test_n_ranks_give_the_one_rank_latents(reference, tmp_path, processes, degrees):
     run_script(DENOISE, tmp_path, *degrees, "--grid", DIVIDES, "--grid", PADS, processes=processes, timeout=300)
     for grid in (DIVIDES, PADS):
