@@ -52,12 +52,14 @@ class Sample:
 
 
 def read_meta(meta_path: str | os.PathLike, image_root: str | os.PathLike | None = None,
-              max_references: int = MAX_REFERENCES) -> list[Sample]:
+              max_references: int = MAX_REFERENCES, invalid: dict[str, str] | None = None) -> list[Sample]:
     """Read a meta JSON (`sample_id -> {img_paths, prompt, ...}`) into samples in sorted-key order.
 
     `img_paths` resolve against `image_root` (default: the meta file's folder); relative
     hidden-state paths against the meta file's folder. Only the first `max_references` images
     are kept, as in the reference, but dropping any is warned about. Images are not opened.
+    With ``invalid`` (a dict), a malformed sample is left out and its error stored there under its
+    id (``on_error=skip``) instead of raised; a malformed file is always raised.
     """
     meta_path = Path(meta_path)
     meta_folder = meta_path.parent
@@ -74,9 +76,16 @@ def read_meta(meta_path: str | os.PathLike, image_root: str | os.PathLike | None
             f"Meta file {meta_path} holds no samples: add at least one "
             f'"sample_id": {{"img_paths": [...], "prompt": "..."}}.'
         )
-    return [_parse_sample(meta_path, sample_id, meta[sample_id], image_root, meta_folder,
-                          max_references)
-            for sample_id in sorted(meta)]
+    samples = []
+    for sample_id in sorted(meta):
+        try:
+            samples.append(_parse_sample(meta_path, sample_id, meta[sample_id], image_root, meta_folder,
+                                         max_references))
+        except BindWeaveInputError as error:
+            if invalid is None:
+                raise
+            invalid[sample_id] = str(error)
+    return samples
 
 
 def _read_json(path: Path) -> object:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import sys
 import time
 from pathlib import Path
@@ -77,6 +78,8 @@ def run_hydra_app(config_name: str, command: Callable[[DictConfig], dict | int])
     """
     register_resolvers()
     logging.captureWarnings(True)
+    # scancel, preemption and torchrun's teardown send SIGTERM: unwind, so temp files are removed.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
     exit_codes: list[int] = []
 
     @hydra.main(config_path=str(CONF_DIR), config_name=config_name, version_base="1.3")

@@ -91,10 +91,15 @@ def write_mp4(path: str | os.PathLike, frames: np.ndarray, fps: int = 16, qualit
         )
     with atomic_write(path) as temp_path:
         # macro_block_size=1: imageio would otherwise resize frames to multiples of 16.
-        with iio.get_writer(temp_path, format="FFMPEG", mode="I", fps=fps, codec="libx264",
-                            quality=quality, pixelformat="yuv420p", macro_block_size=1) as writer:
+        writer = iio.get_writer(temp_path, format="FFMPEG", mode="I", fps=fps, codec="libx264",
+                                quality=quality, pixelformat="yuv420p", macro_block_size=1)
+        # Closed on every path, before atomic_write deletes the temp file: imageio's __exit__ skips
+        # close() while an exception is in flight, and ffmpeg would recreate the file later.
+        try:
             for frame in frames:
                 writer.append_data(frame)
+        finally:
+            writer.close()
 
 
 def video_done(path: str | os.PathLike) -> bool:

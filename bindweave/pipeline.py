@@ -29,6 +29,7 @@ from bindweave.conditioning import (
 )
 from bindweave.data import Sample, load_reference_image, load_sample_hidden_states, read_meta
 from bindweave.errors import BindWeaveInputError
+from bindweave.fast import SpeedOptions, apply_speed_options
 from bindweave.outputs import video_done, write_json, write_mp4
 from bindweave.prompts import T5_NEGATIVE_PROMPT
 from bindweave.sampler import SamplerSettings, denoise, initial_noise, make_scheduler
@@ -76,6 +77,10 @@ class ModelSettings:
     cache_dir: str = ".cache/bindweave"
     vae_tiling: bool = False
     offload_encoders: bool = False  # move T5 + CLIP to the CPU after each sample's conditioning
+    # Speed options of the DiT (bindweave/fast.py; same function, measured in docs/PERFORMANCE.md).
+    attention_kernel: str = "cudnn"  # SDPA kernel tried first for self-attention: cudnn | flash | efficient | default
+    fuse_projections: bool = False  # one GEMM for q/k/v (weights held once)
+    compile: bool = False  # torch.compile each block (one graph for all 40; ~20 s once per process)
 
     @property
     def torch_dtype(self) -> torch.dtype:
@@ -140,6 +145,8 @@ def load_stage3_models(settings: ModelSettings, runtime: Runtime | None = None) 
         transformer, _ = load_sharded_bindweave(dit_folder, runtime.fsdp_mesh, dtype, device)
     else:
         transformer = BindWeaveTransformer.from_pretrained(dit_folder, torch_dtype=dtype, device=device)
+        apply_speed_options(transformer, SpeedOptions(settings.attention_kernel, settings.fuse_projections,
+                                                      settings.compile))
     text_encoder = T5TextEncoder.from_folder(wan_folder, dtype=dtype, device=device)
     if "t5" in sharded:
         from parallel.fsdp import shard_t5
@@ -312,15 +319,18 @@ def run_generation(models: Stage3Models, run: RunSettings, video: VideoSettings,
     def output_path_of(sample: Sample) -> Path:
         return run.output_dir / f"{sample.sample_id}.mp4"
 
-    def plan() -> tuple[list[Sample], set[str]]:
-        samples = read_meta(run.meta_path, run.image_root)
-        return samples, {sample.sample_id for sample in samples if video_done(output_path_of(sample))}
+    def plan() -> tuple[list[Sample], set[str], dict[str, str]]:
+        invalid: dict[str, str] = {}
+        samples = read_meta(run.meta_path, run.image_root, invalid=invalid if run.on_error == "skip" else None)
+        for sample_id, error in invalid.items():
+            log.error("%s: %s (skipped; on_error=skip)", sample_id, error)
+        return samples, {sample.sample_id for sample in samples if video_done(output_path_of(sample))}, invalid
 
     # Rank 0 reads the meta file and looks for finished outputs; every rank follows that one plan,
     # so the ranks sharing a sample never disagree about skipping it.
-    samples, finished = runtime.from_rank0(plan)
+    samples, finished, invalid = runtime.from_rank0(plan)
     run.output_dir.mkdir(parents=True, exist_ok=True)
-    summary = {"done": [], "skipped": [], "failed": {}}
+    summary = {"done": [], "skipped": [], "failed": dict(invalid)}
     for sample in tqdm(own_samples(samples, runtime), desc="samples", disable=not run.progress):
         output_path = output_path_of(sample)
         if sample.sample_id in finished and not run.overwrite:

@@ -185,9 +185,6 @@ def test_sample_missing_a_field_is_named(ws, field):
     assert leftovers(ws.output, BAD) == []
 
 
-@pytest.mark.xfail(strict=True, reason="bindweave.data.read_meta validates every sample up front and raises, so "
-                   "with on_error=skip one sample without img_paths/prompt stops the whole run; it should be "
-                   "reported and skipped like a missing image")
 @pytest.mark.parametrize("field", ["img_paths", "prompt"])
 def test_sample_missing_a_field_is_skipped_with_on_error_skip(ws, field):
     check_bad_sample(ws, ws.entry(**{field: None}), BAD, field)

@@ -241,12 +241,6 @@ def _patch_stage(stage: str, models, monkeypatch, interrupt_on_sample: int):
         raise ValueError(stage)
 
 
-MP4_CLEANUP_BUG = ("bindweave/outputs.py write_mp4: imageio's Writer.__exit__ skips close() when an exception is "
-                   "in flight, so ffmpeg is only finalised when the writer is garbage-collected - after atomic_write "
-                   "has already deleted the temp file - and a hidden, truncated .NAME.PID.tmp.mp4 reappears. Close "
-                   "the writer explicitly on the error path (try/except BaseException: writer.close(); raise) "
-                   "before atomic_write removes the temp file.")
-
 
 @pytest.fixture
 def light_meta(tmp_path, models):
@@ -269,7 +263,7 @@ def light_meta(tmp_path, models):
 
 
 @pytest.mark.parametrize("stage", ["conditioning", "denoising", "decoding",
-                                   pytest.param("mp4-write", marks=pytest.mark.xfail(strict=True, reason=MP4_CLEANUP_BUG)),
+                                   "mp4-write",
                                    "before-sidecar", "sidecar-write"])
 def test_interrupted_at_any_stage_leaves_no_partial_output_and_rerun_completes_the_rest(
         models, light_meta, tmp_path, monkeypatch, stage):
@@ -330,12 +324,6 @@ SLOW_WRITER = textwrap.dedent("""
 """)
 
 
-@pytest.mark.xfail(strict=True, reason="SIGTERM (scancel, Slurm requeue/preemption, torchrun stopping the other "
-                   "ranks) kills Python without unwinding, so bindweave.outputs.atomic_write never deletes its "
-                   "temp file: a hidden .NAME.PID.tmp.mp4 is left per interrupted write (never read as an output, "
-                   "but it piles up). launch/generate.py (or bindweave/entry.py) should turn SIGTERM into an "
-                   "exception, e.g. signal.signal(SIGTERM, lambda *_: sys.exit(143)), so the cleanup runs; needs "
-                   "the write_mp4 fix above too.")
 @pytest.mark.timeout(300)
 def test_sigterm_during_the_mp4_write_leaves_no_partial_or_temp_file(work, tmp_path):
     wrapper = tmp_path / "slow_writer.py"
