@@ -255,7 +255,8 @@ def versions() -> dict:
 
 
 def generate_sample(models: Stage3Models, sample: Sample, video: VideoSettings, sampler: SamplerSettings,
-                    output_path: Path, progress: bool = True, runtime: Runtime | None = None) -> dict | None:
+                    output_path: Path, progress: bool = True, runtime: Runtime | None = None,
+                    write_video=write_mp4) -> dict | None:
     """Condition, denoise, decode and write one sample; returns its sidecar record.
 
     Under a parallel ``runtime`` every rank of the sample's group conditions and denoises (its
@@ -292,7 +293,7 @@ def generate_sample(models: Stage3Models, sample: Sample, video: VideoSettings, 
     timings["decode_s"] = time.perf_counter() - mark
     memory["decode"] = memory_snapshot(models.device)
     mark = time.perf_counter()
-    write_mp4(output_path, frames, fps=video.fps)
+    write_video(output_path, frames, fps=video.fps)
     timings["write_s"] = time.perf_counter() - mark
     timings["total_s"] = time.perf_counter() - started
 

@@ -42,6 +42,15 @@ from diffusers.models.transformers.transformer_wan import (  # noqa: E402
 
 from bindweave.attention import SelfAttnProcessor  # noqa: E402
 from bindweave.checkpoint import keeps_fp32  # noqa: E402
+from bindweave.fullsize import (  # noqa: E402
+    CLIP_VIT_H_CONFIG,
+    QWEN25_VL_7B_TEXT,
+    QWEN25_VL_7B_VISION,
+    QWEN25_VL_TOKEN_IDS,
+    UMT5_XXL_CONFIG,
+    WAN_VAE_CONFIG,
+    fill_random_,
+)
 from bindweave.fast import PreferredKernelAttention, SpeedOptions, fuse_projections  # noqa: E402
 from bindweave.flops import ForwardTokens, dit_forward_flops, video_tokens  # noqa: E402
 from bindweave.transformer import BINDWEAVE_14B_CONFIG, TINY_CONFIG, BindWeaveTransformer  # noqa: E402
@@ -59,24 +68,6 @@ PRESETS = {
                  qwen_image_grid=(1, 4, 4), t5_true_tokens=10, clip_images=4, matmul_size=256),
 }
 
-# The released configs, written out (nothing is downloaded).
-WAN_VAE_CONFIG = dict(base_dim=96, z_dim=16, dim_mult=[1, 2, 4, 4], num_res_blocks=2, attn_scales=[],
-                      temperal_downsample=[False, True, True], dropout=0.0)
-UMT5_XXL_CONFIG = dict(vocab_size=256384, d_model=4096, d_kv=64, d_ff=10240, num_layers=24, num_heads=64,
-                       relative_attention_num_buckets=32, relative_attention_max_distance=128,
-                       feed_forward_proj="gated-gelu", layer_norm_epsilon=1e-6, tie_word_embeddings=False)
-CLIP_VIT_H_CONFIG = dict(hidden_size=1280, intermediate_size=5120, num_hidden_layers=32, num_attention_heads=16,
-                         image_size=224, patch_size=14, projection_dim=1024, hidden_act="gelu", layer_norm_eps=1e-5)
-QWEN25_VL_7B_TEXT = dict(hidden_size=3584, intermediate_size=18944, num_hidden_layers=28, num_attention_heads=28,
-                         num_key_value_heads=4, vocab_size=152064, max_position_embeddings=128000,
-                         max_window_layers=28, rms_norm_eps=1e-6, rope_theta=1000000.0,
-                         rope_scaling={"type": "mrope", "mrope_section": [16, 24, 24]}, sliding_window=32768,
-                         use_sliding_window=False, hidden_act="silu")
-QWEN25_VL_7B_VISION = dict(depth=32, hidden_size=1280, intermediate_size=3420, num_heads=16, out_hidden_size=3584,
-                           patch_size=14, spatial_merge_size=2, temporal_patch_size=2, window_size=112,
-                           fullatt_block_indexes=[7, 15, 23, 31], tokens_per_second=2, hidden_act="silu")
-QWEN25_VL_TOKEN_IDS = dict(image_token_id=151655, video_token_id=151656, vision_start_token_id=151652,
-                           vision_end_token_id=151653)
 # Full-size seconds each part takes on an H100 with build and 4 calls (for the deadline).
 ENCODER_ESTIMATES_S = {"vae_decode": 40, "vae_encode": 40, "t5_encode": 25, "clip_encode": 10, "qwen_prefill": 35}
 
@@ -206,18 +197,6 @@ def default_dtype(dtype: torch.dtype):
         yield
     finally:
         torch.set_default_dtype(previous)
-
-
-@torch.no_grad()
-def fill_random_(model: torch.nn.Module, generator: torch.Generator):
-    """Weights ~ N(0, 1/fan_in) (unit-scale activations through each layer), norm scales 1, biases 0."""
-    for name, param in model.named_parameters():
-        if param.ndim >= 2:
-            param.normal_(0.0, (param[0].numel()) ** -0.5, generator=generator)
-        elif "norm" in name and name.endswith("weight"):
-            param.fill_(1.0)
-        else:
-            param.zero_()
 
 
 def build_dit(config: dict, device: torch.device, seed: int) -> BindWeaveTransformer:
