@@ -180,15 +180,18 @@ def prepare_inputs(models: Stage3Models, sample: Sample, video: VideoSettings) -
     """SPEC §5: T5 (positive + cached negative), Qwen states from disk, reference canvases -> CLIP
     tokens and VAE latents, the cached all-zero video condition."""
     device, dtype = models.device, models.transformer.dtype
+    # First, while T5 and CLIP may still be on the CPU: the 81-frame VAE encode is the largest
+    # activation of conditioning (8 GiB at 720P), and it is computed once per resolution.
+    video_condition = models.video_conditions.get(models.vae, video.num_frames, video.height, video.width)
     models.encoders_to(device)
     try:
-        return _encode_inputs(models, sample, video, device, dtype)
+        return _encode_inputs(models, sample, video, video_condition, device, dtype)
     finally:
         models.encoders_to(torch.device("cpu"))
 
 
-def _encode_inputs(models: Stage3Models, sample: Sample, video: VideoSettings, device: torch.device,
-                   dtype: torch.dtype) -> SampleInputs:
+def _encode_inputs(models: Stage3Models, sample: Sample, video: VideoSettings, video_condition: torch.Tensor,
+                   device: torch.device, dtype: torch.dtype) -> SampleInputs:
     images = [load_reference_image(path) for path in sample.image_paths]
     qwen_positive, qwen_negative = load_sample_hidden_states(sample, hidden_dim=models.hidden_dim)
     if models.negative_t5 is None:
@@ -197,7 +200,6 @@ def _encode_inputs(models: Stage3Models, sample: Sample, video: VideoSettings, d
         images, models.vae, models.image_encoder, width=video.width, height=video.height,
         max_references=models.transformer.config.max_references,
     )
-    video_condition = models.video_conditions.get(models.vae, video.num_frames, video.height, video.width)
     condition = assemble_condition(reference_latents.to(video_condition.device), video_condition)
     return SampleInputs(
         t5={"positive": models.text_encoder.encode([sample.prompt]).to(device, dtype),
