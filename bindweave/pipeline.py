@@ -147,7 +147,10 @@ def load_stage3_models(settings: ModelSettings, runtime: Runtime | None = None) 
         transformer = BindWeaveTransformer.from_pretrained(dit_folder, torch_dtype=dtype, device=device)
         apply_speed_options(transformer, SpeedOptions(settings.attention_kernel, settings.fuse_projections,
                                                       settings.compile))
-    text_encoder = T5TextEncoder.from_folder(wan_folder, dtype=dtype, device=device)
+    offload_encoders = settings.offload_encoders and "t5" not in sharded
+    # Offloaded encoders start on the CPU: they come to the GPU only while a sample is conditioned.
+    encoder_device = torch.device("cpu") if offload_encoders else device
+    text_encoder = T5TextEncoder.from_folder(wan_folder, dtype=dtype, device=encoder_device)
     if "t5" in sharded:
         from parallel.fsdp import shard_t5
 
@@ -157,11 +160,11 @@ def load_stage3_models(settings: ModelSettings, runtime: Runtime | None = None) 
         vae=WanVae.from_folder(wan_folder, dtype=torch.float32 if device.type == "cpu" else dtype, device=device,
                                tiled=settings.vae_tiling),
         text_encoder=text_encoder,
-        image_encoder=ClipImageEncoder.from_folder(wan_folder, dtype=dtype, device=device),
+        image_encoder=ClipImageEncoder.from_folder(wan_folder, dtype=dtype, device=encoder_device),
         video_conditions=VideoConditionCache(Path(settings.cache_dir) / "video_condition"),
         device=device,
         provenance={"dit": folder_fingerprint(dit_folder), "wan": folder_fingerprint(wan_folder)},
-        offload_encoders=settings.offload_encoders and "t5" not in sharded,
+        offload_encoders=offload_encoders,
     )
 
 
