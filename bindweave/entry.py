@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import atexit
 import logging
-import sys
 from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from omegaconf import DictConfig, OmegaConf
 
-from bindweave.errors import BindWeaveInputError
+from bindweave.errors import BindWeaveInputError, report_input_error
 
 if TYPE_CHECKING:
     from parallel.distributed import Processes
@@ -41,13 +40,8 @@ def run_generate_command(cfg: DictConfig) -> dict:
         return _generate(cfg, processes)
     except BindWeaveInputError as error:
         if is_rank0:
-            _report(error)
+            report_input_error(error)
         return {"exit_code": 2, "error": str(error)}
-
-
-def _report(error: BindWeaveInputError) -> None:
-    log.error("%s", error)
-    print(f"error: {error}", file=sys.stderr)
 
 
 def _generate(cfg: DictConfig, processes: Processes) -> int:
@@ -111,7 +105,7 @@ def _generate(cfg: DictConfig, processes: Processes) -> int:
     except BindWeaveInputError as error:
         # A sample's inputs are read by every rank of its group, and they fail alike: its writer reports.
         if runtime.is_writer and not isinstance(error, RaisedOnRank0):
-            _report(error)
+            report_input_error(error)
         return {"exit_code": 2, "error": str(error)}
     if runtime.is_writer:
         log.info("done: %d written, %d already there, %d failed; videos in %s", len(summary["done"]),

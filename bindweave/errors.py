@@ -3,3 +3,12 @@
 
 class BindWeaveInputError(Exception):
     """Bad input (file, field, folder, layout). Entry points print it once and exit non-zero."""
+
+
+def report_input_error(error: BindWeaveInputError) -> None:
+    """The one way an entry point shows a bad input: a log line and one ``error:`` line on stderr."""
+    import logging
+    import sys
+
+    logging.getLogger("bindweave").error("%s", error)
+    print(f"error: {error}", file=sys.stderr)

@@ -19,7 +19,6 @@ import hashlib
 import json
 import logging
 import os
-import sys
 import time
 from dataclasses import dataclass, replace
 from datetime import timedelta
@@ -31,7 +30,7 @@ from safetensors import SafetensorError, safe_open
 from tqdm import tqdm
 
 from bindweave.data import Sample, load_hidden_states, load_reference_image, read_meta, save_hidden_states
-from bindweave.errors import BindWeaveInputError
+from bindweave.errors import BindWeaveInputError, report_input_error
 from bindweave.outputs import atomic_write, write_json
 from bindweave.prompts import QWEN_NEGATIVE_PROMPT
 from bindweave.qwen import (
@@ -229,8 +228,7 @@ def run_extract_command(cfg: DictConfig) -> int:
     try:
         return _extract(cfg)
     except BindWeaveInputError as error:
-        log.error("%s", error)
-        print(f"error: {error}", file=sys.stderr)
+        report_input_error(error)
         return 2
 
 

@@ -7,7 +7,6 @@ loop, decoding and writing. Parallelism (sequence/CFG/data) is applied from outs
 
 from __future__ import annotations
 
-import json
 import logging
 import platform
 import resource

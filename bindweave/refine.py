@@ -22,7 +22,6 @@ import io
 import json
 import logging
 import os
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,7 +33,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from bindweave.data import Sample, load_reference_image, read_meta
-from bindweave.errors import BindWeaveInputError
+from bindweave.errors import BindWeaveInputError, report_input_error
 from bindweave.outputs import write_json
 from bindweave.qwen import QwenSettings, QwenVL, build_inputs, load_qwen, prescale_references
 
@@ -263,8 +262,7 @@ def run_refine_command(cfg: DictConfig) -> int:
     try:
         return _refine(cfg)
     except BindWeaveInputError as error:
-        log.error("%s", error)
-        print(f"error: {error}", file=sys.stderr)
+        report_input_error(error)
         return 2
 
 

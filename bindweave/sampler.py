@@ -29,9 +29,9 @@ class SamplerSettings:
     seed: int = 1234
 
 
-def make_scheduler(settings: SamplerSettings) -> UniPCMultistepScheduler:
-    """SPEC §6's UniPC config with the reference's (diffusers 0.33.1) sigma grid set."""
-    scheduler = UniPCMultistepScheduler(
+def unipc_config(settings: SamplerSettings) -> dict:
+    """SPEC §6's UniPC configuration (the scheduler_config.json of the Wan repos, with our shift)."""
+    return dict(
         prediction_type="flow_prediction",
         use_flow_sigmas=True,
         flow_shift=settings.flow_shift,
@@ -43,6 +43,11 @@ def make_scheduler(settings: SamplerSettings) -> UniPCMultistepScheduler:
         final_sigmas_type="zero",
         timestep_spacing="linspace",
     )
+
+
+def make_scheduler(settings: SamplerSettings) -> UniPCMultistepScheduler:
+    """SPEC §6's UniPC config with the reference's (diffusers 0.33.1) sigma grid set."""
+    scheduler = UniPCMultistepScheduler(**unipc_config(settings))
     steps = settings.num_steps
     unshifted = (1 - np.linspace(1, 1 / settings.num_train_timesteps, steps + 1))[::-1][:-1].copy()
     scheduler.set_timesteps(sigmas=unshifted)

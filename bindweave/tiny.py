@@ -39,6 +39,7 @@ from transformers import (
 )
 from transformers.convert_slow_tokenizer import bytes_to_unicode
 
+from bindweave.sampler import SamplerSettings, unipc_config
 from bindweave.errors import BindWeaveInputError
 
 WAN_DIR = "Wan2.1-I2V-14B-720P-Diffusers"
@@ -128,18 +129,6 @@ CLIP_IMAGE_PROCESSOR = dict(
     image_std=OPENAI_CLIP_STD,
 )
 
-WAN_SCHEDULER = dict(
-    prediction_type="flow_prediction",
-    use_flow_sigmas=True,
-    flow_shift=3.0,
-    num_train_timesteps=1000,
-    solver_order=2,
-    solver_type="bh2",
-    predict_x0=True,
-    lower_order_final=True,
-    final_sigmas_type="zero",
-    timestep_spacing="linspace",
-)
 
 # Words the tokenizers know whole; anything else falls back to single characters (and, for the
 # T5 tokenizer, characters outside T5_CHARS to <unk>), so any English prompt tokenizes.
@@ -328,7 +317,7 @@ def _write_wan(folder: Path, seed: int) -> None:
     _write_clip(folder / "image_encoder", seed)
     # The PIL flavour needs no torchvision and writes the same file, typed "CLIPImageProcessor".
     CLIPImageProcessorPil(**CLIP_IMAGE_PROCESSOR).save_pretrained(folder / "image_processor")
-    UniPCMultistepScheduler(**WAN_SCHEDULER).save_config(folder / "scheduler")
+    UniPCMultistepScheduler(**unipc_config(SamplerSettings())).save_config(folder / "scheduler")
 
 
 def _write_vae(folder: Path, seed: int) -> None:

@@ -1,12 +1,25 @@
 """Shared fixtures: the tiny model set (written once per session) and the ../shared fixtures."""
 
+import os
 from pathlib import Path
 
 import pytest
+import torch
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"
 OPENS2V = SHARED / "fixtures" / "opens2v"
+
+
+@pytest.fixture(scope="session", autouse=True)
+def one_torch_thread():
+    """One intra-op thread here and in subprocesses: the tiny models gain nothing from two, and on
+    a busy 2-core machine two threads per process run several times slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    os.environ["OMP_NUM_THREADS"] = "1"
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="session")

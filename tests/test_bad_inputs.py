@@ -46,17 +46,6 @@ BAD, GOOD = "a_bad", "b_good"  # sorted: the bad sample runs first, the good one
 # fixtures and helpers
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    """One intra-op thread in this process (and OMP_NUM_THREADS=1 for the subprocesses): the tiny
-    models are far too small to gain from two, and on a busy 2-core machine two threads per process
-    run several times slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     from bindweave.tiny import write_tiny_models

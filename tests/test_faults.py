@@ -34,17 +34,6 @@ VIDEO = VideoSettings(height=48, width=64, num_frames=5)
 TINY = ["video.height=48", "video.width=64", "video.num_frames=5"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    """One intra-op thread in this process (and OMP_NUM_THREADS=1 for the subprocesses): the tiny
-    models are far too small to gain from two, and on a busy 2-core machine two threads per process
-    run several times slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def work(tmp_path_factory):
     """cwd of the subprocess runs, with the tiny models and the demo inputs already in `.cache/`

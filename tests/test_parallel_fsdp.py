@@ -7,7 +7,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import save_file
 
 from bindweave import BindWeaveTransformer
 from bindweave.transformer import TINY_CONFIG

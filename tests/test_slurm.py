@@ -24,7 +24,6 @@ import time
 from pathlib import Path
 
 import pytest
-import torch
 
 from bindweave.outputs import read_mp4_info
 from slurm_cluster import slurm  # noqa: F401  (the session fixture; tests/ is on sys.path)
@@ -62,17 +61,6 @@ def test_script_passes_shellcheck(script):
 
 SAMPLE_IDS = [f"{case}_v{v}" for case in ("demo_dog_teapot_2", "demo_face_1", "demo_face_dog_house_3")
               for v in range(3)]
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    """One intra-op thread in this process (and OMP_NUM_THREADS=1 for the subprocesses): the tiny
-    models are far too small to gain from two, and on a busy 2-core machine two threads per process
-    run several times slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
