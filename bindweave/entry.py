@@ -53,6 +53,7 @@ def _generate(cfg: DictConfig, processes: Processes) -> int:
     from parallel.distributed import rank_device, start_process_group, stop_process_group
     from parallel.layout import layout_from_config
     from parallel.parallelize import parallelize
+    from bindweave.hydra_support import save_run_config
     from parallel.runtime import RaisedOnRank0, Runtime
 
     if cfg.on_error not in ("fail", "skip"):
@@ -100,6 +101,7 @@ def _generate(cfg: DictConfig, processes: Processes) -> int:
         on_error=cfg.on_error,
         progress=cfg.progress and runtime.rank == 0,
     )
+    runtime.from_rank0(lambda: save_run_config(cfg, run.output_dir))
     try:
         summary = run_generation(models, run, video, sampler, runtime)
     except BindWeaveInputError as error:

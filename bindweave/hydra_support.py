@@ -71,6 +71,16 @@ class SweepSummary(Callback):
 CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
 
 
+def save_run_config(cfg: DictConfig, folder: Path) -> None:
+    """The resolved config beside the outputs (``.hydra/config.yaml``), written by the project rather
+    than by Hydra, so an output folder that cannot be made is one clear error (see conf/generate.yaml)."""
+    from bindweave.outputs import atomic_write, require_writable_folder
+
+    require_writable_folder(folder)
+    with atomic_write(folder / ".hydra" / "config.yaml") as temp_path:
+        temp_path.write_text(OmegaConf.to_yaml(cfg, resolve=True))
+
+
 def run_hydra_app(config_name: str, command: Callable[[DictConfig], dict | int]) -> None:
     """Run ``command`` under Hydra (single run or ``-m`` multirun) and exit with the worst job's code.
 

@@ -32,7 +32,7 @@ def atomic_write(path: str | os.PathLike) -> Iterator[Path]:
     re-raised; a full disk becomes a BindWeaveInputError naming `path`.
     """
     path = Path(path)
-    _require_writable_folder(path.parent)
+    require_writable_folder(path.parent)
     temp_path = path.parent / f".{path.name}.{os.getpid()}.tmp{path.suffix}"
     try:
         yield temp_path
@@ -47,7 +47,7 @@ def atomic_write(path: str | os.PathLike) -> Iterator[Path]:
         raise
 
 
-def _require_writable_folder(folder: Path) -> None:
+def require_writable_folder(folder: Path) -> None:
     """Create `folder` if needed and check that files can be created in it."""
     try:
         folder.mkdir(parents=True, exist_ok=True)

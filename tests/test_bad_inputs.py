@@ -540,10 +540,6 @@ def test_entry_point_config_typo_is_hydras_error(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
-@pytest.mark.xfail(strict=True, reason="conf/generate.yaml sets hydra.run.dir=${output_dir}, so Hydra itself "
-                   "mkdirs output_dir before launch/generate.py's main runs: an output_dir that cannot be created "
-                   "ends in Hydra's NotADirectoryError/PermissionError traceback and exit 1, not one 'error:' line "
-                   "and exit 2")
 @pytest.mark.timeout(300)
 def test_entry_point_output_dir_is_a_file(tmp_path, models):
     ws = Workspace(tmp_path / "ws", models.hidden_dim)

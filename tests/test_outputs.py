@@ -41,10 +41,7 @@ def test_write_mp4_disk_full_leaves_nothing(tmp_path, monkeypatch):
         def __init__(self, path, **options):
             self.file = open(path, "wb")
 
-        def __enter__(self):
-            return self
-
-        def __exit__(self, *exc_info):
+        def close(self):
             self.file.close()
 
         def append_data(self, frame):
