@@ -53,7 +53,7 @@ def _generate(cfg: DictConfig, processes: Processes) -> int:
     from parallel.distributed import rank_device, start_process_group, stop_process_group
     from parallel.layout import layout_from_config
     from parallel.parallelize import parallelize
-    from bindweave.hydra_support import save_run_config
+    from bindweave.hydra_support import save_job_result, save_run_config
     from parallel.runtime import RaisedOnRank0, Runtime
 
     if cfg.on_error not in ("fail", "skip"):
@@ -108,11 +108,15 @@ def _generate(cfg: DictConfig, processes: Processes) -> int:
         # A sample's inputs are read by every rank of its group, and they fail alike: its writer reports.
         if runtime.is_writer and not isinstance(error, RaisedOnRank0):
             report_input_error(error)
-        return {"exit_code": 2, "error": str(error)}
-    if runtime.is_writer:
-        log.info("done: %d written, %d already there, %d failed; videos in %s", len(summary["done"]),
-                 len(summary["skipped"]), len(summary["failed"]), run.output_dir.resolve())
-    return {**summary, "exit_code": 1 if summary["failed"] else 0}
+        summary = {"exit_code": 2, "error": str(error)}
+    else:
+        summary["exit_code"] = 1 if summary["failed"] else 0
+        if runtime.is_writer:
+            log.info("done: %d written, %d already there, %d failed; videos in %s", len(summary["done"]),
+                     len(summary["skipped"]), len(summary["failed"]), run.output_dir.resolve())
+    if runtime.is_writer:  # one result per data group, for the sweep summary
+        save_job_result(run.output_dir, runtime.data_rank, summary)
+    return summary
 
 
 def _job_output_dir(cfg: DictConfig) -> Path:

@@ -7,6 +7,7 @@ launch, and a requeued Slurm job gets its old folder back (so it resumes there).
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import signal
@@ -17,7 +18,7 @@ from typing import Callable
 
 import hydra
 
-from hydra.core.utils import JobStatus
+from hydra.core.hydra_config import HydraConfig
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
@@ -40,32 +41,47 @@ def register_resolvers() -> None:
 
 
 class SweepSummary(Callback):
-    """Collects each job's result and prints one table when a multirun ends."""
+    """One table when a multirun ends, read from each job folder's results on disk.
 
-    def __init__(self) -> None:
-        self.rows: list[tuple[str, str, str]] = []
-
-    def on_job_end(self, config, job_return, **kwargs) -> None:
-        overrides = " ".join(job_return.overrides or []) or "(defaults)"
-        result = job_return.return_value if job_return.status == JobStatus.COMPLETED else None
-        if isinstance(result, dict) and "done" in result:
-            status = f"{len(result['done'])} done, {len(result['skipped'])} skipped, {len(result['failed'])} failed"
-            where = str(result.get("output_dir", ""))
-        elif isinstance(result, dict):
-            status, where = f"error: {result.get('error', '')}"[:80], ""
-        elif job_return.status == JobStatus.COMPLETED:
-            status, where = f"exit code {result}", ""
-        else:  # a failed job keeps its exception in _return_value (return_value would re-raise it)
-            status, where = f"{job_return.status.name}: {job_return._return_value!r}"[:80], ""
-        self.rows.append((overrides, status, where))
+    Built from files rather than from in-process job returns so that it also works when the jobs
+    ran elsewhere (hydra-submitit-launcher runs each job as a Slurm job in another process).
+    """
 
     def on_multirun_end(self, config, **kwargs) -> None:
-        if not self.rows or os.environ.get("RANK", "0") != "0":
+        if os.environ.get("RANK", "0") != "0":
             return
-        widths = [max(len(row[i]) for row in self.rows + [("job", "result", "output")]) for i in range(3)]
-        lines = ["sweep summary:", "  ".join(h.ljust(w) for h, w in zip(("job", "result", "output"), widths))]
-        lines += ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)) for row in self.rows]
+        sweep_dir = Path(str(config.hydra.sweep.dir))
+        jobs = sorted((p for p in sweep_dir.iterdir() if p.is_dir() and p.name.isdigit()), key=lambda p: int(p.name)) \
+            if sweep_dir.is_dir() else []
+        rows = [(job_overrides(job), job_status(job), str(job)) for job in jobs]
+        if not rows:
+            return
+        header = ("job", "result", "output")
+        widths = [max(len(row[i]) for row in [header, *rows]) for i in range(3)]
+        lines = ["sweep summary:", *("  ".join(cell.ljust(w) for cell, w in zip(row, widths)) for row in [header, *rows])]
         log.info("\n".join(lines))
+
+
+def job_overrides(job: Path) -> str:
+    path = job / ".hydra" / "overrides.yaml"
+    return " ".join(OmegaConf.load(path)) if path.exists() else "?"
+
+
+def job_status(job: Path) -> str:
+    """Summed over the job's data groups (each writer leaves ``.hydra/result.data<N>.json``)."""
+    results = [json.loads(path.read_text()) for path in sorted((job / ".hydra").glob("result.*.json"))]
+    if not results:
+        return "no result (the job ended early: see its log)"
+    counts = {key: sum(len(result.get(key, ())) for result in results) for key in ("done", "skipped", "failed")}
+    status = f"{counts['done']} done, {counts['skipped']} skipped, {counts['failed']} failed"
+    exit_code = max(result.get("exit_code", 0) for result in results)
+    return status if exit_code == 0 else f"{status}, exit code {exit_code}"
+
+
+def save_job_result(folder: Path, data_rank: int, result: dict) -> None:
+    from bindweave.outputs import write_json
+
+    write_json(folder / ".hydra" / f"result.data{data_rank}.json", result)
 
 
 CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
@@ -79,6 +95,9 @@ def save_run_config(cfg: DictConfig, folder: Path) -> None:
     require_writable_folder(folder)
     with atomic_write(folder / ".hydra" / "config.yaml") as temp_path:
         temp_path.write_text(OmegaConf.to_yaml(cfg, resolve=True))
+    if HydraConfig.initialized():
+        with atomic_write(folder / ".hydra" / "overrides.yaml") as temp_path:
+            temp_path.write_text(OmegaConf.to_yaml(list(HydraConfig.get().overrides.task)))
 
 
 def run_hydra_app(config_name: str, command: Callable[[DictConfig], dict | int]) -> None:

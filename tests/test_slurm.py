@@ -274,10 +274,6 @@ def test_submitit_launcher_sweep_reports_success(submitit_sweep):
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
 
 
-@pytest.mark.xfail(strict=True, reason="bindweave/hydra_support.py SweepSummary collects rows in on_job_end, which "
-                   "hydra-submitit-launcher runs inside each Slurm job (another process), so on_multirun_end in the "
-                   "submitting process has no rows and prints no 'sweep summary' table; build the table from the "
-                   "JobReturns the launcher hands back (or from each job folder's result) instead.")
 @pytest.mark.timeout(300)
 def test_submitit_launcher_sweep_prints_the_summary_table(submitit_sweep):
     _, result, _ = submitit_sweep
