@@ -1,4 +1,4 @@
-"""Shared fixtures: the tiny model set (written once per session) and the ../shared fixtures."""
+"""Shared fixtures: the tiny model set (written once per session) and the ../shared sample cases."""
 
 import os
 from pathlib import Path
@@ -22,11 +22,17 @@ def one_torch_thread():
     torch.set_num_threads(threads)
 
 
+# Tests of the real sample cases skip with this message when ../shared is not beside the repo.
+needs_opens2v = pytest.mark.skipif(not OPENS2V.is_dir(),
+                                   reason=f"real OpenS2V fixtures not found at {OPENS2V} (../shared)")
+
+
 @pytest.fixture(scope="session")
-def opens2v() -> Path:
-    if not OPENS2V.is_dir():
-        pytest.skip(f"real sample cases not found at {OPENS2V} (../shared beside the repo)")
-    return OPENS2V
+def tiny_models(tmp_path_factory):
+    """The tiny model set, written once per test session (read-only for the tests)."""
+    from bindweave.tiny import write_tiny_models
+
+    return write_tiny_models(tmp_path_factory.mktemp("tiny-models"))
 
 
 @pytest.fixture(scope="session")

@@ -47,10 +47,8 @@ BAD, GOOD = "a_bad", "b_good"  # sorted: the bad sample runs first, the good one
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    from bindweave.tiny import write_tiny_models
-
-    return write_tiny_models(tmp_path_factory.mktemp("tiny-models"))
+def tiny(tiny_models):
+    return tiny_models
 
 
 @pytest.fixture(scope="module")

@@ -14,6 +14,7 @@ from bindweave.attention import AttentionHook, CrossAttnProcessor
 from bindweave.fast import PreferredKernelAttention, SpeedOptions, apply_speed_options, fuse_projections
 from bindweave.flops import ForwardTokens, dit_forward_flops, video_tokens
 from bindweave.transformer import TINY_CONFIG, BindWeaveTransformer
+from test_transformer import inputs as tiny_inputs  # the same seeded tiny DiT inputs
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -21,19 +22,6 @@ REPO = Path(__file__).resolve().parents[1]
 def tiny_model(seed=0):
     torch.manual_seed(seed)
     return BindWeaveTransformer(**TINY_CONFIG).eval()
-
-
-def tiny_inputs(qwen_tokens=7, clip_tokens=1028, frames=3, height=8, width=12, seed=1):
-    generator = torch.Generator().manual_seed(seed)
-    c = TINY_CONFIG
-    return dict(
-        latents=torch.randn(1, 16, frames, height, width, generator=generator),
-        timestep=torch.tensor([937]),
-        t5_embeds=torch.randn(1, 512, c["text_dim"], generator=generator),
-        qwen_states=torch.randn(1, qwen_tokens, c["mllm_dim"], generator=generator),
-        clip_embeds=torch.randn(1, clip_tokens, c["image_dim"], generator=generator),
-        condition=torch.randn(1, 20, 4 + frames, height, width, generator=generator),
-    )
 
 
 def load_bench_module():

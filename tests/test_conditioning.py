@@ -24,19 +24,17 @@ from bindweave.conditioning import (
 )
 from bindweave.data import load_reference_image
 from bindweave.errors import BindWeaveInputError
-from bindweave.tiny import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, write_tiny_models
+from bindweave.tiny import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 
-OPENS2V = Path(__file__).resolve().parents[1].parent / "shared" / "fixtures" / "opens2v"
-needs_opens2v = pytest.mark.skipif(
-    not OPENS2V.is_dir(), reason=f"real OpenS2V fixtures not found at {OPENS2V} (../shared)")
+from conftest import OPENS2V, needs_opens2v
 
 # The demo resolution's canvas: latents 24 x 40.
 DEMO_WIDTH, DEMO_HEIGHT = 320, 192
 
 
 @pytest.fixture(scope="module")
-def wan_folder(tmp_path_factory) -> Path:
-    return write_tiny_models(tmp_path_factory.mktemp("tiny")).wan
+def wan_folder(tiny_models) -> Path:
+    return tiny_models.wan
 
 
 @pytest.fixture(scope="module")

@@ -20,9 +20,7 @@ from bindweave.data import (
 )
 from bindweave.errors import BindWeaveInputError
 
-OPENS2V = Path(__file__).resolve().parents[1].parent / "shared" / "fixtures" / "opens2v"
-needs_opens2v = pytest.mark.skipif(
-    not OPENS2V.is_dir(), reason=f"real OpenS2V fixtures not found at {OPENS2V} (../shared)")
+from conftest import OPENS2V, needs_opens2v
 
 
 def write_meta(folder: Path, meta: object) -> Path:

@@ -20,20 +20,15 @@ from bindweave.errors import BindWeaveInputError
 from bindweave.extract import ExtractSettings, SampleFiles, run_extract, run_extract_command
 from bindweave.prompts import QWEN_NEGATIVE_PROMPT
 from bindweave.qwen import QwenSettings, build_inputs, load_qwen, prescale_references
-from bindweave.tiny import write_tiny_models
 
 REPO = Path(__file__).resolve().parents[1]
-OPENS2V = REPO.parent / "shared" / "fixtures" / "opens2v"
-needs_opens2v = pytest.mark.skipif(not OPENS2V.is_dir(),
-                                   reason=f"real OpenS2V fixtures not found at {OPENS2V} (../shared)")
+from conftest import OPENS2V, needs_opens2v  # noqa: E402
 TINY_HIDDEN = 40  # the tiny Qwen's hidden size = the tiny DiT's mllm_dim
 
 
 @pytest.fixture(scope="session")
-def tiny_root(tmp_path_factory):
-    root = tmp_path_factory.mktemp("tiny-models")
-    write_tiny_models(root)
-    return root
+def tiny_root(tiny_models):
+    return tiny_models.qwen.parent
 
 
 @pytest.fixture(scope="session")

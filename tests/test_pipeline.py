@@ -33,12 +33,8 @@ SAMPLER = SamplerSettings(num_steps=2)
 
 
 @pytest.fixture(scope="module")
-def tiny_root(tmp_path_factory):
-    from bindweave.tiny import write_tiny_models
-
-    root = tmp_path_factory.mktemp("tiny-models")
-    write_tiny_models(root)
-    return root
+def tiny_root(tiny_models):
+    return tiny_models.wan.parent
 
 
 @pytest.fixture(scope="module")

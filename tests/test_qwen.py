@@ -23,7 +23,6 @@ from bindweave.qwen import (
     resize_for_vision,
     smart_resize,
 )
-from bindweave.tiny import write_tiny_models
 
 IMAGES = Path(__file__).resolve().parents[1].parent / "shared" / "fixtures" / "opens2v" / "Images"
 needs_fixtures = pytest.mark.skipif(not IMAGES.is_dir(),
@@ -31,8 +30,8 @@ needs_fixtures = pytest.mark.skipif(not IMAGES.is_dir(),
 
 
 @pytest.fixture(scope="session")
-def qwen(tmp_path_factory):
-    folder = write_tiny_models(tmp_path_factory.mktemp("tiny-models")).qwen
+def qwen(tiny_models):
+    folder = tiny_models.qwen
     return load_qwen(QwenSettings(path=str(folder), device="cpu"))
 
 

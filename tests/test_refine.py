@@ -25,7 +25,6 @@ from bindweave.refine import (
     refine_samples,
     run_refine_command,
 )
-from bindweave.tiny import write_tiny_models
 
 REPO = Path(__file__).resolve().parents[1]
 KEY_ENV = "BINDWEAVE_TEST_API_KEY"
@@ -227,10 +226,8 @@ def test_interrupted_run_keeps_finished_samples(server, demo_meta, tmp_path):
 
 
 @pytest.fixture(scope="session")
-def tiny_root(tmp_path_factory):
-    root = tmp_path_factory.mktemp("tiny-models")
-    write_tiny_models(root)
-    return root
+def tiny_root(tiny_models):
+    return tiny_models.qwen.parent
 
 
 def test_local_qwen_refines_and_refuses_cut_off_answers(tiny_root, demo_meta, tmp_path):
