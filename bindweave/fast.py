@@ -6,11 +6,16 @@ PyTorch 2.11 already prefers it there, other versions and GPUs may not). The res
 layers, which cuBLAS runs near the matmul rate, and element-wise work on [90,000 x 5120]
 activations (norms and modulation in fp32 as diffusers/Wan do them, RoPE in float64 as diffusers
 does): each eager op is a separate pass over 1-4 GB, and regional ``torch.compile`` fuses each
-chain into one pass without changing what is computed. docs/PERFORMANCE.md has the measurements.
+chain into one pass without changing what is computed. ``attention="fa4"`` goes further on Hopper
+and Blackwell: FlashAttention-4 (the ``flash-attn-4`` package: CuTe-DSL kernels compiled on first
+use, cached on disk) runs self-attention instead of an SDPA kernel. docs/PERFORMANCE.md has the
+measurements.
 
     apply_speed_options(model, SpeedOptions())   # cuDNN self-attention, fused QKV, compiled blocks
 """
 
+import logging
+import os
 from dataclasses import dataclass
 
 import torch
@@ -19,6 +24,8 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from bindweave.attention import AttentionHook, sdpa
 
+log = logging.getLogger("bindweave")
+
 # Each name puts its kernel first and keeps the others as fallbacks, so an input the preferred
 # kernel cannot take (or a CPU tensor) still runs.
 SDPA_PRIORITIES = {
@@ -26,13 +33,40 @@ SDPA_PRIORITIES = {
     "flash": [SDPBackend.FLASH_ATTENTION, SDPBackend.CUDNN_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH],
     "efficient": [SDPBackend.EFFICIENT_ATTENTION, SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.MATH],
 }
-ATTENTION_CHOICES = (*SDPA_PRIORITIES, "default")
+ATTENTION_CHOICES = (*SDPA_PRIORITIES, "fa4", "default", "auto")
+FA4_INSTALL_HINT = "pip install 'flash-attn-4[cu13]' (cu12 for CUDA 12), or choose attention=cudnn"
+
+
+def import_fa4():
+    """FlashAttention-4's attention function, with its kernel cache on disk unless the environment
+    says otherwise (on an H100 the import takes ~7 s and each new shape compiles for ~2 s on first
+    use; the cache makes later runs skip the compile)."""
+    os.environ.setdefault("FLASH_ATTENTION_CUTE_DSL_CACHE_ENABLED", "1")
+    try:
+        from flash_attn.cute.interface import flash_attn_func
+    except ImportError as error:
+        raise RuntimeError(f"attention=fa4 needs FlashAttention-4, which does not import ({error}): "
+                           f"{FA4_INSTALL_HINT}") from error
+    return flash_attn_func
+
+
+# An opaque op for torch.compile: FA4 launches JIT-compiled kernels from Python, which dynamo
+# cannot trace. It takes the hook's [B, L, H, D] layout as it is (no transposes).
+@torch.library.custom_op("bindweave::fa4_attention", mutates_args=())
+def fa4_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+    out, _ = import_fa4()(query, key, value)
+    return out
+
+
+@fa4_attention.register_fake
+def _(query, key, value):
+    return torch.empty_like(query)
 
 
 @dataclass(frozen=True)
 class SpeedOptions:
     """``attention``: the SDPA kernel tried first for self-attention (``default``: PyTorch's own
-    order); ``fuse_projections``: one GEMM for q/k/v (and for each cross-attention K/V pair);
+    order; ``fa4``: FlashAttention-4, not SDPA; ``auto``: see ``resolve_attention``); ``fuse_projections``: one GEMM for q/k/v (and for each cross-attention K/V pair);
     ``compile``: ``torch.compile`` each transformer block (one graph, reused by all 40 blocks)."""
 
     attention: str = "cudnn"
@@ -44,15 +78,33 @@ class SpeedOptions:
             raise ValueError(f"attention={self.attention!r}: choose one of {', '.join(ATTENTION_CHOICES)}")
 
 
+def resolve_attention(choice: str, device: torch.device) -> str:
+    """``auto``: FA4 where it runs and is installed (CUDA, compute capability 9.x or 10.x, i.e.
+    Hopper or datacenter Blackwell), cuDNN SDPA otherwise. Other choices are returned as they are."""
+    if choice != "auto":
+        return choice
+    if device.type == "cuda" and torch.cuda.get_device_capability(device)[0] in (9, 10):
+        try:
+            import_fa4()
+            return "fa4"
+        except RuntimeError as error:
+            log.info("attention=auto: cuDNN SDPA (%s)", error)
+    return "cudnn"
+
+
 class PreferredKernelAttention(AttentionHook):
-    """Single-device self-attention with an SDPA kernel tried first (``SDPA_PRIORITIES``)."""
+    """Single-device self-attention with an SDPA kernel tried first (``SDPA_PRIORITIES``), or FA4."""
 
     def __init__(self, kernel: str):
+        if kernel == "fa4":
+            import_fa4()  # a missing package fails here, before any weight is loaded or step run
         self.kernel = kernel
 
     def self_attention(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
         if self.kernel == "default":
             return sdpa(query, key, value)
+        if self.kernel == "fa4":
+            return fa4_attention(query, key, value)
         # torch.compile records this context in the graph, so the compiled block keeps the choice.
         with sdpa_kernel(SDPA_PRIORITIES[self.kernel], set_priority=True):
             return sdpa(query, key, value)
@@ -90,7 +142,9 @@ def apply_speed_options(model: torch.nn.Module, options: SpeedOptions) -> torch.
     Multi-GPU runs install their own attention hook (``parallel/``) after this; the fused
     projections and the compiled blocks stay.
     """
-    model.set_attention_hook(PreferredKernelAttention(options.attention))
+    attention = resolve_attention(options.attention, next(model.parameters()).device)
+    log.info("self-attention kernel: %s", attention)
+    model.set_attention_hook(PreferredKernelAttention(attention))
     if options.fuse_projections:
         fuse_projections(model)
     if options.compile:

@@ -77,7 +77,7 @@ class ModelSettings:
     vae_tiling: bool = False
     offload_encoders: bool = False  # move T5 + CLIP to the CPU after each sample's conditioning
     # Speed options of the DiT (bindweave/fast.py; same function, measured in docs/PERFORMANCE.md).
-    attention_kernel: str = "cudnn"  # SDPA kernel tried first for self-attention: cudnn | flash | efficient | default
+    attention_kernel: str = "auto"  # self-attention: auto | fa4 | cudnn | flash | efficient | default (fast.py)
     fuse_projections: bool = False  # one GEMM for q/k/v (weights held once)
     compile: bool = False  # torch.compile each block (one graph for all 40; ~20 s once per process)
 
@@ -282,7 +282,8 @@ def generate_sample(models: Stage3Models, sample: Sample, video: VideoSettings, 
         shown = tqdm(timesteps, desc=f"{sample.sample_id} steps", leave=False) if progress else timesteps
         for index, timestep in enumerate(shown):
             yield timestep
-            if index == 0:  # the first step is done: from process start, this includes loading
+            if index == 0:  # the first step is done: it includes compiling; from process start, loading too
+                timings["first_step_s"] = time.perf_counter() - mark
                 timings.setdefault("first_step_since_process_start_s", seconds_since_process_start())
 
     mark = time.perf_counter()

@@ -51,7 +51,8 @@ from bindweave.fullsize import (  # noqa: E402
     WAN_VAE_CONFIG,
     fill_random_,
 )
-from bindweave.fast import PreferredKernelAttention, SpeedOptions, fuse_projections  # noqa: E402
+from bindweave.fast import (PreferredKernelAttention, SpeedOptions, fa4_attention, fuse_projections,  # noqa: E402
+                            import_fa4)
 from bindweave.flops import ForwardTokens, dit_forward_flops, video_tokens  # noqa: E402
 from bindweave.transformer import BINDWEAVE_14B_CONFIG, TINY_CONFIG, BindWeaveTransformer  # noqa: E402
 
@@ -154,10 +155,13 @@ class Report:
         """False (and noted) if a step estimated at ``estimate_s`` would end past the deadline."""
         if self.deadline_s is None or self.elapsed() + estimate_s <= self.deadline_s:
             return True
-        self.data["skipped"][name] = f"estimated {estimate_s:.0f} s, {self.deadline_s - self.elapsed():.0f} s left"
-        log.warning("skipping %s: %s", name, self.data["skipped"][name])
-        self.write()
+        self.skip(name, f"estimated {estimate_s:.0f} s, {self.deadline_s - self.elapsed():.0f} s left")
         return False
+
+    def skip(self, name: str, why: str):
+        self.data["skipped"][name] = why
+        log.warning("skipping %s: %s", name, why)
+        self.write()
 
     def fail(self, name: str, error: Exception):
         log.exception("%s failed", name)
@@ -354,6 +358,21 @@ def dit_variants(cfg: DictConfig) -> list[DitVariant]:
     return variants
 
 
+def kernel_available(variant: DitVariant, device: torch.device, report: Report) -> bool:
+    """FA4 variants need a CUDA GPU and the flash-attn-4 package; without them they are skipped
+    (noted in the report) and the other variants still run."""
+    if variant.options is None or variant.options.attention != "fa4":
+        return True
+    try:
+        if device.type != "cuda":
+            raise RuntimeError("FA4 runs on CUDA GPUs only")
+        import_fa4()
+    except RuntimeError as error:
+        report.skip(f"dit_{variant.name}", str(error))
+        return False
+    return True
+
+
 class DitStates:
     """Switches one model between variants in any order, without rebuilding or recompiling.
 
@@ -417,7 +436,7 @@ def run_dit(cfg: DictConfig, shape: dict, device: torch.device, report: Report, 
                            qwen=shape["qwen_tokens"],
                            clip=config["max_references"] * config["image_tokens_per_reference"])
     flops = dit_forward_flops(full_config, tokens)
-    variants = dit_variants(cfg)
+    variants = [variant for variant in dit_variants(cfg) if kernel_available(variant, device, report)]
     log.info("DiT: %d of %d blocks, %d video tokens, %.3f PFLOP per full forward; variants %s", layers,
              full_layers, tokens.video, flops["total"] / 1e15, [variant.name for variant in variants])
 
@@ -556,8 +575,18 @@ def run_attention(cfg: DictConfig, shape: dict, device: torch.device, report: Re
         "cross_image": (query, *views(token_major(image_keys, 2)), image_keys),
         "cross_text": (query, *views(token_major(text_keys, 2)), text_keys),
     }
-    kernels = {"cudnn": SDPBackend.CUDNN_ATTENTION, "flash": SDPBackend.FLASH_ATTENTION,
-               "efficient": SDPBackend.EFFICIENT_ATTENTION} if device.type == "cuda" else {"math": SDPBackend.MATH}
+    def sdpa_with(backend):
+        def attend(q, k, v):
+            with sdpa_kernel(backend):
+                return torch.nn.functional.scaled_dot_product_attention(q, k, v)
+        return attend
+
+    def fa4(q, k, v):  # FA4 takes the token-major layout the views came from
+        return fa4_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)).transpose(1, 2)
+
+    kernels = {"cudnn": sdpa_with(SDPBackend.CUDNN_ATTENTION), "flash": sdpa_with(SDPBackend.FLASH_ATTENTION),
+               "efficient": sdpa_with(SDPBackend.EFFICIENT_ATTENTION), "fa4": fa4} if device.type == "cuda" \
+        else {"math": sdpa_with(SDPBackend.MATH)}
     result = {"tokens": n, "key_tokens": {"cross_image": image_keys, "cross_text": text_keys},
               "default_kernel": SDPBackend(torch._fused_sdp_choice(*separate)).name, "tflops": {}}
     for case, (q, k, v, keys) in cases.items():
@@ -565,10 +594,8 @@ def run_attention(cfg: DictConfig, shape: dict, device: torch.device, report: Re
             if kernel_name == "efficient" and case in ("self/fused_qkv_view", "self/heads_major"):
                 continue  # 3x slower than cuDNN: its layouts do not matter
             try:
-                with sdpa_kernel(kernel):
-                    timing = measure(lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v),
-                                     Clock(device), cfg.warmup, cfg.repeats)
-            except RuntimeError as error:  # a kernel that does not take this input
+                timing = measure(lambda: kernel(q, k, v), Clock(device), cfg.warmup, cfg.repeats)
+            except RuntimeError as error:  # a kernel that does not take this input, or is not installed
                 result["tflops"][f"{case}/{kernel_name}"] = f"unavailable: {str(error)[:100]}"
                 continue
             result["tflops"][f"{case}/{kernel_name}"] = 4 * n * keys * heads * head_dim / timing["median_s"] / 1e12
