@@ -16,6 +16,7 @@ measurements.
 
 import logging
 import os
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -42,6 +43,9 @@ def import_fa4():
     says otherwise (on an H100 the import takes ~7 s and each new shape compiles for ~2 s on first
     use; the cache makes later runs skip the compile)."""
     os.environ.setdefault("FLASH_ATTENTION_CUTE_DSL_CACHE_ENABLED", "1")
+    # flash-attn-4 4.0 warns at each kernel compile that its aux_data argument is not a JIT
+    # argument: internal to the library and harmless, but it fills the job log.
+    warnings.filterwarnings("ignore", message=r"Argument aux_data .* cannot be converted to a JitArgument")
     try:
         from flash_attn.cute.interface import flash_attn_func
     except ImportError as error:
