@@ -30,7 +30,7 @@ from safetensors import SafetensorError, safe_open
 from tqdm import tqdm
 
 from bindweave.data import Sample, load_hidden_states, load_reference_image, read_meta, save_hidden_states
-from bindweave.errors import BindWeaveInputError, report_input_error
+from bindweave.errors import BindWeaveInputError, exits_2_on_input_error
 from bindweave.outputs import atomic_write, write_json
 from bindweave.prompts import QWEN_NEGATIVE_PROMPT
 from bindweave.qwen import (
@@ -223,16 +223,9 @@ def run_extract(qwen: QwenVL, meta_path: Path, image_root: Path | None, settings
 # ---- command line (launch/extract.py) ---------------------------------------------------------
 
 
+@exits_2_on_input_error
 def run_extract_command(cfg: DictConfig) -> int:
     """Exit code: 0 done, 2 bad input/config (one clear message)."""
-    try:
-        return _extract(cfg)
-    except BindWeaveInputError as error:
-        report_input_error(error)
-        return 2
-
-
-def _extract(cfg: DictConfig) -> int:
     from bindweave.demo_cases import write_demo_cases
     from parallel.distributed import detect_processes, rank_device, start_process_group, stop_process_group
 

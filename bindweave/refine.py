@@ -33,7 +33,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from bindweave.data import Sample, load_reference_image, read_meta
-from bindweave.errors import BindWeaveInputError, report_input_error
+from bindweave.errors import BindWeaveInputError, exits_2_on_input_error
 from bindweave.outputs import write_json
 from bindweave.qwen import QwenSettings, QwenVL, build_inputs, load_qwen, prescale_references
 
@@ -257,15 +257,6 @@ def _read_previous(output_meta: Path) -> dict:
 # ---- command line (launch/refine.py) ----------------------------------------------------------
 
 
-def run_refine_command(cfg: DictConfig) -> int:
-    """Exit code: 0 done, 2 bad input/config/endpoint (one clear message)."""
-    try:
-        return _refine(cfg)
-    except BindWeaveInputError as error:
-        report_input_error(error)
-        return 2
-
-
 def make_refiner(cfg: DictConfig):
     try:
         options = OmegaConf.to_container(cfg.refiner, throw_on_missing=True)
@@ -279,7 +270,9 @@ def make_refiner(cfg: DictConfig):
     raise BindWeaveInputError(f"refiner.backend={backend}: use refiner=openai or refiner=local")
 
 
-def _refine(cfg: DictConfig) -> int:
+@exits_2_on_input_error
+def run_refine_command(cfg: DictConfig) -> int:
+    """Exit code: 0 done, 2 bad input/config/endpoint (one clear message)."""
     from bindweave.demo_cases import write_demo_cases
 
     if cfg.data.meta_path is None:

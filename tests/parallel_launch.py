@@ -19,6 +19,14 @@ REPO = Path(__file__).resolve().parents[1]
 LAUNCH_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
 
 
+def plain_env(**extra: str) -> dict:
+    """This environment without launcher or Slurm variables, one CPU thread, unbuffered output."""
+    env = {name: value for name, value in os.environ.items()
+           if name not in LAUNCH_VARIABLES and not name.startswith("SLURM_")}
+    env.update(PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1", **extra)
+    return env
+
+
 def run_script(script: str | Path, *args: str, processes: int | None, timeout: float,
                check: bool = True) -> subprocess.CompletedProcess:
     """``processes=None``: one plain process; N: ``torchrun --standalone --nproc_per_node=N``.
@@ -29,9 +37,7 @@ def run_script(script: str | Path, *args: str, processes: int | None, timeout: f
     script = REPO / script
     launcher = [] if processes is None else ["-m", "torch.distributed.run", "--standalone",
                                              f"--nproc_per_node={processes}"]
-    env = {name: value for name, value in os.environ.items()
-           if name not in LAUNCH_VARIABLES and not name.startswith("SLURM_")}
-    env.update(OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")])))
+    env = plain_env(PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])))
     result = subprocess.run([sys.executable, *launcher, str(script), *map(str, args)], cwd=REPO, env=env,
                             capture_output=True, text=True, timeout=timeout)
     if check and result.returncode != 0:

@@ -28,6 +28,7 @@ import torch
 from bindweave.outputs import read_mp4_info
 from bindweave.pipeline import ModelSettings, RunSettings, VideoSettings, load_stage3_models, run_generation
 from bindweave.sampler import SamplerSettings
+from parallel_launch import plain_env  # tests/ is on sys.path
 
 REPO = Path(__file__).resolve().parents[1]
 VIDEO = VideoSettings(height=48, width=64, num_frames=5)
@@ -58,14 +59,6 @@ def meta_path(work: Path) -> Path:
 
 def sample_ids(work: Path) -> list[str]:
     return sorted(json.loads(meta_path(work).read_text()))
-
-
-def plain_env() -> dict:
-    env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
-    for name in list(env):
-        if name.startswith("SLURM_") or name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-            del env[name]
-    return env
 
 
 def finished(folder: Path) -> set[str]:

@@ -16,7 +16,6 @@ Everything runs at the tiny size (48x64, 5 frames, 4 steps) on CPU with gloo.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -26,6 +25,7 @@ from pathlib import Path
 import pytest
 
 from bindweave.outputs import read_mp4_info
+from parallel_launch import plain_env  # tests/ is on sys.path
 from slurm_cluster import slurm  # noqa: F401  (the session fixture; tests/ is on sys.path)
 
 REPO = Path(__file__).resolve().parents[1]
@@ -96,14 +96,6 @@ def work(tmp_path_factory):
 
 def meta_args(work: Path, name: str = "meta9.json") -> list[str]:
     return [f"data.meta_path={work / '.cache' / 'demo-cases' / name}"]
-
-
-def plain_env() -> dict:
-    env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
-    for name in list(env):
-        if name.startswith("SLURM_") or name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-            del env[name]
-    return env
 
 
 def job_env(work: Path, **knobs: str) -> dict:
