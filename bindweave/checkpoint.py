@@ -48,7 +48,7 @@ def resolve_folder(path_or_repo_id: str | os.PathLike, subfolder: str | None = N
     except Exception as error:  # network, auth, missing repo, offline cache miss
         raise BindWeaveInputError(
             f"could not get {repo_id} from the Hugging Face hub ({type(error).__name__}: {error}). Download it "
-            f"first (see README: huggingface-cli download {repo_id} --local-dir ...) and pass the local folder"
+            f"first (see README: hf download {repo_id} --local-dir ...) and pass the local folder"
         ) from error
     return Path(snapshot) / subfolder if subfolder else Path(snapshot)
 
