@@ -25,7 +25,7 @@ from datetime import timedelta
 from pathlib import Path
 
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 from safetensors import SafetensorError, safe_open
 from tqdm import tqdm
 
@@ -34,7 +34,6 @@ from bindweave.errors import BindWeaveInputError, exits_2_on_input_error
 from bindweave.outputs import atomic_write, write_json
 from bindweave.prompts import QWEN_NEGATIVE_PROMPT
 from bindweave.qwen import (
-    QwenSettings,
     QwenVL,
     build_inputs,
     image_token_counts,
@@ -229,19 +228,22 @@ def run_extract_command(cfg: DictConfig) -> int:
     from bindweave.demo_cases import write_demo_cases
     from parallel.distributed import detect_processes, rank_device, start_process_group, stop_process_group
 
+    from bindweave.config import settings_of
+
+    job = settings_of(cfg)  # the schema's own checks (bindweave/config.py)
     settings = ExtractSettings(
-        output_dir=Path(cfg.output_dir),
-        output_meta=Path(cfg.output_meta) if cfg.output_meta else None,
-        write_official_pt=cfg.write_official_pt,
-        progress=cfg.progress,
+        output_dir=Path(job.output_dir),
+        output_meta=Path(job.output_meta) if job.output_meta else None,
+        write_official_pt=job.write_official_pt,
+        progress=job.progress,
     )
-    if cfg.data.meta_path is None:
-        meta_path, image_root = write_demo_cases(Path(cfg.data.demo_dir)), Path(cfg.data.demo_dir)
+    if job.data.meta_path is None:
+        meta_path, image_root = write_demo_cases(Path(job.data.demo_dir)), Path(job.data.demo_dir)
         log.info("demo: built-in cases at %s with the tiny random Qwen2.5-VL (the states are noise)", meta_path)
     else:
-        meta_path = Path(cfg.data.meta_path)
-        image_root = Path(cfg.data.image_root) if cfg.data.image_root else None
-    qwen_settings = QwenSettings(**OmegaConf.to_container(cfg.qwen))
+        meta_path = Path(job.data.meta_path)
+        image_root = Path(job.data.image_root) if job.data.image_root else None
+    qwen_settings = job.qwen
     processes = detect_processes()
     device_type = qwen_settings.device_type()
     # A barrier only, before rank 0 writes the meta JSON: ranks may finish hours apart.

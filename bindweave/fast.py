@@ -150,7 +150,7 @@ def apply_speed_options(model: torch.nn.Module, options: SpeedOptions) -> torch.
     projections and the compiled blocks stay.
     """
     attention = resolve_attention(options.attention, next(model.parameters()).device)
-    log.info("self-attention kernel: %s", attention)
+    log.debug("single-device self-attention kernel: %s", attention)  # the job logs what runs under its layout
     model.set_attention_hook(PreferredKernelAttention(attention))
     if options.fuse_projections:
         fuse_projections(model)

@@ -105,7 +105,10 @@ def run_hydra_app(config_name: str, command: Callable[[DictConfig], dict | int])
 
     ``command`` returns an exit code, or a summary dict with ``exit_code`` (the sweep table shows it).
     """
-    register_resolvers()
+    from bindweave.config import exit_on_bad_command_line, register_schemas
+
+    register_schemas()
+    exit_on_bad_command_line(config_name)  # every job of the command line, before Hydra runs any
     logging.captureWarnings(True)
     # scancel, preemption and torchrun's teardown send SIGTERM: unwind, so temp files are removed.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))

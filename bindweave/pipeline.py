@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import platform
+import re
 import resource
 import time
 from dataclasses import asdict, dataclass, field
@@ -28,7 +29,7 @@ from bindweave.conditioning import (
 )
 from bindweave.data import Sample, load_reference_image, load_sample_hidden_states, read_meta
 from bindweave.errors import BindWeaveInputError
-from bindweave.fast import SpeedOptions, apply_speed_options
+from bindweave.fast import ATTENTION_CHOICES, SpeedOptions, apply_speed_options
 from bindweave.outputs import video_done, write_json, write_mp4
 from bindweave.prompts import T5_NEGATIVE_PROMPT
 from bindweave.sampler import SamplerSettings, denoise, initial_noise, make_scheduler
@@ -38,6 +39,8 @@ from parallel.parallelize import own_samples
 from parallel.runtime import Runtime
 
 log = logging.getLogger("bindweave")
+MODEL_DTYPES = ("bfloat16", "float16", "float32")
+DEVICE_PATTERN = re.compile(r"auto|cpu|cuda(:\d+)?")
 SIDES = ("positive", "negative")
 
 
@@ -49,6 +52,10 @@ class VideoSettings:
     fps: int = 16
 
     def __post_init__(self):
+        for name in ("height", "width", "num_frames", "fps"):
+            if getattr(self, name) < 1:
+                raise BindWeaveInputError(f"video.{name}={getattr(self, name)} must be >= 1 (e.g. video.height=720 "
+                                          "video.width=1280 video.num_frames=81 video.fps=16)")
         if self.height % 16 or self.width % 16:
             raise BindWeaveInputError(
                 f"video.height={self.height} / video.width={self.width}: both must be multiples of 16 "
@@ -66,8 +73,8 @@ class VideoSettings:
 class ModelSettings:
     """Where the three weight sets are (local folders or HF repo ids) and how to hold them."""
 
-    dit: str
-    wan: str
+    dit: str | None = None  # the BindWeave DiT: a folder or a HF repo id
+    wan: str | None = None  # Wan2.1-I2V-14B-720P-Diffusers: VAE, UMT5-XXL + tokenizer, CLIP + processor
     dit_subfolder: str | None = None
     revision: str | None = None
     dtype: str = "bfloat16"
@@ -81,9 +88,27 @@ class ModelSettings:
     fuse_projections: bool = False  # one GEMM for q/k/v (weights held once)
     compile: bool = False  # torch.compile each block (one graph for all 40; ~20 s once per process)
 
+    def __post_init__(self):
+        problems = []
+        if self.dtype not in MODEL_DTYPES:
+            problems.append(f"model.dtype={self.dtype} is not one of {', '.join(MODEL_DTYPES)}")
+        if not DEVICE_PATTERN.fullmatch(self.device):
+            problems.append(f"model.device={self.device} is not auto, cpu, cuda or cuda:N")
+        if self.attention_kernel not in ATTENTION_CHOICES:
+            problems.append(f"model.attention_kernel={self.attention_kernel} is not one of {', '.join(ATTENTION_CHOICES)}")
+        if problems:
+            raise BindWeaveInputError("; ".join(problems))
+
     @property
     def torch_dtype(self) -> torch.dtype:
         return getattr(torch, self.dtype)
+
+    def require_weights(self) -> None:
+        """The job needs weights: a tiny set, or both the DiT and the Wan folders."""
+        if not self.tiny_root and not (self.dit and self.wan):
+            raise BindWeaveInputError("model.dit and model.wan must name the weights (folders or HF repo ids): use "
+                                      "model=bindweave_14b [model.dit=weights/BindWeave model.wan=weights/"
+                                      "Wan2.1-I2V-14B-720P-Diffusers], or model=tiny")
 
     def resolved_device(self) -> torch.device:
         if self.device == "auto":
@@ -114,6 +139,8 @@ class Stage3Models:
     provenance: dict = field(default_factory=dict)
     negative_t5: torch.Tensor | None = None
     offload_encoders: bool = False  # T5 + CLIP live on the CPU between uses (GPU memory for the DiT)
+    # The kernel that runs at each attention call site once the layout is applied (sidecars, log).
+    attention_kernels: dict = field(default_factory=dict)
 
     def encoders_to(self, device: torch.device) -> None:
         if self.offload_encoders:
@@ -141,11 +168,13 @@ def load_stage3_models(settings: ModelSettings, runtime: Runtime | None = None) 
     if "dit" in sharded:
         from parallel.fsdp import load_sharded_bindweave
 
+        if settings.fuse_projections or settings.compile:  # refused with the reason before loading (entry.py)
+            raise BindWeaveInputError("model.fuse_projections / model.compile cannot apply with parallel.fsdp=[dit]")
         transformer, _ = load_sharded_bindweave(dit_folder, runtime.fsdp_mesh, dtype, device)
     else:
         transformer = BindWeaveTransformer.from_pretrained(dit_folder, torch_dtype=dtype, device=device)
-        apply_speed_options(transformer, SpeedOptions(settings.attention_kernel, settings.fuse_projections,
-                                                      settings.compile))
+    apply_speed_options(transformer, SpeedOptions(settings.attention_kernel, settings.fuse_projections,
+                                                  settings.compile))
     offload_encoders = settings.offload_encoders and "t5" not in sharded
     # Offloaded encoders start on the CPU: they come to the GPU only while a sample is conditioned.
     encoder_device = torch.device("cpu") if offload_encoders else device
@@ -309,7 +338,7 @@ def generate_sample(models: Stage3Models, sample: Sample, video: VideoSettings, 
         "hidden_states": [str(p) for p in (sample.hidden_states_path, sample.hidden_states_path_negative) if p],
         "sample_fields": sample.fields, "models": models.provenance, "timings": timings,
         "memory": memory, "peak_memory_gib": peak_of(memory),
-        "versions": versions(), "parallel": asdict(runtime.layout),
+        "versions": versions(), "parallel": asdict(runtime.layout), "attention_kernels": models.attention_kernels,
     }
     # The sidecar is written last: its presence marks the sample as finished (resume).
     write_json(output_path.with_suffix(".json"), record)
@@ -317,9 +346,11 @@ def generate_sample(models: Stage3Models, sample: Sample, video: VideoSettings, 
 
 
 def run_generation(models: Stage3Models, run: RunSettings, video: VideoSettings, sampler: SamplerSettings,
-                   runtime: Runtime | None = None) -> dict:
+                   runtime: Runtime | None = None, known_bad: dict[str, str] | None = None) -> dict:
     """All samples of the meta JSON in sorted order (under a ``runtime``, this data group's share of
-    them); finished ones are skipped unless overwrite."""
+    them); finished ones are skipped unless overwrite. ``known_bad`` (sample id -> reason; found by
+    the check before loading, on_error=skip) are counted as failed and not run."""
+    known_bad = known_bad or {}
     runtime = runtime or Runtime.single_process(models.device)
 
     def output_path_of(sample: Sample) -> Path:
@@ -329,14 +360,16 @@ def run_generation(models: Stage3Models, run: RunSettings, video: VideoSettings,
         invalid: dict[str, str] = {}
         samples = read_meta(run.meta_path, run.image_root, invalid=invalid if run.on_error == "skip" else None)
         for sample_id, error in invalid.items():
-            log.error("%s: %s (skipped; on_error=skip)", sample_id, error)
+            if sample_id not in known_bad:
+                log.error("%s: %s (skipped; on_error=skip)", sample_id, error)
+        samples = [sample for sample in samples if sample.sample_id not in known_bad]
         return samples, {sample.sample_id for sample in samples if video_done(output_path_of(sample))}, invalid
 
     # Rank 0 reads the meta file and looks for finished outputs; every rank follows that one plan,
     # so the ranks sharing a sample never disagree about skipping it.
     samples, finished, invalid = runtime.from_rank0(plan)
     run.output_dir.mkdir(parents=True, exist_ok=True)
-    summary = {"done": [], "skipped": [], "failed": dict(invalid)}
+    summary = {"done": [], "skipped": [], "failed": {**invalid, **known_bad}}
     for sample in tqdm(own_samples(samples, runtime), desc="samples", disable=not run.progress):
         output_path = output_path_of(sample)
         if sample.sample_id in finished and not run.overwrite:

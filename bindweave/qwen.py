@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -46,6 +47,8 @@ MAX_PIXELS = 16384 * VISION_FACTOR * VISION_FACTOR
 MAX_ASPECT_RATIO = 200
 
 IMAGE_TOKEN = "<|image_pad|>"
+QWEN_DTYPES = ("auto", "bfloat16", "float16", "float32")
+QWEN_ATTENTION = ("sdpa", "flash_attention_2", "eager")
 TEXT_TOKEN_TYPE, IMAGE_TOKEN_TYPE = 0, 1
 
 
@@ -58,7 +61,24 @@ class QwenSettings:
     tiny_root: str | None = None  # set: write (once) and use the tiny random Qwen there instead
     dtype: str = "auto"  # auto: bfloat16 on GPU, float32 on CPU
     device: str = "auto"  # auto: the current CUDA device, else CPU
-    attn_implementation: str = "sdpa"
+    attn_implementation: str = "sdpa"  # or flash_attention_2 where installed, eager
+
+    def __post_init__(self):
+        problems = []
+        if self.dtype not in QWEN_DTYPES:
+            problems.append(f"qwen.dtype={self.dtype} is not one of {', '.join(QWEN_DTYPES)}")
+        if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", self.device):
+            problems.append(f"qwen.device={self.device} is not auto, cpu, cuda or cuda:N")
+        if self.attn_implementation not in QWEN_ATTENTION:
+            problems.append(f"qwen.attn_implementation={self.attn_implementation} is not one of "
+                            f"{', '.join(QWEN_ATTENTION)}")
+        if problems:
+            raise BindWeaveInputError("; ".join(problems))
+
+    def require_weights(self) -> None:
+        if not self.path and not self.tiny_root:
+            raise BindWeaveInputError("qwen.path must name the Qwen2.5-VL weights (a folder or a HF repo id): use "
+                                      "qwen=qwen2_5_vl_7b [qwen.path=weights/Qwen2.5-VL-7B-Instruct], or qwen=tiny")
 
     def device_type(self) -> str:
         """cuda or cpu, without touching a GPU (auto: CUDA if present)."""
@@ -76,8 +96,6 @@ class QwenSettings:
     def torch_dtype(self, device: torch.device) -> torch.dtype:
         if self.dtype == "auto":
             return torch.float32 if device.type == "cpu" else torch.bfloat16
-        if self.dtype not in ("bfloat16", "float16", "float32"):
-            raise BindWeaveInputError(f"qwen.dtype={self.dtype}: use auto, bfloat16, float16 or float32")
         return getattr(torch, self.dtype)
 
 

@@ -28,7 +28,7 @@ from pathlib import Path
 
 import requests
 import torch
-from omegaconf import DictConfig, MissingMandatoryValue, OmegaConf
+from omegaconf import DictConfig
 from PIL import Image
 from tqdm import tqdm
 
@@ -89,6 +89,14 @@ class EndpointSettings:
     max_retries: int = 5  # on 429, 5xx and connection errors
     retry_base_s: float = 2.0  # waits 2, 4, 8, ... seconds
     max_retry_s: float = 300.0  # never wait past this much time in all for one sample
+
+    def __post_init__(self):
+        if not self.base_url.startswith(("http://", "https://")):
+            raise BindWeaveInputError(f"refiner.base_url={self.base_url} is not an http(s) URL: e.g. "
+                                      "refiner.base_url=http://localhost:8000/v1")
+        if self.max_tokens < 1 or self.timeout_s <= 0 or self.max_retries < 0:
+            raise BindWeaveInputError(f"refiner.max_tokens={self.max_tokens}, refiner.timeout_s={self.timeout_s}, "
+                                      f"refiner.max_retries={self.max_retries}: use >= 1, > 0 and >= 0")
 
     @property
     def url(self) -> str:
@@ -179,6 +187,10 @@ class LocalSettings:
     # gibberish instead of refusing it.
     allow_truncated: bool = False
 
+    def __post_init__(self):
+        if self.max_new_tokens < 1:
+            raise BindWeaveInputError(f"refiner.max_new_tokens={self.max_new_tokens} must be >= 1")
+
 
 class LocalQwenRefiner:
     """Greedy generation with the local Qwen2.5-VL from the stage-2 message (text, then images)."""
@@ -257,36 +269,32 @@ def _read_previous(output_meta: Path) -> dict:
 # ---- command line (launch/refine.py) ----------------------------------------------------------
 
 
-def make_refiner(cfg: DictConfig):
-    try:
-        options = OmegaConf.to_container(cfg.refiner, throw_on_missing=True)
-    except MissingMandatoryValue as error:
-        raise BindWeaveInputError(f"refiner.{error.key} is not set: pass refiner.{error.key}=...") from None
-    backend = options.pop("backend")
-    if backend == "openai":
-        return EndpointRefiner(EndpointSettings(**options))
-    if backend == "local":
-        return LocalQwenRefiner(load_qwen(QwenSettings(**OmegaConf.to_container(cfg.qwen))), LocalSettings(**options))
-    raise BindWeaveInputError(f"refiner.backend={backend}: use refiner=openai or refiner=local")
+def make_refiner(refiner: EndpointSettings | LocalSettings, qwen: QwenSettings):
+    """The refiner its settings' type names (each conf/refiner option extends one schema)."""
+    if isinstance(refiner, EndpointSettings):
+        return EndpointRefiner(refiner)
+    return LocalQwenRefiner(load_qwen(qwen), refiner)
 
 
 @exits_2_on_input_error
 def run_refine_command(cfg: DictConfig) -> int:
     """Exit code: 0 done, 2 bad input/config/endpoint (one clear message)."""
+    from bindweave.config import settings_of
     from bindweave.demo_cases import write_demo_cases
 
-    if cfg.data.meta_path is None:
-        meta_path, image_root = write_demo_cases(Path(cfg.data.demo_dir)), Path(cfg.data.demo_dir)
+    job = settings_of(cfg)  # the schema's own checks (bindweave/config.py)
+    if job.data.meta_path is None:
+        meta_path, image_root = write_demo_cases(Path(job.data.demo_dir)), Path(job.data.demo_dir)
         log.info("demo: built-in cases at %s with the tiny random Qwen2.5-VL (the prompts are gibberish)", meta_path)
     else:
-        meta_path = Path(cfg.data.meta_path)
-        image_root = Path(cfg.data.image_root) if cfg.data.image_root else None
-    output_meta = Path(cfg.output_meta) if cfg.output_meta else Path(cfg.output_dir) / REFINED_META_NAME
+        meta_path = Path(job.data.meta_path)
+        image_root = Path(job.data.image_root) if job.data.image_root else None
+    output_meta = Path(job.output_meta) if job.output_meta else Path(job.output_dir) / REFINED_META_NAME
     if output_meta.resolve() == meta_path.resolve():
         raise BindWeaveInputError(f"output_meta {output_meta} is the input meta file: stage 1 never rewrites "
                                   f"its input; choose another output_meta or output_dir.")
     samples = read_meta(meta_path, image_root)
-    summary = refine_samples(make_refiner(cfg), samples, output_meta, cfg.progress)
+    summary = refine_samples(make_refiner(job.refiner, job.qwen), samples, output_meta, job.progress)
     log.info("done: %d refined, %d already refined; wrote %s (stage 2: python launch/extract.py "
              "data.meta_path=%s data.image_root=%s)", len(summary["done"]), len(summary["skipped"]),
              output_meta, output_meta, (image_root or meta_path.parent).resolve())

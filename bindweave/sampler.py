@@ -26,7 +26,17 @@ class SamplerSettings:
     guidance_scale: float = 5.0
     flow_shift: float = 3.0
     num_train_timesteps: int = 1000
-    seed: int = 1234
+    seed: int = 1234  # a sample's own "seed" field in the meta JSON wins
+
+    def __post_init__(self):
+        from bindweave.errors import BindWeaveInputError
+
+        problems = [f"sampler.{name}={getattr(self, name)} must be > 0" for name in
+                    ("num_steps", "flow_shift", "num_train_timesteps") if getattr(self, name) <= 0]
+        if self.guidance_scale < 0:
+            problems.append(f"sampler.guidance_scale={self.guidance_scale} must be >= 0 (1: no guidance)")
+        if problems:
+            raise BindWeaveInputError("; ".join(problems))
 
 
 def unipc_config(settings: SamplerSettings) -> dict:

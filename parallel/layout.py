@@ -9,7 +9,6 @@ each degree, the world size and what to change.
 from __future__ import annotations
 
 import importlib.util
-from collections.abc import Mapping
 from dataclasses import dataclass, fields
 
 from bindweave.errors import BindWeaveInputError
@@ -130,12 +129,44 @@ class ParallelLayout:
         return cls(data=rest // ulysses, cfg=cfg, ulysses=ulysses, backend=backend, fsdp=fsdp, fsdp_scope=fsdp_scope)
 
 
-def layout_from_config(parallel: Mapping, world_size: int, num_heads: int, device_type: str) -> ParallelLayout:
-    """The validated layout of a ``conf/parallel`` preset: ``auto: true`` picks one for the world size."""
-    degrees = {f.name: parallel[f.name] for f in fields(ParallelLayout) if f.name in parallel}
+@dataclass(frozen=True)
+class ParallelSettings:
+    """The ``parallel`` settings (conf/parallel presets override these): a layout's degrees, or
+    ``auto`` to choose them for the number of processes started, and the collective timeout."""
+
+    auto: bool = False  # true: ParallelLayout.auto chooses data/cfg/ring/ulysses, the degrees below must stay 1
+    data: int = 1  # groups that take different samples (sorted ids, strided)
+    cfg: int = 1  # 2: positive and negative passes on two groups at once
+    ring: int = 1  # ring attention degree (xfuser backend on CUDA only)
+    ulysses: int = 1  # Ulysses degree: must divide the 40 attention heads (1, 2, 4, 5, 8, ...)
+    backend: str = "auto"  # sequence-parallel attention: auto (xfuser on CUDA, deepspeed elsewhere) | xfuser | deepspeed
+    fsdp: tuple[str, ...] = ()  # FSDP2 parameter sharding of [dit] and/or [t5] (per block, bf16, sharded loading)
+    fsdp_scope: str = "group"  # group (cfg x sequence ranks of a data group) | sequence | world (data=1 only)
+    timeout_s: float = 600  # a collective waiting this long fails, so a dead rank ends the job instead of hanging it
+
+    def __post_init__(self):
+        object.__setattr__(self, "fsdp", tuple(self.fsdp))
+        problems = []
+        if self.backend not in BACKENDS:
+            problems.append(f"parallel.backend={self.backend} is not one of {', '.join(BACKENDS)}")
+        unknown = [name for name in self.fsdp if name not in FSDP_MODELS]
+        if unknown:
+            problems.append(f"parallel.fsdp={list(self.fsdp)}: {unknown} cannot be sharded; use a subset of "
+                            f"{list(FSDP_MODELS)}")
+        if self.fsdp_scope not in FSDP_SCOPES:
+            problems.append(f"parallel.fsdp_scope={self.fsdp_scope} is not one of {', '.join(FSDP_SCOPES)}")
+        if self.timeout_s <= 0:
+            problems.append(f"parallel.timeout_s={self.timeout_s} must be > 0 seconds")
+        if problems:
+            raise BindWeaveInputError("; ".join(problems))
+
+
+def layout_from_config(parallel: ParallelSettings, world_size: int, num_heads: int, device_type: str) -> ParallelLayout:
+    """The validated layout of the ``parallel`` settings: ``auto: true`` picks one for the world size."""
+    degrees = {f.name: getattr(parallel, f.name) for f in fields(ParallelLayout) if hasattr(parallel, f.name)}
     if "fsdp" in degrees:
         degrees["fsdp"] = tuple(degrees["fsdp"] or ())
-    if parallel.get("auto", False):
+    if getattr(parallel, "auto", False):
         chosen = {name: value for name, value in degrees.items()
                   if name in ("data", "cfg", "ring", "ulysses") and value != 1}
         if chosen:

@@ -5,8 +5,20 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import TypeVar
 
+from bindweave.errors import BindWeaveInputError
+from parallel.layout import ParallelLayout
 from parallel.runtime import Runtime
 from parallel.sequence import SequenceParallelHook
+
+# What the single-device kernel choices run (bindweave/fast.py), in words for logs and sidecars.
+KERNEL_NAMES = {
+    "fa4": "FlashAttention-4 (flash-attn-4)",
+    "cudnn": "SDPA, cuDNN first",
+    "flash": "SDPA, flash first",
+    "efficient": "SDPA, memory-efficient first",
+    "default": "SDPA, PyTorch's own kernel order",
+}
+CROSS_ATTENTION = "SDPA, PyTorch's own kernel order (every rank, whole context)"
 
 SampleT = TypeVar("SampleT")
 
@@ -27,6 +39,51 @@ def parallelize(transformer, runtime: Runtime) -> None:
 
         attention = DeepSpeedUlyssesAttention(runtime.sequence_group)
     transformer.set_attention_hook(SequenceParallelHook(runtime.sequence_group, attention))
+
+
+def sequence_local_kernel(backend: str, dtype_name: str) -> str:
+    """The rank-local kernel a sequence-parallel backend runs (it does not take an external one yet)."""
+    if backend == "xfuser":  # parallel/xfuser_backend.py: cuDNN, or memory-efficient SDPA in float32
+        return "efficient" if dtype_name == "float32" else "cudnn"
+    return "default"  # deepspeed Ulysses calls plain SDPA (parallel/deepspeed_backend.py)
+
+
+def refuse_inapplicable_speed_options(attention_kernel: str, fuse_projections: bool, compile_blocks: bool,
+                                      layout: ParallelLayout, device_type: str, dtype_name: str) -> None:
+    """Speed options the layout cannot honour end the job before loading, saying why (never dropped)."""
+    problems = []
+    if "dit" in layout.fsdp and (fuse_projections or compile_blocks):
+        chosen = " ".join(f"model.{name}=true" for name, on in
+                          (("fuse_projections", fuse_projections), ("compile", compile_blocks)) if on)
+        problems.append(f"{chosen} cannot apply with parallel.fsdp=[dit]: fused projections would make the "
+                        "q/k/v weights slices of one tensor, which FSDP2 shards apart, and compiled blocks are not "
+                        "built over sharded parameters yet; add model.fuse_projections=false model.compile=false "
+                        "(the attention kernel still applies)")
+    if layout.sequence > 1:
+        backend = layout.attention_backend(device_type)
+        local = sequence_local_kernel(backend, dtype_name)
+        if attention_kernel not in ("auto", local):
+            problems.append(f"model.attention_kernel={attention_kernel} cannot run under sequence parallel "
+                            f"(ring={layout.ring} x ulysses={layout.ulysses}) yet: the {backend} backend runs its own "
+                            f"rank-local kernel ({KERNEL_NAMES[local]}); use model.attention_kernel=auto (or {local})")
+    if problems:
+        raise BindWeaveInputError("; ".join(problems))
+
+
+def attention_call_sites(single_device_kernel: str, layout: ParallelLayout, device_type: str,
+                         dtype_name: str) -> dict[str, str]:
+    """The kernel that actually runs at each attention call site of the DiT, for the log and sidecars.
+
+    ``single_device_kernel`` is the resolved choice (``auto`` settled by ``bindweave.fast``).
+    """
+    if layout.sequence == 1:
+        self_attention = KERNEL_NAMES[single_device_kernel]
+    else:
+        backend = layout.attention_backend(device_type)
+        local = sequence_local_kernel(backend, dtype_name)
+        self_attention = (f"{backend} sequence parallel (ring={layout.ring} x ulysses={layout.ulysses}), "
+                          f"rank-local {KERNEL_NAMES[local]}")
+    return {"self_attention": self_attention, "cross_attention": CROSS_ATTENTION}
 
 
 def own_samples(samples: Sequence[SampleT], runtime: Runtime) -> list[SampleT]:

@@ -430,11 +430,10 @@ def test_checkpoint_truncated_file(tiny, dit_copy, tmp_path):
     ({"ring": 2}, 2, "needs the xfuser backend"),
 ], ids=["ulysses-vs-heads", "product-vs-world", "cfg-4", "ring-on-cpu"])
 def test_parallel_degrees_that_do_not_fit(degrees, world, must_name):
-    from parallel.layout import layout_from_config
+    from parallel.layout import ParallelSettings, layout_from_config
 
-    preset = {"auto": False, "data": 1, "cfg": 1, "ring": 1, "ulysses": 1, "backend": "auto", **degrees}
     with pytest.raises(BindWeaveInputError) as error:
-        layout_from_config(preset, world, 40, "cpu")
+        layout_from_config(ParallelSettings(**degrees), world, 40, "cpu")
     assert must_name in str(error.value), str(error.value)
 
 
@@ -530,14 +529,6 @@ def test_entry_point_bad_setting_exits_2_with_one_error_line(tmp_path, overrides
     assert not (tmp_path / "out").exists() or not list((tmp_path / "out").glob("*.mp4"))
 
 
-@pytest.mark.timeout(120)
-def test_entry_point_config_typo_is_hydras_error(tmp_path):
-    result = generate(tmp_path, f"output_dir={tmp_path / 'out'}", "sampler.num_stepz=3")
-    assert result.returncode != 0
-    assert "num_stepz" in result.stderr and "Could not override" in result.stderr, result.stderr[-2000:]
-    assert not (tmp_path / "out").exists()
-
-
 @pytest.mark.timeout(300)
 def test_entry_point_output_dir_is_a_file(tmp_path, models):
     ws = Workspace(tmp_path / "ws", models.hidden_dim)
@@ -556,6 +547,6 @@ def test_entry_point_on_error_skip_reports_the_bad_sample_and_exits_1(tmp_path, 
     result = generate(tmp_path, f"output_dir={out}", "on_error=skip",
                       f"data.meta_path={ws.meta(ws.entry(hidden_states_path='gone.safetensors'))}")
     assert result.returncode == 1, result.stderr[-3000:]
-    assert result.stderr.count("gone.safetensors") == 1, result.stderr[-3000:]
+    assert result.stderr.count("a_bad: hidden_states_path") == 1, result.stderr[-3000:]
     assert leftovers(out, BAD) == []
     assert_good_sample_written(out)

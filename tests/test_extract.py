@@ -10,12 +10,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
 from safetensors import safe_open
 
 from bindweave.data import load_reference_image, load_sample_hidden_states, read_meta
 from bindweave.demo import demo_meta_with_hidden_states
 from bindweave.demo_cases import write_demo_cases
+from bindweave.config import compose_config
 from bindweave.errors import BindWeaveInputError
 from bindweave.extract import ExtractSettings, SampleFiles, run_extract, run_extract_command
 from bindweave.prompts import QWEN_NEGATIVE_PROMPT
@@ -225,8 +225,7 @@ def test_demo_meta_for_stage3(qwen, tiny_root, extracted, tmp_path):
 
 
 def compose_extract(overrides):
-    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
-        return compose(config_name="extract", overrides=overrides)
+    return compose_config("extract", list(overrides))
 
 
 def test_command_runs_the_demo_by_default(qwen, extracted, tiny_root, tmp_path):

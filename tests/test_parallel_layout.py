@@ -7,14 +7,13 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
 
+from bindweave.config import compose_config
 from bindweave.errors import BindWeaveInputError
 from parallel.distributed import Processes, detect_processes, rank_device
 from parallel.layout import ParallelLayout, layout_from_config
 from parallel.parallelize import own_samples
 from parallel.runtime import Runtime
-from parallel_launch import REPO
 
 HEADS_14B = 40
 
@@ -77,8 +76,7 @@ def test_auto_picks_a_valid_layout(world_size, heads, expected):
 
 
 def compose_parallel(*overrides):
-    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
-        return compose("generate", overrides=list(overrides)).parallel
+    return compose_config("generate", list(overrides)).parallel
 
 
 @pytest.mark.parametrize("preset, world_size", [

@@ -9,11 +9,12 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
-from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
 from PIL import Image
 
 from bindweave.data import load_reference_image, read_meta
 from bindweave.demo_cases import write_demo_cases
+from bindweave.config import compose_config
 from bindweave.errors import BindWeaveInputError
 from bindweave.qwen import QwenSettings, build_inputs, load_qwen, prescale_references
 from bindweave.refine import (
@@ -258,8 +259,7 @@ def test_local_answer_ending_within_the_limit_is_kept(tiny_root, demo_meta):
 
 
 def compose_refine(overrides):
-    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
-        return compose(config_name="refine", overrides=overrides)
+    return compose_config("refine", list(overrides))
 
 
 def test_command_with_endpoint(server, demo_meta, tmp_path):
@@ -274,7 +274,7 @@ def test_command_with_endpoint(server, demo_meta, tmp_path):
 def test_command_demo_defaults_and_bad_input(tiny_root, tmp_path, capsys):
     cfg = compose_refine([f"output_dir={tmp_path}", f"data.demo_dir={tmp_path / 'demo'}",
                           f"qwen.tiny_root={tiny_root}", "refiner.max_new_tokens=2", "progress=false"])
-    assert cfg.refiner.backend == "local" and cfg.refiner.allow_truncated
+    assert OmegaConf.get_type(cfg.refiner) is LocalSettings and cfg.refiner.allow_truncated
     assert run_refine_command(cfg) == 0
     refined = json.loads((tmp_path / "meta_refined.json").read_text())
     assert len(refined) == 3 and all(entry["prompt"].strip() for entry in refined.values())
