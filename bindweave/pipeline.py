@@ -141,6 +141,7 @@ class Stage3Models:
     offload_encoders: bool = False  # T5 + CLIP live on the CPU between uses (GPU memory for the DiT)
     # The kernel that runs at each attention call site once the layout is applied (sidecars, log).
     attention_kernels: dict = field(default_factory=dict)
+    load_s: float = 0.0  # seconds this process spent loading them (sidecars: once per process, reused after)
 
     def encoders_to(self, device: torch.device) -> None:
         if self.offload_encoders:
@@ -155,6 +156,7 @@ class Stage3Models:
 def load_stage3_models(settings: ModelSettings, runtime: Runtime | None = None) -> Stage3Models:
     """Every stage-3 model, once per process. With ``parallel.fsdp`` the DiT is built on the meta
     device and each rank reads only its shards; a sharded T5 is sharded after loading."""
+    started = time.perf_counter()
     if settings.tiny_root:
         from bindweave.tiny import write_tiny_models
 
@@ -193,6 +195,7 @@ def load_stage3_models(settings: ModelSettings, runtime: Runtime | None = None) 
         device=device,
         provenance={"dit": folder_fingerprint(dit_folder), "wan": folder_fingerprint(wan_folder)},
         offload_encoders=offload_encoders,
+        load_s=time.perf_counter() - started,
     )
 
 
@@ -330,6 +333,7 @@ def generate_sample(models: Stage3Models, sample: Sample, video: VideoSettings, 
     write_video(output_path, frames, fps=video.fps)
     timings["write_s"] = time.perf_counter() - mark
     timings["total_s"] = time.perf_counter() - started
+    timings["load_models_s"] = models.load_s
 
     record = {
         "sample_id": sample.sample_id, "prompt": sample.prompt, "seed": seed,

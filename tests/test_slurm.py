@@ -8,7 +8,11 @@
   processes) resumes and finishes exactly the missing samples;
 - the hydra-submitit-launcher config (conf/hydra/launcher/slurm.yaml) turns a 2-job sweep into two
   Slurm jobs that both write their outputs;
-- every script passes `bash -n` and shellcheck.
+- every script passes `bash -n` and shellcheck;
+- each script's documented submission (the header example after "Submit from the repository
+  root:", parsed, not copied) runs as written from a folder laid out as the README's real run,
+  with the real presets' repo ids resolved offline from an HF cache of the tiny models: stage 2
+  (extract_1gpu.sbatch), then stage 3 (generate_1node.sbatch, generate_multinode.sbatch on one node).
 
 Everything runs at the tiny size (48x64, 5 frames, 4 steps) on CPU with gloo.
 """
@@ -16,6 +20,8 @@ Everything runs at the tiny size (48x64, 5 frames, 4 steps) on CPU with gloo.
 from __future__ import annotations
 
 import json
+import re
+import shlex
 import shutil
 import subprocess
 import sys
@@ -25,8 +31,13 @@ from pathlib import Path
 import pytest
 
 from bindweave.outputs import read_mp4_info
+from conftest import needs_opens2v
+from hf_cache import hf_env
 from parallel_launch import plain_env  # tests/ is on sys.path
 from slurm_cluster import slurm  # noqa: F401  (the session fixture; tests/ is on sys.path)
+from test_documented_commands import tiny_hf_home  # noqa: F401  (the session fixture)
+from test_documented_commands import (CPU_EXTRACT, CPU_GENERATE, MODEL_PRESET, QWEN_PRESET, case_ids,
+                                      check_features, check_real_preset, check_videos, documented_folder)
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPTS = sorted((REPO / "launch" / "slurm").glob("*.sbatch")) + [REPO / "launch" / "slurm" / "common.sh"]
@@ -271,3 +282,122 @@ def test_submitit_launcher_sweep_prints_the_summary_table(submitit_sweep):
     _, result, _ = submitit_sweep
     text = result.stdout + result.stderr
     assert "sweep summary" in text and text.count("1 done, 0 skipped, 0 failed") == 2, text[-3000:]
+
+
+# --------------------------------------------------------------------------------------------
+# the scripts' documented submissions, as written (README folder names, the real presets, the
+# tiny models under the presets' repo ids in an offline HF cache: tests/test_documented_commands.py)
+
+PLACEHOLDER = " [more Hydra overrides]"
+# The only sbatch options added to a documented submission: no GPUs, a short limit, one CPU per
+# task (a 2-core node runs the two stage-3 jobs at once), and the multi-node script on the one node.
+CPU_SBATCH = ["--gpus-per-node=0", "--time=10", "--cpus-per-task=1"]
+CPU_SBATCH_SCRIPT = {"generate_multinode.sbatch": ["--nodes=1"]}
+
+
+def documented_submission(script: Path) -> tuple[dict, list[str], str]:
+    """The submission in `script`'s header: the indented comment lines after "Submit from the
+    repository root:" up to the next empty comment line, continuation lines joined, ending in the
+    `[more Hydra overrides]` placeholder. Returns (the NAME=value assignments before sbatch, the
+    sbatch options, the script path as written)."""
+    lines = script.read_text().splitlines()
+    marker = [i for i, line in enumerate(lines) if "Submit from the repository root:" in line]
+    assert len(marker) == 1, f"{script.name}: no 'Submit from the repository root:' in the header"
+    example = []
+    for line in lines[marker[0] + 1:]:
+        assert line.startswith("#"), f"{script.name}: the header ends before the submission example"
+        if not line[1:].strip():
+            if example:
+                break
+            continue
+        assert line.startswith("#   "), f"{script.name}: expected the indented example, got {line!r}"
+        example.append(line[1:])
+    text = re.sub(r"\\\n\s*", " ", "\n".join(example)).strip()
+    assert "\n" not in text and text.endswith(PLACEHOLDER), f"{script.name}: not one command: {text!r}"
+    words = shlex.split(text[:-len(PLACEHOLDER)])
+    env = {}
+    while words and re.fullmatch(r"[A-Z_][A-Z0-9_]*=.*", words[0]):
+        name, value = words.pop(0).split("=", 1)
+        env[name] = value
+    assert words[0] == "sbatch" and words[-1] == f"launch/slurm/{script.name}", words
+    assert all(word.startswith("-") for word in words[1:-1]), words
+    return env, words[1:-1], words[-1]
+
+
+def with_cpu_options(documented: list[str], added: list[str]) -> list[str]:
+    """`added` after the documented options; a documented option of the same name is replaced."""
+    names = {option.split("=", 1)[0] for option in added}
+    return [option for option in documented if option.split("=", 1)[0] not in names] + added
+
+
+def submit_documented(slurm, name: str, folder: Path, hf_home: Path, overrides: list[str]) -> tuple[str, dict]:
+    """Submit launch/slurm/NAME as its header says, from `folder`, with the CPU options and
+    `overrides` in place of `[more Hydra overrides]`. Returns (job id, the documented variables)."""
+    env, options, script = documented_submission(REPO / "launch" / "slurm" / name)
+    options = with_cpu_options(options, CPU_SBATCH + CPU_SBATCH_SCRIPT.get(name, []))
+    job = slurm.sbatch(*options, script, *overrides, cwd=folder,
+                       env={**env, "BINDWEAVE_ROOT": str(REPO), "BINDWEAVE_PYTHON": sys.executable,
+                            **hf_env(hf_home)})
+    return job, env
+
+
+def documented_log(folder: Path, job_id: str) -> str:
+    logs = list(folder.glob(f"*-{job_id}.out"))  # the scripts' own --output=%x-%j.out
+    return logs[0].read_text(errors="replace")[-4000:] if logs else f"(no log of job {job_id} in {folder})"
+
+
+STAGE3_SCRIPTS = ("generate_1node.sbatch", "generate_multinode.sbatch")
+
+
+@pytest.fixture(scope="module")
+def documented_jobs(slurm, tiny_hf_home, tmp_path_factory):
+    """Stage 2 (extract_1gpu.sbatch) submitted as documented and finished; then both stage-3
+    scripts submitted as documented (they read stage 2's meta), running side by side."""
+    folder = documented_folder(tmp_path_factory.mktemp("slurm-documented"))
+    home = tiny_hf_home[0]
+    extract, extract_env = submit_documented(slurm, "extract_1gpu.sbatch", folder, home, CPU_EXTRACT)
+    extract_state = slurm.wait_finished(extract, timeout=150)
+    stage3 = {}
+    if extract_state == "COMPLETED":
+        stage3 = {name: submit_documented(slurm, name, folder, home, CPU_GENERATE) for name in STAGE3_SCRIPTS}
+    return folder, (extract, extract_env, extract_state), stage3
+
+
+@needs_opens2v
+@pytest.mark.timeout(300)
+def test_documented_stage2_submission_extracts_with_the_real_preset(slurm, documented_jobs, tiny_hf_home):
+    folder, (job, env, state), _ = documented_jobs
+    _, snapshots, folders = tiny_hf_home
+    assert state == "COMPLETED" and slurm.job(job)["ExitCode"] == "0:0", documented_log(folder, job)
+    qwen = QWEN_PRESET["path"]
+    output = folder / env.get("BINDWEAVE_OUTPUT", f"outputs/slurm-{job}")
+    check_features(output, case_ids(), qwen, folders[qwen], snapshots[qwen].name)
+
+
+@needs_opens2v
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("script", STAGE3_SCRIPTS)
+def test_documented_stage3_submission_generates_with_the_real_preset(slurm, documented_jobs, tiny_hf_home, script):
+    folder, (extract, _, extract_state), stage3 = documented_jobs
+    assert script in stage3, f"stage 2 ({extract}) ended {extract_state}:\n{documented_log(folder, extract)}"
+    job, env = stage3[script]
+    _, snapshots, folders = tiny_hf_home
+    state = slurm.wait_finished(job, timeout=200)
+    assert state == "COMPLETED" and slurm.job(job)["ExitCode"] == "0:0", documented_log(folder, job)
+    output = folder / env.get("BINDWEAVE_OUTPUT", f"outputs/slurm-{job}")
+    check_videos(output, case_ids(), {name: (str(snapshots[MODEL_PRESET[name]]), snapshots[MODEL_PRESET[name]].name,
+                                             folders[MODEL_PRESET[name]]) for name in ("dit", "wan")})
+    check_real_preset(output, [*env.get("BINDWEAVE_ARGS", "").split(), *CPU_GENERATE])
+
+
+def test_the_slurm_readme_rows_are_the_scripts_documented_submissions():
+    """launch/slurm/README.md repeats the scripts' submissions: its complete rows (no `...`) must be
+    exactly what the headers say (and the tests above run)."""
+    readme = (REPO / "launch" / "slurm" / "README.md").read_text()
+    rows = re.findall(r"`((?:[A-Z_]+=\S+ )*(?:[A-Z_]+=\"[^\"]*\" )*sbatch [^`]*launch/slurm/(\w+\.sbatch))`", readme)
+    complete = [(command, name) for command, name in rows if "..." not in command and "--gpus-per-node=0" not in command]
+    assert {name for _, name in complete} == {"generate_1node.sbatch", "extract_1gpu.sbatch"}, rows
+    for command, name in complete:
+        env, options, script = documented_submission(REPO / "launch" / "slurm" / name)
+        words = shlex.split(command)
+        assert words == [*(f"{key}={value}" for key, value in env.items()), "sbatch", *options, script], command

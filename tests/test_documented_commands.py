@@ -1,0 +1,265 @@
+"""The README's real-run commands, run as written, with the real presets pointed at tiny models.
+
+The project's rule: every command in the README and in launch/slurm/ is run by a test as written
+(only video size, step count and compile shrink for the CPU), with the real presets
+(`model=bindweave_14b`, `qwen=qwen2_5_vl_7b`) on tiny models in the real folder layouts. The
+commands are PARSED from README.md here (never copied), so a README edit is what gets tested.
+
+- "A real run" (README): stage 2 then stage 3 in a folder laid out as the README assumes
+  (`weights/<download folders>`, `my_cases.json`, `my_images/`; `launch` -> the repository's);
+- the same commands with the presets' own repo ids (no `qwen.path`/`model.dit`/`model.wan`),
+  resolved offline (`HF_HUB_OFFLINE=1`) from a Hugging Face cache that holds the tiny models
+  under the real repo ids (tests/hf_cache.py, built with huggingface_hub's own functions).
+
+tests/test_slurm.py runs the sbatch scripts' documented submissions the same way and reuses the
+folder, cache and output checks defined here.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shlex
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+from safetensors import safe_open
+
+from bindweave.outputs import read_mp4_info
+from conftest import OPENS2V, needs_opens2v
+from hf_cache import hf_env, populate_hf_cache
+from parallel_launch import plain_env  # tests/ is on sys.path
+
+REPO = Path(__file__).resolve().parents[1]
+README = REPO / "README.md"
+FRAMES = 5
+# The only changes allowed to a documented command: a CPU-sized video, fewer steps, no compile
+# (and the cosmetic progress bar off).
+CPU_GENERATE = ["video.height=48", "video.width=64", f"video.num_frames={FRAMES}", "sampler.num_steps=2",
+                "model.compile=false", "progress=false"]
+CPU_EXTRACT = ["progress=false"]
+# The repo ids of the real presets (conf/model/bindweave_14b.yaml, conf/qwen/qwen2_5_vl_7b.yaml)
+# and the tiny folder each stands for. Read from the presets, so a changed id is tested too.
+MODEL_PRESET = yaml.safe_load((REPO / "conf/model/bindweave_14b.yaml").read_text())["model"]
+QWEN_PRESET = yaml.safe_load((REPO / "conf/qwen/qwen2_5_vl_7b.yaml").read_text())
+STAGE_TIMEOUT = 180
+
+
+# --------------------------------------------------------------------------------------------
+# the README's commands
+
+
+def readme_real_run() -> list[list[str]]:
+    """The commands of the ```bash block under "## A real run", continuation lines joined, the
+    `pip install` line dropped, each split as the shell would (comments removed)."""
+    text = README.read_text()
+    heading = re.search(r"^## A real run[ \t]*$", text, re.M)
+    assert heading, f'{README} has no "## A real run" section'
+    section = text[heading.end():]
+    following = re.search(r"^## ", section, re.M)
+    section = section[:following.start()] if following else section
+    block = re.search(r"^```bash\n(.*?)^```", section, re.M | re.S)
+    assert block, f'no ```bash block under "## A real run" in {README}'
+    joined = re.sub(r"\\\n[ \t]*", " ", block.group(1))
+    commands = [shlex.split(line, comments=True) for line in joined.splitlines()]
+    commands = [command for command in commands if command]
+    assert [c[:2] for c in commands].count(["pip", "install"]) == 1, commands
+    commands = [command for command in commands if command[:2] != ["pip", "install"]]
+    assert [command[:2] for command in commands] == [["python", "launch/extract.py"],
+                                                     ["python", "launch/generate.py"]], commands
+    return commands
+
+
+def override(command: list[str], key: str) -> str:
+    """The value of the Hydra override `key=` in a command (it must be there)."""
+    values = [arg.split("=", 1)[1] for arg in command if arg.startswith(f"{key}=")]
+    assert len(values) == 1, f"{key}= is not in {shlex.join(command)}"
+    return values[0]
+
+
+def without(command: list[str], *keys: str) -> list[str]:
+    """The command less the overrides `key=...` (each must be there)."""
+    for key in keys:
+        override(command, key)
+    return [arg for arg in command if not arg.startswith(tuple(f"{key}=" for key in keys))]
+
+
+def run_documented(command: list[str], extra: list[str], cwd: Path, env: dict) -> subprocess.CompletedProcess:
+    """`python ARGS...` as written (the leading `python` is this interpreter), plus `extra`."""
+    assert command[0] == "python"
+    argv = [sys.executable, *command[1:], *extra]
+    result = subprocess.run(argv, cwd=cwd, env=env, capture_output=True, text=True, timeout=STAGE_TIMEOUT)
+    assert result.returncode == 0, (f"{shlex.join(command[:2])} ... exited {result.returncode} in {cwd}:\n"
+                                    f"{result.stdout[-3000:]}\n{result.stderr[-6000:]}")
+    return result
+
+
+# --------------------------------------------------------------------------------------------
+# the folder the README's commands run in, the HF cache, the output checks (test_slurm.py too)
+
+
+def case_ids() -> list[str]:
+    return sorted(json.loads((OPENS2V / "test_case.json").read_text()))
+
+
+def documented_folder(root: Path, tiny=None) -> Path:
+    """A folder laid out as the README's real run expects: `launch` (-> the repository's),
+    `my_cases.json` (the real OpenS2V cases), `my_images` (-> their image folder) and, given the
+    tiny model set, `weights/<folder of each README download>` (-> the tiny folders)."""
+    root.mkdir(parents=True, exist_ok=True)
+    (root / "launch").symlink_to(REPO / "launch", target_is_directory=True)
+    shutil.copyfile(OPENS2V / "test_case.json", root / "my_cases.json")
+    (root / "my_images").symlink_to(OPENS2V, target_is_directory=True)
+    if tiny is not None:
+        extract, generate = readme_real_run()
+        for documented, folder in ((override(extract, "qwen.path"), tiny.qwen),
+                                   (override(generate, "model.dit"), tiny.bindweave),
+                                   (override(generate, "model.wan"), tiny.wan)):
+            assert Path(documented).name == folder.name, (documented, folder)  # the real download names
+            (root / documented).parent.mkdir(parents=True, exist_ok=True)
+            (root / documented).symlink_to(folder, target_is_directory=True)
+    return root
+
+
+@pytest.fixture(scope="session")
+def tiny_hf_home(tiny_models, tmp_path_factory):
+    """HF_HOME whose hub cache holds the tiny models under the presets' repo ids; yields
+    (hf_home, {repo_id: snapshot folder}, {repo_id: tiny folder})."""
+    home = tmp_path_factory.mktemp("hf-home")
+    folders = {MODEL_PRESET["dit"]: tiny_models.bindweave, MODEL_PRESET["wan"]: tiny_models.wan,
+               QWEN_PRESET["path"]: tiny_models.qwen}
+    assert len(folders) == 3 and all(repo.count("/") == 1 for repo in folders), folders
+    snapshots = populate_hf_cache(Path(hf_env(home)["HF_HUB_CACHE"]), folders)
+    return home, snapshots, folders
+
+
+def fingerprint(folder: Path) -> str:
+    from bindweave.checkpoint import folder_fingerprint
+
+    return folder_fingerprint(Path(folder))["fingerprint"]
+
+
+def check_features(features: Path, ids: list[str], qwen_model: str, qwen_folder: Path,
+                   revision: str | None = None) -> None:
+    """Stage 2's output: meta_with_features.json lists every case with a hidden-states file that
+    exists, made by `qwen_model` (as configured) = the tiny Qwen in `qwen_folder`."""
+    meta = json.loads((features / "meta_with_features.json").read_text())
+    assert sorted(meta) == ids
+    for sample_id, entry in meta.items():
+        states = features / entry["hidden_states_path"]
+        assert states.is_file(), f"{sample_id}: {states} is missing"
+        with safe_open(states, framework="pt") as handle:
+            info = handle.metadata()
+            assert {"positive", "negative"} <= set(handle.keys())
+        assert info["model"] == qwen_model, info
+        assert info["model_fingerprint"] == fingerprint(qwen_folder), info
+        if revision is not None:
+            assert info["model_revision"] == revision, info
+
+
+def check_videos(videos: Path, ids: list[str], models: dict[str, tuple]) -> None:
+    """Stage 3's output: an MP4 of FRAMES frames + sidecar per case; the sidecar's provenance of
+    dit/wan names `(folder, revision)` and fingerprints the tiny folder it stands for."""
+    for sample_id in ids:
+        assert read_mp4_info(videos / f"{sample_id}.mp4")["frames"] == FRAMES
+        sidecar = json.loads((videos / f"{sample_id}.json").read_text())
+        for name, (folder, revision, tiny_folder) in models.items():
+            recorded = sidecar["models"][name]
+            assert recorded["folder"] == folder, (name, recorded)
+            assert recorded["revision"] == revision, (name, recorded)
+            assert recorded["fingerprint"] == fingerprint(tiny_folder), (name, recorded)
+
+
+def check_real_preset(output: Path, command: list[str]) -> None:
+    """The resolved config saved with the videos is the real preset's (not the tiny one's): every
+    key conf/model/bindweave_14b.yaml sets has its value there (where the command does not
+    override it), no tiny model root, bfloat16 weights (the preset's documented dtype)."""
+    model = yaml.safe_load((output / ".hydra" / "config.yaml").read_text())["model"]
+    overridden = {arg.split("=", 1)[0].removeprefix("model.") for arg in command if arg.startswith("model.")}
+    assert overridden <= {"dit", "wan", "compile"}, overridden
+    assert {key: model.get(key) for key in MODEL_PRESET if key not in overridden} == \
+        {key: value for key, value in MODEL_PRESET.items() if key not in overridden}, model
+    assert model["tiny_root"] is None and model["dtype"] == "bfloat16" and model["compile"] is False, model
+
+
+# --------------------------------------------------------------------------------------------
+# the tests
+
+
+def test_hf_cache_layout_is_huggingface_hubs_own(tiny_hf_home):
+    """snapshot_download (local files only, and with HF_HUB_OFFLINE=1 in a fresh process) returns
+    the populated snapshots; scan_cache_dir lists exactly the three repos, without warnings."""
+    import huggingface_hub
+
+    home, snapshots, folders = tiny_hf_home
+    cache = hf_env(home)["HF_HUB_CACHE"]
+    for repo_id, snapshot in snapshots.items():
+        assert huggingface_hub.snapshot_download(repo_id, cache_dir=cache, local_files_only=True) == str(snapshot)
+        assert huggingface_hub.snapshot_download(repo_id, cache_dir=cache, local_files_only=True,
+                                                 allow_patterns=["*.json", "*.safetensors*"]) == str(snapshot)
+        expected = sorted(p.relative_to(folders[repo_id]).as_posix() for p in folders[repo_id].rglob("*")
+                          if p.is_file() and not p.name.startswith("."))
+        assert sorted(p.relative_to(snapshot).as_posix() for p in snapshot.rglob("*") if p.is_file()) == expected
+    info = huggingface_hub.scan_cache_dir(cache)
+    assert info.warnings == []
+    assert {repo.repo_id for repo in info.repos} == set(snapshots)
+    for repo in info.repos:
+        (revision,) = repo.revisions
+        assert revision.refs == {"main"} and revision.snapshot_path == snapshots[repo.repo_id]
+    probe = ("import json, sys, huggingface_hub as h; "
+             "print(json.dumps([h.snapshot_download(r) for r in sys.argv[1:]]))")
+    env = plain_env(HF_HUB_OFFLINE="1", **hf_env(home))
+    result = subprocess.run([sys.executable, "-c", probe, *snapshots], env=env, capture_output=True, text=True,
+                            timeout=60)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert json.loads(result.stdout) == [str(s) for s in snapshots.values()]
+
+
+@needs_opens2v
+@pytest.mark.timeout(400)
+def test_readme_real_run(tiny_models, tmp_path):
+    """README "A real run": stage 2 then stage 3 exactly as written, with local weights folders."""
+    extract, generate = readme_real_run()
+    work = documented_folder(tmp_path / "work", tiny_models)
+    # Offline, and an empty HF cache: the weights can only come from the folders the commands name.
+    env = plain_env(HF_HUB_OFFLINE="1", **hf_env(tmp_path / "empty-hf-home"))
+    ids = case_ids()
+
+    run_documented(extract, CPU_EXTRACT, work, env)
+    check_features(work / override(extract, "output_dir"), ids, override(extract, "qwen.path"), tiny_models.qwen)
+
+    run_documented(generate, CPU_GENERATE, work, env)
+    videos = work / override(generate, "output_dir")
+    check_videos(videos, ids, {"dit": (override(generate, "model.dit"), None, tiny_models.bindweave),
+                               "wan": (override(generate, "model.wan"), None, tiny_models.wan)})
+    check_real_preset(videos, [*generate, *CPU_GENERATE])
+    assert not (work / ".cache" / "tiny-models").exists(), "a tiny preset was used"
+
+
+@needs_opens2v
+@pytest.mark.timeout(400)
+def test_readme_real_run_with_the_presets_repo_ids_from_the_hf_cache_offline(tiny_hf_home, tmp_path):
+    """The same commands without the local-folder overrides: the presets' repo ids resolve from
+    the HF cache with HF_HUB_OFFLINE=1 (no `weights/` folder exists here)."""
+    home, snapshots, folders = tiny_hf_home
+    extract, generate = readme_real_run()
+    extract = without(extract, "qwen.path")
+    generate = without(generate, "model.dit", "model.wan")
+    work = documented_folder(tmp_path / "work")
+    env = plain_env(HF_HUB_OFFLINE="1", **hf_env(home))
+    ids = case_ids()
+
+    run_documented(extract, CPU_EXTRACT, work, env)
+    qwen = QWEN_PRESET["path"]
+    check_features(work / override(extract, "output_dir"), ids, qwen, folders[qwen], snapshots[qwen].name)
+
+    run_documented(generate, CPU_GENERATE, work, env)
+    videos = work / override(generate, "output_dir")
+    check_videos(videos, ids, {name: (str(snapshots[MODEL_PRESET[name]]), snapshots[MODEL_PRESET[name]].name,
+                                      folders[MODEL_PRESET[name]]) for name in ("dit", "wan")})
+    check_real_preset(videos, [*generate, *CPU_GENERATE])
+    assert not (work / ".cache" / "tiny-models").exists(), "a tiny preset was used"
