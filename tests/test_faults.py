@@ -316,8 +316,10 @@ def test_sigterm_during_the_mp4_write_leaves_no_partial_or_temp_file(work, tmp_p
                                 f"output_dir={output}"], cwd=work, env=plain_env(), stdout=subprocess.PIPE,
                                stderr=subprocess.STDOUT, text=True)
     try:
+        loaded = False  # the check before loading writes a 2-frame clip to a temp folder first
         for line in process.stdout:
-            if "WRITING FRAME" in line:
+            loaded = loaded or "attention kernels:" in line
+            if loaded and "WRITING FRAME" in line:
                 break
         time.sleep(1.5)  # two frames into the first video
         process.send_signal(signal.SIGTERM)

@@ -136,7 +136,7 @@ def test_a_bad_sample_ends_the_job_before_loading_with_its_error_printed_once(re
     result = run_script(GENERATE, "parallel=ulysses2", f"data.meta_path={broken}", *overrides(workspace, "broken"),
                         processes=2, timeout=400, check=False)
     output = result.stdout + result.stderr
-    assert result.returncode == 2
+    assert result.returncode != 0  # torchrun exits 1 when a rank exits 2
     assert output.count("error: demo_face_1: hidden_states_path") == 1, output[-3000:]
     assert "missing.safetensors" in output and "nothing was loaded or written" in output
     assert not (workspace / "broken").exists()  # found before loading: nothing was written
