@@ -188,3 +188,11 @@ def test_an_unknown_kernel_fails_before_loading_with_any_compile_setting():
     for compile_blocks in ("true", "false"):
         message = error_of("generate", *REAL_MODEL, "model.attention_kernel=flash4", f"model.compile={compile_blocks}")
         assert "model.attention_kernel=flash4 is not one of" in message
+
+
+def test_cfg_job_prints_the_resolved_settings():
+    """The README's way to see every key: `python launch/generate.py --cfg job [overrides]`."""
+    result = subprocess.run([sys.executable, str(REPO / "launch" / "generate.py"), "--cfg", "job", *REAL_MODEL],
+                            cwd=REPO, env=plain_env(), capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "dit: ByteDance/BindWeave" in result.stdout and "attention_kernel: auto" in result.stdout
