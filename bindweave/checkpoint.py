@@ -35,6 +35,11 @@ def resolve_folder(path_or_repo_id: str | os.PathLike, subfolder: str | None = N
             raise BindWeaveInputError(f"model folder {folder} does not exist (subfolder {subfolder!r} of {local})")
         return folder
     repo_id = str(path_or_repo_id)
+    if local.parts and Path(local.parts[0]).is_dir() and not local.is_absolute():
+        # weights/BindWeave: its first folder is here, so it is a local path that does not exist.
+        raise BindWeaveInputError(
+            f"model folder {local} does not exist (no {local.name!r} in {local.parent.resolve()}): download it "
+            f"there (README \"Weights\": hf download ... --local-dir {local}) or fix the path")
     if repo_id.count("/") != 1 or repo_id.startswith(("/", ".", "~")):
         raise BindWeaveInputError(
             f"model path {repo_id} does not exist and is not a Hugging Face repo id (owner/name): "
@@ -47,8 +52,9 @@ def resolve_folder(path_or_repo_id: str | os.PathLike, subfolder: str | None = N
         snapshot = snapshot_download(repo_id, revision=revision, allow_patterns=patterns)
     except Exception as error:  # network, auth, missing repo, offline cache miss
         raise BindWeaveInputError(
-            f"could not get {repo_id} from the Hugging Face hub ({type(error).__name__}: {error}). Download it "
-            f"first (see README: hf download {repo_id} --local-dir ...) and pass the local folder"
+            f"{repo_id} is not a local folder, and the Hugging Face hub could not provide it "
+            f"({type(error).__name__}: {error}). Download it first (README \"Weights\": hf download {repo_id} "
+            f"--local-dir weights/{repo_id.split('/')[-1]}) and pass that folder"
         ) from error
     return Path(snapshot) / subfolder if subfolder else Path(snapshot)
 

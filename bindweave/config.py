@@ -74,9 +74,13 @@ class ExtractConfig:
     output_dir: str = "outputs/extract"  # hidden_states/<id>.safetensors and the new meta JSON; re-runs resume here
     output_meta: str | None = None  # null: <output_dir>/meta_with_features.json (never the input file)
     write_official_pt: bool = False  # also write <id>_hidden_states.pt / _negative.pt and name them in the meta
+    on_error: str = "fail"  # fail | skip (report bad samples, finish the others, exit 1; <output_dir>/failed.json)
     progress: bool = True  # progress bar (rank 0)
 
     def __post_init__(self):
+        if self.on_error not in ON_ERROR_CHOICES:
+            raise BindWeaveInputError(f"on_error={self.on_error}: use "
+                                      + " or ".join(f"on_error={choice}" for choice in ON_ERROR_CHOICES))
         self.qwen.require_weights()
 
 
@@ -90,10 +94,15 @@ class RefineConfig:
     refiner: Any = MISSING
     output_dir: str = "outputs/refine"  # the new meta JSON goes here; re-runs resume from it
     output_meta: str | None = None  # null: <output_dir>/meta_refined.json (never the input file)
+    on_error: str = "fail"  # fail | skip (report bad samples, finish the others, exit 1; <output_dir>/failed.json)
     progress: bool = True
 
     def __post_init__(self):
         from bindweave.refine import LocalSettings
+
+        if self.on_error not in ON_ERROR_CHOICES:
+            raise BindWeaveInputError(f"on_error={self.on_error}: use "
+                                      + " or ".join(f"on_error={choice}" for choice in ON_ERROR_CHOICES))
 
         if isinstance(self.refiner, LocalSettings):
             self.qwen.require_weights()

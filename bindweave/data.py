@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import pickle
+import unicodedata
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,6 +29,13 @@ MAX_REFERENCES = 4
 QWEN_HIDDEN_DIM = 3584
 DEFAULT_MAX_IMAGE_PIXELS = 64_000_000
 HIDDEN_STATES_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+# A sample id is a file name stem (<id>.mp4, hidden_states/<id>_hidden_states_negative.pt, ...):
+# names are limited to 255 bytes, so the id keeps room for the longest suffix and temp markers.
+MAX_SAMPLE_ID_BYTES = 200
+# Unicode categories refused in ids: control, format (zero-width, bidi), surrogate, line breaks.
+_REFUSED_ID_CATEGORIES = {"Cc": "control", "Cf": "format", "Cs": "surrogate", "Zl": "line separator",
+                          "Zp": "paragraph separator"}
+_ID_NAMES_FILES = "<id>.mp4, <id>.json, hidden_states/<id>.safetensors"
 
 # PIL opens 16-bit grayscale PNG/TIFF in these modes ("I" is its 32-bit container for them).
 _SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
@@ -51,6 +59,82 @@ class Sample:
     fields: dict = field(hash=False, repr=False)
 
 
+def sample_id_problem(sample_id: object) -> str | None:
+    """Why `sample_id` cannot be used as a file name stem, or None when it can.
+
+    Sample ids name output files in every stage, and a resident server takes them from requests, so
+    an id must be one plain, visible, portable file name on its own: not empty, no path separator,
+    not hidden (leading '.': the launcher's temp files are `.NAME.PID.tmp.EXT`; also '.' and '..'),
+    no control or invisible characters, no leading or trailing whitespace, and at most
+    MAX_SAMPLE_ID_BYTES bytes in UTF-8.
+    """
+    if not isinstance(sample_id, str):
+        return f"is a {type(sample_id).__name__}, not a string"
+    if not sample_id:
+        return "is empty"
+    for char in sample_id:
+        category = unicodedata.category(char)
+        if category in _REFUSED_ID_CATEGORIES:
+            return (f"contains the {_REFUSED_ID_CATEGORIES[category]} character U+{ord(char):04X}"
+                    f"{' (NUL)' if char == chr(0) else ''}")
+    for separator in sorted({"/", "\\", os.sep, os.altsep} - {None}):
+        if separator in sample_id:
+            return f"contains the path separator {separator!r}"
+    if sample_id in (".", ".."):
+        return f"is {sample_id!r}, which names a folder"
+    if sample_id.startswith("."):
+        return "starts with '.' (hidden names are reserved for the launcher's temp files)"
+    if sample_id != sample_id.strip():
+        return "has leading or trailing whitespace"
+    size = len(sample_id.encode("utf-8"))
+    if size > MAX_SAMPLE_ID_BYTES:
+        return (f"is {size} bytes long in UTF-8; the limit is {MAX_SAMPLE_ID_BYTES} (file names are limited to "
+                f"255 bytes, and suffixes such as '_hidden_states_negative.pt' are added)")
+    return None
+
+
+def require_safe_sample_id(sample_id: object, where: str) -> None:
+    """Raise BindWeaveInputError (prefixed with `where`) when `sample_id` is not a safe file name."""
+    problem = sample_id_problem(sample_id)
+    if problem is None:
+        return
+    suggestion = _suggested_sample_id(sample_id) if isinstance(sample_id, str) else None
+    raise BindWeaveInputError(
+        f"{where}: the sample id {sample_id!r} {problem}. The id names the sample's output files "
+        f"({_ID_NAMES_FILES}), so it must be one plain file name: rename the key in the meta JSON"
+        + (f", e.g. to {suggestion!r}." if suggestion else ".")
+    )
+
+
+def _suggested_sample_id(sample_id: str) -> str | None:
+    """A safe id close to `sample_id` (path parts joined with '_'), or None if there is none."""
+    visible = "".join(char for char in sample_id if unicodedata.category(char) not in _REFUSED_ID_CATEGORIES)
+    for separator in {"/", "\\", os.sep, os.altsep} - {None}:
+        visible = visible.replace(separator, "/")
+    parts = [part.strip() for part in visible.split("/") if part.strip() not in ("", ".", "..")]
+    suggestion = "_".join(parts).lstrip(".").strip()
+    suggestion = suggestion.encode("utf-8")[:MAX_SAMPLE_ID_BYTES].decode("utf-8", "ignore").strip()
+    return suggestion if suggestion and sample_id_problem(suggestion) is None else None
+
+
+def _file_name_key(sample_id: str) -> str:
+    """What a case-insensitive, normalization-insensitive file system sees of a name."""
+    return unicodedata.normalize("NFC", unicodedata.normalize("NFC", sample_id).casefold())
+
+
+def _colliding_ids(sample_ids: list[str]) -> dict[str, list[str]]:
+    """Each id whose file names clash with another id's (`a` and `A`) -> all ids of its group, sorted."""
+    groups: dict[str, list[str]] = {}
+    for sample_id in sample_ids:
+        groups.setdefault(_file_name_key(sample_id), []).append(sample_id)
+    return {sample_id: sorted(group) for group in groups.values() if len(group) > 1 for sample_id in group}
+
+
+def _quoted_list(items: list[str]) -> str:
+    quoted = [repr(item) for item in items]
+    return quoted[0] if len(quoted) == 1 else f"{', '.join(quoted[:-1])} and {quoted[-1]}"
+
+
 def read_meta(meta_path: str | os.PathLike, image_root: str | os.PathLike | None = None,
               max_references: int = MAX_REFERENCES, invalid: dict[str, str] | None = None) -> list[Sample]:
     """Read a meta JSON (`sample_id -> {img_paths, prompt, ...}`) into samples in sorted-key order.
@@ -59,7 +143,9 @@ def read_meta(meta_path: str | os.PathLike, image_root: str | os.PathLike | None
     hidden-state paths against the meta file's folder. Only the first `max_references` images
     are kept, as in the reference, but dropping any is warned about. Images are not opened.
     With ``invalid`` (a dict), a malformed sample is left out and its error stored there under its
-    id (``on_error=skip``) instead of raised; a malformed file is always raised.
+    id (``on_error=skip``) instead of raised; a malformed file is always raised. Sample ids must be
+    safe file names (`sample_id_problem`), and ids naming the same file on a case-insensitive file
+    system (`a` and `A`) are all refused.
     """
     meta_path = Path(meta_path)
     meta_folder = meta_path.parent
@@ -77,10 +163,18 @@ def read_meta(meta_path: str | os.PathLike, image_root: str | os.PathLike | None
             f'"sample_id": {{"img_paths": [...], "prompt": "..."}}.'
         )
     samples = []
+    colliding = _colliding_ids(list(meta))
     for sample_id in sorted(meta):
         try:
-            samples.append(_parse_sample(meta_path, sample_id, meta[sample_id], image_root, meta_folder,
-                                         max_references))
+            sample = _parse_sample(meta_path, sample_id, meta[sample_id], image_root, meta_folder, max_references)
+            if sample_id in colliding:
+                raise BindWeaveInputError(
+                    f"Meta file {meta_path}, sample {sample_id!r}: the sample ids "
+                    f"{_quoted_list(colliding[sample_id])} differ only in letter case or Unicode form, so they "
+                    f"name the same output files ({_ID_NAMES_FILES}) on a case-insensitive file system: "
+                    f"rename the keys in the meta JSON so that they differ otherwise."
+                )
+            samples.append(sample)
         except BindWeaveInputError as error:
             if invalid is None:
                 raise
@@ -111,6 +205,7 @@ def _read_json(path: Path) -> object:
 def _parse_sample(meta_path: Path, sample_id: str, entry: object, image_root: Path,
                   meta_folder: Path, max_references: int) -> Sample:
     where = f"Meta file {meta_path}, sample {sample_id!r}"
+    require_safe_sample_id(sample_id, where)
     if not isinstance(entry, dict):
         raise BindWeaveInputError(
             f"{where}: the sample is a {_json_type(entry)}, but it must be an object with "
@@ -306,11 +401,25 @@ def _as_hidden_states(value: object, where: str, hidden_dim: int) -> torch.Tenso
         raise BindWeaveInputError(
             f"{where} has shape {list(value.shape)}; expected [L, {hidden_dim}] or "
             f"[1, L, {hidden_dim}] with L >= 1 (the last layer of Qwen2.5-VL-7B for one sample)."
-        )
+            + _width_mismatch_hint(value, hidden_dim))
     if not torch.isfinite(value).all():
         raise BindWeaveInputError(f"{where} contains NaN or infinite values: re-run stage 2 "
                                   f"(python launch/extract.py) for this sample.")
     return value
+
+
+def _width_mismatch_hint(value: torch.Tensor, hidden_dim: int) -> str:
+    """Why the width can differ: states and DiT come from different model sizes."""
+    width = value.shape[-1] if value.ndim in (2, 3) else None
+    if width is None or width == hidden_dim:
+        return ""
+    if width == QWEN_HIDDEN_DIM:
+        return (f" These are Qwen2.5-VL-7B states ({QWEN_HIDDEN_DIM} wide), but this DiT's text projector takes "
+                f"{hidden_dim} (its config.json mllm_dim: a tiny or other test model): use the real weights "
+                "(model=bindweave_14b), or states from the same tiny set (stage 2 with qwen=tiny).")
+    return (f" This DiT's text projector takes {hidden_dim}-wide states (its config.json mllm_dim) but these are "
+            f"{width} wide: they were extracted with another Qwen model; re-run stage 2 with the matching one "
+            "(qwen=qwen2_5_vl_7b for model=bindweave_14b).")
 
 
 def load_sample_hidden_states(sample: Sample, hidden_dim: int = QWEN_HIDDEN_DIM

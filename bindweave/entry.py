@@ -47,15 +47,15 @@ def run_generate_command(cfg: DictConfig) -> dict:
 
 def _generate(cfg: DictConfig, processes: Processes) -> int:
     from bindweave.demo import demo_meta_with_hidden_states
-    from bindweave.pipeline import RunSettings, load_stage3_models, run_generation
+    from bindweave.pipeline import RunSettings, load_stage3_models
     import torch.distributed as dist
 
-    from parallel.distributed import rank_device, start_process_group, stop_process_group
+    from parallel.distributed import finish_barrier_group, rank_device, start_process_group, stop_process_group
     from parallel.layout import layout_from_config
     from bindweave.fast import resolve_attention
     from parallel.parallelize import attention_call_sites, parallelize, refuse_inapplicable_speed_options
-    from bindweave.hydra_support import save_job_result, save_run_config
-    from parallel.runtime import RaisedOnRank0, Runtime
+    from bindweave.hydra_support import job_output_dir, log_to_file, save_run_config
+    from parallel.runtime import Runtime
 
     job = settings_of(cfg)  # the schema's own checks (bindweave/config.py); the command line passed them already
     model_settings, video, sampler = job.model, job.video, job.sampler
@@ -86,7 +86,7 @@ def _generate(cfg: DictConfig, processes: Processes) -> int:
         if runtime.rank == 0:
             log.info("attention kernels: %s", "; ".join(f"{site}: {kernel}" for site, kernel in
                                                          models.attention_kernels.items()))
-        _SESSION.update(key=key, runtime=runtime, models=models)
+        _SESSION.update(key=key, runtime=runtime, models=models, finish_group=finish_barrier_group())
     runtime, models = _SESSION["runtime"], _SESSION["models"]
     meta_path = job.data.meta_path
     if meta_path is None:
@@ -102,12 +102,23 @@ def _generate(cfg: DictConfig, processes: Processes) -> int:
     run = RunSettings(
         meta_path=Path(meta_path),
         image_root=Path(job.data.image_root) if job.data.image_root else None,
-        output_dir=_job_output_dir(job),
+        output_dir=job_output_dir(job.output_dir),
         overwrite=job.overwrite,
         on_error=job.on_error,
         progress=job.progress and runtime.rank == 0,
     )
-    runtime.from_rank0(lambda: save_run_config(cfg, run.output_dir))
+    run_folder = runtime.from_rank0(lambda: save_run_config(cfg, run.output_dir))
+    log_path = log_to_file(run_folder, runtime.rank)
+    return _generate_samples(models, run, video, sampler, runtime, known_bad, log_path)
+
+
+def _generate_samples(models, run, video, sampler, runtime, known_bad: dict[str, str], log_path: Path) -> dict:
+    import torch.distributed as dist
+
+    from bindweave.hydra_support import save_job_result, write_failed_samples
+    from bindweave.pipeline import run_generation
+    from parallel.runtime import RaisedOnRank0
+
     try:
         summary = run_generation(models, run, video, sampler, runtime, known_bad=known_bad)
     except BindWeaveInputError as error:
@@ -118,11 +129,30 @@ def _generate(cfg: DictConfig, processes: Processes) -> int:
     else:
         summary["exit_code"] = 1 if summary["failed"] else 0
         if runtime.is_writer:
-            log.info("done: %d written, %d already there, %d failed; videos in %s", len(summary["done"]),
-                     len(summary["skipped"]), len(summary["failed"]), run.output_dir.resolve())
+            log.info("done: %d written, %d already there, %d failed; videos in %s (log: %s)", len(summary["done"]),
+                     len(summary["skipped"]), len(summary["failed"]), run.output_dir.resolve(), log_path)
     if runtime.is_writer:  # one result per data group, for the sweep summary
-        save_job_result(run.output_dir, runtime.data_rank, summary)
+        _report_once(lambda: save_job_result(run.output_dir, runtime.data_rank, summary), summary)
+    # No rank leaves before every rank is done: a launcher ends the others as soon as one process
+    # exits non-zero (a data group whose samples were all bad would kill the healthy groups).
+    if _SESSION["finish_group"] is not None:
+        dist.barrier(group=_SESSION["finish_group"])
+    if runtime.rank == 0 and summary["exit_code"] != 2:
+        _report_once(lambda: write_failed_samples(run.output_dir), summary)
     return summary
+
+
+def _report_once(write, summary: dict) -> None:
+    """A run summary file that cannot be written (e.g. the disk filled up) is the job's one error,
+    unless the job already failed with one (then it is only noted); every rank still reaches the end."""
+    try:
+        write()
+    except BindWeaveInputError as error:
+        if summary["exit_code"] == 2:
+            log.warning("run summary not saved: %s", error)
+        else:
+            report_input_error(error)
+            summary.update(exit_code=2, error=str(error))
 
 
 def _check_job_first(job: GenerateConfig, rank: int) -> dict[str, str]:
@@ -133,32 +163,48 @@ def _check_job_first(job: GenerateConfig, rank: int) -> dict[str, str]:
     the job itself (output folder, video writer) always end it. Every rank checks the same files
     and reaches the same verdict, so all ranks stop together; rank 0 reports.
     """
+    from bindweave.hydra_support import job_output_dir
     from bindweave.outputs import video_done
     from bindweave.preflight import check_job
 
-    output_dir = _job_output_dir(job)
+    output_dir = job_output_dir(job.output_dir)
     finished = set() if job.overwrite else {
         path.stem for path in output_dir.glob("*.mp4") if video_done(path)} if output_dir.is_dir() else set()
     check = check_job(job.data.meta_path, job.data.image_root, hidden_dim=_dit_config(job.model)["mllm_dim"],
                       output_dir=output_dir, video=job.video, finished=finished)
     if check.job_problems or (check.problems and job.on_error != "skip"):
         raise check.error()
+    _refuse_changed_finished_samples(job, check.samples, finished, output_dir)
     bad = {}
     for problem in check.problems:
-        bad.setdefault(problem.sample_id, problem.line())
+        bad.setdefault(problem.sample_id, problem.reason())
     if bad and rank == 0:
         log.error("%s; the %d other samples run", check.report(skipping=True), len(check.samples))
     return bad
 
 
-def _job_output_dir(job: GenerateConfig) -> Path:
-    """``output_dir``, or in a multirun the job's own folder (Hydra's sweep subdir, config saved there)."""
-    from hydra.core.hydra_config import HydraConfig
-    from hydra.types import RunMode
+def _refuse_changed_finished_samples(job: GenerateConfig, samples, finished: set[str], output_dir: Path) -> None:
+    """A finished video is skipped only if its sidecar's recipe is this run's (bindweave/resume.py)."""
+    from bindweave.pipeline import model_folders, model_provenance, recipe_options, sample_seed
+    from bindweave.resume import changes, recorded_recipe, refuse_changed_samples, sample_recipe
 
-    if HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN:
-        return Path(HydraConfig.get().runtime.output_dir)
-    return Path(job.output_dir)
+    done = [sample for sample in samples if sample.sample_id in finished]
+    if not done:
+        return
+    provenance, options = model_provenance(*model_folders(job.model)), recipe_options(job.model)
+    conflicts = {}
+    for sample in done:
+        recorded = recorded_recipe(output_dir / f"{sample.sample_id}.json")
+        try:
+            expected = sample_recipe(sample, sample_seed(sample, job.sampler), job.video, job.sampler, provenance,
+                                     options)
+        except OSError:  # an input of a finished video is gone: nothing to compare, the video is kept
+            continue
+        if recorded is None:
+            conflicts[sample.sample_id] = ["its sidecar records no recipe (an older or damaged sidecar)"]
+        elif changes(recorded, expected):
+            conflicts[sample.sample_id] = changes(recorded, expected)
+    refuse_changed_samples(conflicts, output_dir)
 
 
 def _device_type(device: str) -> str:
@@ -167,20 +213,20 @@ def _device_type(device: str) -> str:
 
     if device == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
-    if torch.device(device).type == "cuda" and not torch.cuda.is_available():
+    chosen = torch.device(device)
+    if chosen.type == "cuda" and not torch.cuda.is_available():
         raise BindWeaveInputError(f"model.device={device} but no CUDA device is visible here: use model.device=auto "
                                   "(CUDA when present, else CPU) or model.device=cpu")
-    return torch.device(device).type
+    if chosen.type == "cuda" and chosen.index is not None and chosen.index >= torch.cuda.device_count():
+        raise BindWeaveInputError(f"model.device={device} but this process sees {torch.cuda.device_count()} CUDA "
+                                  f"device(s) (cuda:0 to cuda:{torch.cuda.device_count() - 1}): use model.device=auto")
+    return chosen.type
 
 
 def _dit_config(settings) -> dict:
     """The DiT's config.json alone (heads for the layout, hidden size for the inputs): read before any weight."""
-    from bindweave.checkpoint import read_config, resolve_folder
-    from bindweave.tiny import write_tiny_models
+    from bindweave.checkpoint import read_config
+    from bindweave.pipeline import model_folders
     from bindweave.transformer import BINDWEAVE_14B_CONFIG, BindWeaveTransformer
 
-    if settings.tiny_root:
-        folder = write_tiny_models(Path(settings.tiny_root)).bindweave
-    else:
-        folder = resolve_folder(settings.dit, settings.dit_subfolder, settings.revision)
-    return read_config(folder, BindWeaveTransformer, BINDWEAVE_14B_CONFIG)
+    return read_config(model_folders(settings)[0], BindWeaveTransformer, BINDWEAVE_14B_CONFIG)

@@ -12,7 +12,8 @@ def report_input_error(error: BindWeaveInputError) -> None:
     import logging
     import sys
 
-    logging.getLogger("bindweave").error("%s", error)
+    # The log file keeps it; the console shows only the `error:` line (see hydra_support.FileOnly).
+    logging.getLogger("bindweave").error("%s", error, extra={"file_only": True})
     print(f"error: {error}", file=sys.stderr)
 
 

@@ -11,6 +11,11 @@ model is skipped without a forward (a missing .pt pair is then written from it).
 file is written last, so it marks a finished sample. Under torchrun or srun (parallel.distributed),
 rank r takes samples r, r + world, ...; rank 0 writes the meta JSON once every rank has passed a
 barrier.
+
+A bad sample (malformed entry, missing or unreadable image, ...) ends the run with on_error=fail
+(exit 2, one message naming it). With on_error=skip it is reported, the others finish, and it is
+left out of the new meta JSON (every entry there has its hidden states, so stage 3 can run it);
+`<output_dir>/failed.json` names each failed sample and why, and the exit code is 1.
 """
 
 from __future__ import annotations
@@ -148,29 +153,46 @@ def extract_sample(qwen: QwenVL, sample: Sample, files: SampleFiles, expected: d
 
 
 def extract_samples(qwen: QwenVL, samples: list[Sample], settings: ExtractSettings,
-                    rank: int = 0, world_size: int = 1) -> dict[str, list[str]]:
-    """Extract this rank's share of `samples` (sorted order, strided by rank); skip finished ones."""
-    summary = {"done": [], "skipped": []}
+                    rank: int = 0, world_size: int = 1, skip_errors: bool = False) -> dict:
+    """Extract this rank's share of `samples` (sorted order, strided by rank); skip finished ones.
+
+    Returns ``{"done": [ids], "skipped": [ids], "failed": {id: reason}}``. A sample's input error
+    raises, naming the sample, unless ``skip_errors`` (on_error=skip): then it is logged, recorded
+    in ``failed`` and the next sample goes on.
+    """
+    summary = {"done": [], "skipped": [], "failed": {}}
     mine = samples[rank::world_size]
     for sample in tqdm(mine, desc="samples", disable=not settings.progress or rank != 0):
-        files = SampleFiles.of(settings.output_dir, sample.sample_id)
-        expected = provenance(qwen, sample)
-        if is_done(files, expected):
-            log.info("%s: already extracted with this prompt, images and model (%s), skipping",
-                     sample.sample_id, files.safetensors)
-            if settings.write_official_pt and not (files.positive_pt.is_file() and files.negative_pt.is_file()):
-                positive, negative = (load_hidden_states(files.safetensors, negative=side, hidden_dim=qwen.hidden_size)
-                                      for side in (False, True))
-                write_official_pair(files, positive, negative)
-            summary["skipped"].append(sample.sample_id)
+        try:
+            outcome = _extract_or_skip(qwen, sample, settings)
+        except BindWeaveInputError as error:
+            if not skip_errors:
+                raise BindWeaveInputError(f"sample {sample.sample_id!r}: {error}") from None
+            log.error("%s: %s (skipped; on_error=skip)", sample.sample_id, error)
+            summary["failed"][sample.sample_id] = str(error)
             continue
-        started = time.perf_counter()
-        header = extract_sample(qwen, sample, files, expected, settings.write_official_pt)
-        log.info("%s: L = %s (negative %s), image tokens %s, %.2f s -> %s", sample.sample_id,
-                 header["positive_length"], header["negative_length"], header["image_tokens"],
-                 time.perf_counter() - started, files.safetensors)
-        summary["done"].append(sample.sample_id)
+        summary[outcome].append(sample.sample_id)
     return summary
+
+
+def _extract_or_skip(qwen: QwenVL, sample: Sample, settings: ExtractSettings) -> str:
+    """One sample: "skipped" when its file is already there, else "done" once extracted."""
+    files = SampleFiles.of(settings.output_dir, sample.sample_id)
+    expected = provenance(qwen, sample)
+    if is_done(files, expected):
+        log.info("%s: already extracted with this prompt, images and model (%s), skipping",
+                 sample.sample_id, files.safetensors)
+        if settings.write_official_pt and not (files.positive_pt.is_file() and files.negative_pt.is_file()):
+            positive, negative = (load_hidden_states(files.safetensors, negative=side, hidden_dim=qwen.hidden_size)
+                                  for side in (False, True))
+            write_official_pair(files, positive, negative)
+        return "skipped"
+    started = time.perf_counter()
+    header = extract_sample(qwen, sample, files, expected, settings.write_official_pt)
+    log.info("%s: L = %s (negative %s), image tokens %s, %.2f s -> %s", sample.sample_id,
+             header["positive_length"], header["negative_length"], header["image_tokens"],
+             time.perf_counter() - started, files.safetensors)
+    return "done"
 
 
 def write_meta_with_features(samples: list[Sample], settings: ExtractSettings) -> Path:
@@ -198,25 +220,55 @@ def write_meta_with_features(samples: list[Sample], settings: ExtractSettings) -
 
 
 def check_output_paths(meta_path: Path, samples: list[Sample], settings: ExtractSettings) -> None:
-    """Refuse outputs that would overwrite the input or escape the output folder."""
+    """Refuse outputs that would overwrite the input or escape the output folder.
+
+    `read_meta` already refuses unsafe ids; this checks again for samples built any other way.
+    """
+    from bindweave.data import require_safe_sample_id  # the one rule for ids as file names
+
     if settings.meta_path.resolve() == meta_path.resolve():
         raise BindWeaveInputError(f"output_meta {settings.meta_path} is the input meta file: stage 2 never "
                                   f"rewrites its input; choose another output_meta or output_dir.")
     for sample in samples:
-        if sample.sample_id in ("", ".", "..") or "/" in sample.sample_id or "\\" in sample.sample_id:
-            raise BindWeaveInputError(f"Meta file {meta_path}: sample id {sample.sample_id!r} cannot be a file "
-                                      f"name (it names the hidden-states file): rename the sample.")
+        require_safe_sample_id(sample.sample_id, f"Meta file {meta_path}, sample {sample.sample_id!r}")
 
 
 def run_extract(qwen: QwenVL, meta_path: Path, image_root: Path | None, settings: ExtractSettings,
-                rank: int = 0, world_size: int = 1, barrier=lambda: None) -> Path | None:
-    """Extract every sample of `meta_path`; rank 0 returns the new meta JSON's path, others None."""
-    samples = read_meta(meta_path, image_root)
+                rank: int = 0, world_size: int = 1, barrier=lambda: None, on_error: str = "fail",
+                gather=lambda value: [value], summary: dict | None = None) -> Path | None:
+    """Extract every sample of `meta_path`; rank 0 returns the new meta JSON's path, others None.
+
+    ``on_error="fail"``: a bad sample raises, naming it. ``"skip"``: it is logged and left out of the
+    meta JSON; when every sample failed there is nothing to hand on, so no meta JSON is written (an
+    older one is removed) and None is returned. ``summary`` (a dict) receives on every rank the run's
+    ``done`` / ``skipped`` ids and ``failed`` (id -> reason) over all ranks: ``gather`` collects one
+    value from each rank, in rank order.
+    """
+    skip_errors = on_error == "skip"
+    invalid: dict[str, str] = {}
+    samples = read_meta(meta_path, image_root, invalid=invalid if skip_errors else None)
+    if rank == 0:  # every rank reads the same file: one report
+        for sample_id, reason in invalid.items():
+            log.error("%s: %s (skipped; on_error=skip)", sample_id, reason)
     check_output_paths(meta_path, samples, settings)
-    summary = extract_samples(qwen, samples, settings, rank, world_size)
-    log.info("rank %d: %d extracted, %d already there", rank, len(summary["done"]), len(summary["skipped"]))
+    mine = extract_samples(qwen, samples, settings, rank, world_size, skip_errors)
+    log.info("rank %d: %d extracted, %d already there, %d failed", rank, len(mine["done"]),
+             len(mine["skipped"]), len(mine["failed"]))
     barrier()
-    return write_meta_with_features(samples, settings) if rank == 0 else None
+    total = {"done": [], "skipped": [], "failed": dict(invalid)}
+    for part in gather(mine):
+        total["done"] += part["done"]
+        total["skipped"] += part["skipped"]
+        total["failed"].update(part["failed"])
+    if summary is not None:
+        summary.update(total)
+    if rank != 0:
+        return None
+    extracted = [sample for sample in samples if sample.sample_id not in total["failed"]]
+    if not extracted:
+        settings.meta_path.unlink(missing_ok=True)
+        return None
+    return write_meta_with_features(extracted, settings)
 
 
 # ---- command line (launch/extract.py) ---------------------------------------------------------
@@ -224,19 +276,35 @@ def run_extract(qwen: QwenVL, meta_path: Path, image_root: Path | None, settings
 
 @exits_2_on_input_error
 def run_extract_command(cfg: DictConfig) -> int:
-    """Exit code: 0 done, 2 bad input/config (one clear message)."""
+    """Exit code: 0 done; 1 some samples failed (on_error=skip: the others are done, and
+    <output_dir>/failed.json names each failed one and why); 2 bad input/config, or with
+    on_error=fail the first bad sample (one clear message).
+
+    The resolved config goes to <output_dir>/.hydra/ (written here, not by Hydra, so an output
+    folder that cannot be made is one clear error). In a ``-m`` sweep output_dir is the job's own
+    folder (multirun/<stamp>/<job>/), as in stage 3.
+    """
     from bindweave.demo_cases import write_demo_cases
+    from bindweave.hydra_support import (FAILED_SAMPLES_NAME, job_output_dir, log_to_file, record_failed_samples,
+                                         save_job_result, save_run_config)
+    from bindweave.outputs import require_writable_folder
     from parallel.distributed import detect_processes, rank_device, start_process_group, stop_process_group
 
     from bindweave.config import settings_of
 
     job = settings_of(cfg)  # the schema's own checks (bindweave/config.py)
+    processes = detect_processes()
     settings = ExtractSettings(
-        output_dir=Path(job.output_dir),
+        output_dir=job_output_dir(job.output_dir),
         output_meta=Path(job.output_meta) if job.output_meta else None,
         write_official_pt=job.write_official_pt,
         progress=job.progress,
     )
+    if processes.rank == 0:
+        log_to_file(save_run_config(cfg, settings.output_dir))  # checks the output folder first
+        (settings.output_dir / FAILED_SAMPLES_NAME).unlink(missing_ok=True)  # an older run's: it describes the last run
+    else:  # the same check, so that every rank stops alike
+        require_writable_folder(settings.output_dir)
     if job.data.meta_path is None:
         meta_path, image_root = write_demo_cases(Path(job.data.demo_dir)), Path(job.data.demo_dir)
         log.info("demo: built-in cases at %s with the tiny random Qwen2.5-VL (the states are noise)", meta_path)
@@ -244,20 +312,43 @@ def run_extract_command(cfg: DictConfig) -> int:
         meta_path = Path(job.data.meta_path)
         image_root = Path(job.data.image_root) if job.data.image_root else None
     qwen_settings = job.qwen
-    processes = detect_processes()
     device_type = qwen_settings.device_type()
-    # A barrier only, before rank 0 writes the meta JSON: ranks may finish hours apart.
+    # For a barrier and the gathering of each rank's summary only, before rank 0 writes the meta JSON:
+    # ranks may finish hours apart.
     start_process_group(processes, device_type, timeout_s=BARRIER_TIMEOUT.total_seconds())
+    summary: dict = {}
     try:
         if processes.world_size > 1:  # one process per GPU: rank r computes on GPU LOCAL_RANK
             qwen_settings = replace(qwen_settings, device=str(rank_device(processes, device_type)))
         barrier = torch.distributed.barrier if processes.world_size > 1 else lambda: None
         written = run_extract(load_qwen(qwen_settings), meta_path, image_root, settings, processes.rank,
-                              processes.world_size, barrier)
+                              processes.world_size, barrier, job.on_error, _gather(processes.world_size), summary)
+        exit_code = 1 if summary["failed"] else 0  # the same on every rank
+        if processes.rank == 0:  # reports the run
+            record_failed_samples(settings.output_dir, summary["failed"])
+            save_job_result(settings.output_dir, 0, {**summary, "exit_code": exit_code})  # for a sweep's table
+            if written is not None:
+                root = (image_root or meta_path.parent).resolve()
+                log.info("wrote %s; stage 3: python launch/generate.py data.meta_path=%s data.image_root=%s",
+                         written, written, root)
+            else:
+                log.error("no sample was extracted: %s not written", settings.meta_path)
+        # No rank leaves before rank 0 has written everything: with exit code 1 a launcher (torchrun,
+        # srun) ends the other processes as soon as one exits.
+        barrier()
     finally:
         stop_process_group()
-    if written is not None:
-        root = (image_root or meta_path.parent).resolve()
-        log.info("wrote %s; stage 3: python launch/generate.py data.meta_path=%s data.image_root=%s",
-                 written, written, root)
-    return 0
+    return exit_code
+
+
+def _gather(world_size: int):
+    """One value from every rank, in rank order, on every rank (each rank's summary)."""
+    if world_size == 1:
+        return lambda value: [value]
+
+    def gather(value):
+        values = [None] * world_size
+        torch.distributed.all_gather_object(values, value)
+        return values
+
+    return gather

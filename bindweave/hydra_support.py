@@ -63,8 +63,8 @@ class SweepSummary(Callback):
 
 
 def job_overrides(job: Path) -> str:
-    path = job / ".hydra" / "overrides.yaml"
-    return " ".join(OmegaConf.load(path)) if path.exists() else "?"
+    runs = sorted((job / ".hydra" / "runs").glob("*/overrides.yaml"))
+    return " ".join(OmegaConf.load(runs[-1])) if runs else "?"
 
 
 def job_status(job: Path) -> str:
@@ -84,20 +84,64 @@ def save_job_result(folder: Path, data_rank: int, result: dict) -> None:
     write_json(folder / ".hydra" / f"result.data{data_rank}.json", result)
 
 
+FAILED_SAMPLES_NAME = "failed.json"
+
+
+def record_failed_samples(folder: Path, failed: dict[str, str]) -> None:
+    """The end of an on_error=skip run (every stage): one log record naming each failed sample and
+    why, also written to ``<folder>/failed.json`` (id -> reason, atomically); removed when the run
+    had no failures, so the file always describes the last run."""
+    from bindweave.outputs import write_json
+
+    path = folder / FAILED_SAMPLES_NAME
+    if not failed:
+        path.unlink(missing_ok=True)
+        return
+    failed = dict(sorted(failed.items()))
+    write_json(path, failed)
+    log.error("%d sample%s failed (on_error=skip; the others are done), listed in %s:\n%s", len(failed),
+              "" if len(failed) == 1 else "s", path,
+              "\n".join(f"  - {sample_id}: {reason}" for sample_id, reason in failed.items()))
+
+
+def write_failed_samples(folder: Path) -> None:
+    """Stage 3: :func:`record_failed_samples` of every data group's results (``.hydra/result.*.json``)."""
+    from bindweave.outputs import video_done
+
+    failed = {}
+    for path in sorted((folder / ".hydra").glob("result.*.json")):
+        failed.update(json.loads(path.read_text()).get("failed", {}))
+    record_failed_samples(folder, {sample_id: reason for sample_id, reason in failed.items()  # earlier runs' too
+                                   if not video_done(folder / f"{sample_id}.mp4")})
+
+
+def job_output_dir(output_dir: str) -> Path:
+    """``output_dir``, or in a multirun the job's own folder (Hydra's sweep subdir, config saved there)."""
+    from hydra.types import RunMode
+
+    if HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN:
+        return Path(HydraConfig.get().runtime.output_dir)
+    return Path(output_dir)
+
+
 CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
 
 
-def save_run_config(cfg: DictConfig, folder: Path) -> None:
-    """The resolved config beside the outputs (``.hydra/config.yaml``), written by the project rather
-    than by Hydra, so an output folder that cannot be made is one clear error (see conf/generate.yaml)."""
+def save_run_config(cfg: DictConfig, folder: Path) -> Path:
+    """The resolved config beside the outputs, one folder per run (``.hydra/runs/<run stamp>/config.yaml``
+    and ``overrides.yaml``), so a re-run into the same folder never rewrites what an earlier run
+    saved. Written by the project rather than by Hydra, so an output folder that cannot be made is
+    one clear error (see conf/generate.yaml). Returns the run's folder."""
     from bindweave.outputs import atomic_write, require_writable_folder
 
     require_writable_folder(folder)
-    with atomic_write(folder / ".hydra" / "config.yaml") as temp_path:
+    run_folder = folder / ".hydra" / "runs" / run_stamp()
+    with atomic_write(run_folder / "config.yaml") as temp_path:
         temp_path.write_text(OmegaConf.to_yaml(cfg, resolve=True))
     if HydraConfig.initialized():
-        with atomic_write(folder / ".hydra" / "overrides.yaml") as temp_path:
+        with atomic_write(run_folder / "overrides.yaml") as temp_path:
             temp_path.write_text(OmegaConf.to_yaml(list(HydraConfig.get().overrides.task)))
+    return run_folder
 
 
 def run_hydra_app(config_name: str, command: Callable[[DictConfig], dict | int]) -> None:
@@ -108,6 +152,8 @@ def run_hydra_app(config_name: str, command: Callable[[DictConfig], dict | int])
     from bindweave.config import exit_on_bad_command_line, register_schemas
 
     register_schemas()
+    if not sys.stderr.isatty():  # the libraries' progress bars too (transformers, diffusers, the hub: tqdm)
+        os.environ.setdefault("TQDM_DISABLE", "1")
     exit_on_bad_command_line(config_name)  # every job of the command line, before Hydra runs any
     logging.captureWarnings(True)
     # scancel, preemption and torchrun's teardown send SIGTERM: unwind, so temp files are removed.
@@ -116,9 +162,53 @@ def run_hydra_app(config_name: str, command: Callable[[DictConfig], dict | int])
 
     @hydra.main(config_path=str(CONF_DIR), config_name=config_name, version_base="1.3")
     def main(cfg: DictConfig):
-        result = command(cfg)
+        try:
+            result = command(cfg)
+        finally:  # each job of a multirun logs to its own folder
+            close_run_log_files()
         exit_codes.append(result["exit_code"] if isinstance(result, dict) else int(result))
         return result
 
-    main()
+    try:
+        main()
+    except KeyboardInterrupt:  # Ctrl-C: one line, not a traceback; temp files were removed on the way out
+        print("interrupted; re-run the same command to resume (finished samples are kept)", file=sys.stderr)
+        sys.exit(130)
     sys.exit(max(exit_codes, default=0))
+
+
+class FileOnly(logging.Filter):
+    """Keeps records marked ``extra={"file_only": True}`` off the console (conf/hydra/job_logging):
+    an input error is printed once as its ``error:`` line and kept in the log file as a record."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not getattr(record, "file_only", False)
+
+
+class RunLogFile(logging.FileHandler):
+    """The run's log file; a write that fails (a full disk) turns the copy off quietly instead of
+    printing logging's own traceback for every later record: the console keeps the log."""
+
+    def handleError(self, record: logging.LogRecord) -> None:
+        self.setLevel(logging.CRITICAL + 1)
+
+
+def log_to_file(run_folder: Path, rank: int = 0) -> Path:
+    """Copy this process's log into the run's folder (``bindweave.log``; ``bindweave.rank<N>.log`` on
+    other ranks) until the job ends (:func:`run_hydra_app` closes it). Returns the file's path."""
+    path = run_folder / ("bindweave.log" if rank == 0 else f"bindweave.rank{rank}.log")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handler = RunLogFile(path, encoding="utf-8")
+    handler.setFormatter(logging.Formatter("[%(asctime)s %(levelname)s] %(message)s", "%Y-%m-%d %H:%M:%S"))
+    logging.getLogger().addHandler(handler)
+    return path
+
+
+def close_run_log_files() -> None:
+    root = logging.getLogger()
+    for handler in [h for h in root.handlers if isinstance(h, RunLogFile)]:
+        root.removeHandler(handler)
+        try:
+            handler.close()
+        except OSError:  # a full disk: the job's own error was already reported
+            pass

@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import platform
 import re
+import sys
 import resource
 import time
 from dataclasses import asdict, dataclass, field
@@ -32,6 +33,7 @@ from bindweave.errors import BindWeaveInputError
 from bindweave.fast import ATTENTION_CHOICES, SpeedOptions, apply_speed_options
 from bindweave.outputs import video_done, write_json, write_mp4
 from bindweave.prompts import T5_NEGATIVE_PROMPT
+from bindweave.resume import sample_recipe
 from bindweave.sampler import SamplerSettings, denoise, initial_noise, make_scheduler
 from bindweave.transformer import BindWeaveTransformer
 from parallel.cfg import parallel_guided_velocity
@@ -142,6 +144,7 @@ class Stage3Models:
     # The kernel that runs at each attention call site once the layout is applied (sidecars, log).
     attention_kernels: dict = field(default_factory=dict)
     load_s: float = 0.0  # seconds this process spent loading them (sidecars: once per process, reused after)
+    recipe_options: dict = field(default_factory=dict)  # the settings that change the pixels (resume.py)
 
     def encoders_to(self, device: torch.device) -> None:
         if self.offload_encoders:
@@ -153,18 +156,31 @@ class Stage3Models:
         return self.transformer.config.mllm_dim
 
 
-def load_stage3_models(settings: ModelSettings, runtime: Runtime | None = None) -> Stage3Models:
-    """Every stage-3 model, once per process. With ``parallel.fsdp`` the DiT is built on the meta
-    device and each rank reads only its shards; a sharded T5 is sharded after loading."""
-    started = time.perf_counter()
+def model_folders(settings: ModelSettings) -> tuple[Path, Path]:
+    """The DiT folder and the Wan folder (HF repo ids resolved through the local cache first)."""
     if settings.tiny_root:
         from bindweave.tiny import write_tiny_models
 
         tiny = write_tiny_models(Path(settings.tiny_root))
-        dit_folder, wan_folder = tiny.bindweave, tiny.wan
-    else:
-        dit_folder = resolve_folder(settings.dit, settings.dit_subfolder, settings.revision)
-        wan_folder = resolve_folder(settings.wan)
+        return tiny.bindweave, tiny.wan
+    return resolve_folder(settings.dit, settings.dit_subfolder, settings.revision), resolve_folder(settings.wan)
+
+
+def model_provenance(dit_folder: Path, wan_folder: Path) -> dict:
+    return {"dit": folder_fingerprint(dit_folder), "wan": folder_fingerprint(wan_folder)}
+
+
+def recipe_options(settings: ModelSettings) -> dict:
+    """The model settings that change a video's pixels (resume compares them; resume.py)."""
+    return {"dtype": settings.dtype, "attention_kernel": settings.attention_kernel,
+            "fuse_projections": settings.fuse_projections, "compile": settings.compile}
+
+
+def load_stage3_models(settings: ModelSettings, runtime: Runtime | None = None) -> Stage3Models:
+    """Every stage-3 model, once per process. With ``parallel.fsdp`` the DiT is built on the meta
+    device and each rank reads only its shards; a sharded T5 is sharded after loading."""
+    started = time.perf_counter()
+    dit_folder, wan_folder = model_folders(settings)
     device, dtype = settings.resolved_device(), settings.torch_dtype
     sharded = set(runtime.layout.fsdp) if runtime is not None and runtime.fsdp_mesh is not None else set()
     if "dit" in sharded:
@@ -193,7 +209,8 @@ def load_stage3_models(settings: ModelSettings, runtime: Runtime | None = None) 
         image_encoder=ClipImageEncoder.from_folder(wan_folder, dtype=dtype, device=encoder_device),
         video_conditions=VideoConditionCache(Path(settings.cache_dir) / "video_condition"),
         device=device,
-        provenance={"dit": folder_fingerprint(dit_folder), "wan": folder_fingerprint(wan_folder)},
+        provenance=model_provenance(dit_folder, wan_folder),
+        recipe_options=recipe_options(settings),
         offload_encoders=offload_encoders,
         load_s=time.perf_counter() - started,
     )
@@ -257,6 +274,16 @@ def dit_predictor(transformer: BindWeaveTransformer, inputs: SampleInputs):
     return predict
 
 
+def bars_on_terminal() -> bool:
+    """Progress bars only where a person watches: redirected logs (Slurm, nohup, CI) would fill
+    with their carriage returns and escape codes."""
+    return sys.stderr.isatty()
+
+
+def progress_bar(items, progress: bool, **options):
+    return tqdm(items, **options) if progress and bars_on_terminal() else items
+
+
 def sample_seed(sample: Sample, sampler: SamplerSettings) -> int:
     return sampler.seed if sample.seed is None else sample.seed
 
@@ -311,9 +338,12 @@ def generate_sample(models: Stage3Models, sample: Sample, video: VideoSettings, 
     velocity = parallel_guided_velocity(dit_predictor(models.transformer, inputs), sampler.guidance_scale, runtime)
 
     def steps(timesteps):
-        shown = tqdm(timesteps, desc=f"{sample.sample_id} steps", leave=False) if progress else timesteps
+        shown = progress_bar(timesteps, progress, desc=f"{sample.sample_id} steps", leave=False)
         for index, timestep in enumerate(shown):
             yield timestep
+            if progress and not bars_on_terminal():  # a redirected log gets one plain line per step
+                log.info("%s: step %d/%d (%.1f s)", sample.sample_id, index + 1, sampler.num_steps,
+                         time.perf_counter() - mark)
             if index == 0:  # the first step is done: it includes compiling; from process start, loading too
                 timings["first_step_s"] = time.perf_counter() - mark
                 timings.setdefault("first_step_since_process_start_s", seconds_since_process_start())
@@ -330,6 +360,8 @@ def generate_sample(models: Stage3Models, sample: Sample, video: VideoSettings, 
     timings["decode_s"] = time.perf_counter() - mark
     memory["decode"] = memory_snapshot(models.device)
     mark = time.perf_counter()
+    # Redone (overwrite=true): the old sidecar goes first, so an old record never sits beside a new video.
+    output_path.with_suffix(".json").unlink(missing_ok=True)
     write_video(output_path, frames, fps=video.fps)
     timings["write_s"] = time.perf_counter() - mark
     timings["total_s"] = time.perf_counter() - started
@@ -343,6 +375,7 @@ def generate_sample(models: Stage3Models, sample: Sample, video: VideoSettings, 
         "sample_fields": sample.fields, "models": models.provenance, "timings": timings,
         "memory": memory, "peak_memory_gib": peak_of(memory),
         "versions": versions(), "parallel": asdict(runtime.layout), "attention_kernels": models.attention_kernels,
+        "recipe": sample_recipe(sample, seed, video, sampler, models.provenance, models.recipe_options),
     }
     # The sidecar is written last: its presence marks the sample as finished (resume).
     write_json(output_path.with_suffix(".json"), record)
@@ -374,7 +407,7 @@ def run_generation(models: Stage3Models, run: RunSettings, video: VideoSettings,
     samples, finished, invalid = runtime.from_rank0(plan)
     run.output_dir.mkdir(parents=True, exist_ok=True)
     summary = {"done": [], "skipped": [], "failed": {**invalid, **known_bad}}
-    for sample in tqdm(own_samples(samples, runtime), desc="samples", disable=not run.progress):
+    for sample in progress_bar(own_samples(samples, runtime), run.progress, desc="samples"):
         output_path = output_path_of(sample)
         if sample.sample_id in finished and not run.overwrite:
             if runtime.is_writer:

@@ -48,10 +48,14 @@ class JobProblem:
     path: str | None
     message: str
 
+    def reason(self) -> str:
+        """``field (path): message``: what is wrong, without the sample id."""
+        where = self.field if self.path is None else f"{self.field} ({self.path})"
+        return f"{where}: {self.message}"
+
     def line(self) -> str:
         """One report line: ``sample_id: field (path): message``."""
-        where = self.field if self.path is None else f"{self.field} ({self.path})"
-        return f"{where}: {self.message}" if self.sample_id is None else f"{self.sample_id}: {where}: {self.message}"
+        return self.reason() if self.sample_id is None else f"{self.sample_id}: {self.reason()}"
 
 
 @dataclass

@@ -11,8 +11,15 @@ reference images in `img_paths` order. Two backends, one interface (`refine(prom
 
 An empty answer, or one cut off by the token limit, is refused: it would silently become the
 video's prompt. The output is a NEW meta JSON where each refined sample keeps the user's text as
-`prompt_original`; it is rewritten after every sample, so an interrupted run resumes where it
-stopped (a sample whose `prompt_original` equals the current prompt is not asked again).
+`prompt_original`. See :func:`refine_samples` for how progress survives a crash (the final name
+appears only for a finished run) and what ``on_error=skip`` writes.
+
+Failures come in two kinds. A sample's own (an unreadable reference image, a request the server
+rejects as bad (400, 413, 422), an empty or cut-off answer) ends the run (on_error=fail, exit 2)
+or is reported and skipped (on_error=skip, exit 1). One that every sample would hit alike (a
+refused API key, a wrong URL or model, a server that stays down through the retries, an answer
+that is no chat completion) is a :class:`RefinerUnavailable`: it ends the run with exit 2 under
+either setting, instead of failing every remaining sample one request at a time.
 """
 
 from __future__ import annotations
@@ -64,6 +71,11 @@ JPEG_QUALITY = 90
 REFINED_META_NAME = "meta_refined.json"
 # Hidden states made from the old prompt no longer match a refined one: stage 2 must run again.
 STALE_FIELDS = ("hidden_states_path", "hidden_states_path_negative")
+
+
+class RefinerUnavailable(BindWeaveInputError):
+    """The refiner cannot serve any sample (bad key, wrong URL or model, server down, not a chat
+    API): the run stops even with on_error=skip, since every other sample would fail alike."""
 
 
 def refine_instruction(prompt: str) -> str:
@@ -133,18 +145,21 @@ class EndpointRefiner:
             except (requests.ConnectionError, requests.Timeout) as error:
                 failure = f"{type(error).__name__}: {error}"
             except requests.RequestException as error:  # a malformed URL: retrying cannot help
-                raise BindWeaveInputError(f"refiner.base_url={settings.base_url!r} cannot be called ({error}): "
+                raise RefinerUnavailable(f"refiner.base_url={settings.base_url!r} cannot be called ({error}): "
                                           f"give a full URL such as http://localhost:8000/v1") from None
             else:
                 if response.status_code == 200:
                     return self._json(response)
                 failure = f"HTTP {response.status_code}: {response.text[:300]}"
                 if response.status_code in (401, 403):
-                    raise BindWeaveInputError(
+                    raise RefinerUnavailable(
                         f"{settings.url} refused the API key ({failure}): put a valid key in the environment "
                         f"variable {settings.api_key_env} (refiner.api_key_env names it).")
                 if response.status_code != 429 and response.status_code < 500:
-                    raise BindWeaveInputError(
+                    # 404/405: no such model or endpoint, for every sample alike; others (400, 413,
+                    # 422): this sample's request (its images, its prompt).
+                    error_type = RefinerUnavailable if response.status_code in (404, 405) else BindWeaveInputError
+                    raise error_type(
                         f"{settings.url} rejected the request ({failure}): check refiner.model="
                         f"{settings.model} and refiner.base_url (it ends before /chat/completions).")
             delay = settings.retry_base_s * 2 ** attempt
@@ -153,7 +168,7 @@ class EndpointRefiner:
             log.warning("refiner: %s (attempt %d of %d); retrying in %.1f s", failure, attempt + 1,
                         settings.max_retries + 1, delay)
             time.sleep(delay)
-        raise BindWeaveInputError(
+        raise RefinerUnavailable(
             f"{settings.url} failed {attempt + 1} times (last: {failure}): check that the server is up, or "
             f"raise refiner.max_retries / refiner.max_retry_s. Re-running resumes after the refined samples.")
 
@@ -161,7 +176,7 @@ class EndpointRefiner:
         try:
             return response.json()
         except ValueError:
-            raise BindWeaveInputError(f"{self.settings.url} answered HTTP 200 with no JSON "
+            raise RefinerUnavailable(f"{self.settings.url} answered HTTP 200 with no JSON "
                                       f"({response.text[:200]!r}): is base_url an OpenAI-compatible API?") from None
 
     def _answer(self, body: dict) -> str:
@@ -169,7 +184,7 @@ class EndpointRefiner:
             choice = body["choices"][0]
             text, finish_reason = choice["message"]["content"], choice.get("finish_reason")
         except (KeyError, IndexError, TypeError):
-            raise BindWeaveInputError(f"{self.settings.url} answered without choices[0].message.content "
+            raise RefinerUnavailable(f"{self.settings.url} answered without choices[0].message.content "
                                       f"({json.dumps(body)[:300]}): is it a chat-completions API?") from None
         if finish_reason == "length":
             raise BindWeaveInputError(f"{self.settings.url} cut the answer off at refiner.max_tokens="
@@ -218,12 +233,41 @@ class LocalQwenRefiner:
 # ---- the stage ----------------------------------------------------------------------------------
 
 
-def refine_samples(refiner, samples: list[Sample], output_meta: Path, progress: bool = True) -> dict[str, list[str]]:
-    """Refine every sample not refined yet and write `output_meta` after each one."""
-    previous = _read_previous(output_meta)
+def partial_meta_path(output_meta: Path) -> Path:
+    """Where a run keeps its progress until every sample is refined: ``meta_refined.partial.json``
+    beside ``meta_refined.json``."""
+    return output_meta.with_name(f"{output_meta.stem}.partial{output_meta.suffix or '.json'}")
+
+
+def refine_samples(refiner, samples: list[Sample], output_meta: Path, progress: bool = True,
+                   on_error: str = "fail", failed: dict[str, str] | None = None) -> dict:
+    """Refine every sample not refined yet; returns ``{"done": [ids], "skipped": [ids], "failed":
+    {id: reason}}`` (``failed`` starts from the given one: samples already known to be bad).
+
+    Progress survives a crash without a complete-looking file: after each sample every entry (the
+    refined ones refined, the others as the input has them) is written atomically to
+    :func:`partial_meta_path`, and ``output_meta`` itself is written only when the run ends, with
+    every entry refined; the partial file is then removed. A run that has anything to refine first
+    moves what it carries over into the partial file and removes an older ``output_meta``, so after a
+    failure or a crash that name never holds an unfinished or outdated mix. A re-run resumes from
+    the partial file (else from ``output_meta``): a sample whose ``prompt_original`` equals its
+    current prompt is not asked again.
+
+    ``on_error="fail"``: the first sample that fails raises BindWeaveInputError naming it (progress
+    stays in the partial file). ``on_error="skip"``: it is logged and recorded in ``failed``, the
+    others go on, and the failed samples are LEFT OUT of ``output_meta``: every entry of that file
+    is then a refined prompt. Keeping them with their original prompt (marked) would let stages 2
+    and 3 turn them into videos of the unrefined text without anyone noticing, and a mixed file is
+    what this stage must never hand on; left out, they are named in ``<output_dir>/failed.json``
+    and by the exit code 1, and a re-run (after fixing them) refines just those and writes the
+    file whole. When no sample is refined at all, no ``output_meta`` is written (a meta file with
+    no samples is not valid input). A :class:`RefinerUnavailable` always raises.
+    """
+    partial = partial_meta_path(output_meta)
+    previous = _read_previous(partial) or _read_previous(output_meta)
     entries = {sample.sample_id: dict(sample.fields) for sample in samples}
-    summary = {"done": [], "skipped": []}
-    pending = []
+    summary = {"done": [], "skipped": [], "failed": dict(failed or {})}
+    pending, carried = [], False
     for sample in samples:
         earlier = previous.get(sample.sample_id)
         if "prompt_original" in sample.fields:  # the input is itself a refined meta file
@@ -231,21 +275,43 @@ def refine_samples(refiner, samples: list[Sample], output_meta: Path, progress: 
         elif isinstance(earlier, dict) and earlier.get("prompt_original") == sample.prompt and earlier.get("prompt"):
             entries[sample.sample_id] = _refined_entry(sample, earlier["prompt"])
             summary["skipped"].append(sample.sample_id)
+            carried = True
         else:
             pending.append(sample)
+    if pending:
+        if carried:  # the earlier progress, before the older complete file goes
+            write_json(partial, entries)
+        output_meta.unlink(missing_ok=True)
     for sample in tqdm(pending, desc="refine", disable=not progress):
         started = time.perf_counter()
-        images = [load_reference_image(path) for path in sample.image_paths]
-        refined = refiner.refine(sample.prompt, images).strip()
-        if not refined:
-            raise BindWeaveInputError(f"sample {sample.sample_id!r}: the refiner answered with an empty prompt, "
-                                      f"which is not written. Check the refiner model, or skip stage 1.")
+        try:
+            refined = _refine_sample(refiner, sample)
+        except RefinerUnavailable:
+            raise
+        except BindWeaveInputError as error:
+            if on_error != "skip":
+                raise BindWeaveInputError(f"sample {sample.sample_id!r}: {error}") from None
+            log.error("%s: %s (skipped; on_error=skip)", sample.sample_id, error)
+            summary["failed"][sample.sample_id] = str(error)
+            continue
         entries[sample.sample_id] = _refined_entry(sample, refined)
-        write_json(output_meta, entries)
+        write_json(partial, entries)
         log.info("%s (%.1f s): %r -> %r", sample.sample_id, time.perf_counter() - started, sample.prompt, refined)
         summary["done"].append(sample.sample_id)
-    write_json(output_meta, entries)
+    refined_entries = {key: entry for key, entry in entries.items() if key not in summary["failed"]}
+    if refined_entries:
+        write_json(output_meta, refined_entries)
+    partial.unlink(missing_ok=True)
     return summary
+
+
+def _refine_sample(refiner, sample: Sample) -> str:
+    images = [load_reference_image(path) for path in sample.image_paths]
+    refined = refiner.refine(sample.prompt, images).strip()
+    if not refined:
+        raise BindWeaveInputError("the refiner answered with an empty prompt, which is not written. Check the "
+                                  "refiner model, or skip stage 1.")
+    return refined
 
 
 def _refined_entry(sample: Sample, refined: str) -> dict:
@@ -261,7 +327,7 @@ def _read_previous(output_meta: Path) -> dict:
     try:
         previous = json.loads(output_meta.read_text(encoding="utf-8"))
     except (ValueError, OSError):
-        log.warning("refiner: %s is not readable JSON; refining every sample again", output_meta)
+        log.warning("refiner: %s is not readable JSON; not resuming from it", output_meta)
         return {}
     return previous if isinstance(previous, dict) else {}
 
@@ -278,24 +344,49 @@ def make_refiner(refiner: EndpointSettings | LocalSettings, qwen: QwenSettings):
 
 @exits_2_on_input_error
 def run_refine_command(cfg: DictConfig) -> int:
-    """Exit code: 0 done, 2 bad input/config/endpoint (one clear message)."""
+    """Exit code: 0 done; 1 some samples failed (on_error=skip: the others are done, and
+    <output_dir>/failed.json names each failed one and why); 2 bad input/config/endpoint, or with
+    on_error=fail the first bad sample (one clear message).
+
+    The resolved config goes to <output_dir>/.hydra/ (written here, not by Hydra, so an output
+    folder that cannot be made is one clear error). In a ``-m`` sweep output_dir is the job's own
+    folder (multirun/<stamp>/<job>/), as in stage 3.
+    """
     from bindweave.config import settings_of
     from bindweave.demo_cases import write_demo_cases
+    from bindweave.hydra_support import (FAILED_SAMPLES_NAME, job_output_dir, log_to_file, record_failed_samples,
+                                         save_job_result, save_run_config)
+    from bindweave.outputs import require_writable_folder
 
     job = settings_of(cfg)  # the schema's own checks (bindweave/config.py)
+    output_dir = job_output_dir(job.output_dir)
+    log_to_file(save_run_config(cfg, output_dir))  # checks the output folder first
+    (output_dir / FAILED_SAMPLES_NAME).unlink(missing_ok=True)  # an older run's: failed.json describes the last run
     if job.data.meta_path is None:
         meta_path, image_root = write_demo_cases(Path(job.data.demo_dir)), Path(job.data.demo_dir)
         log.info("demo: built-in cases at %s with the tiny random Qwen2.5-VL (the prompts are gibberish)", meta_path)
     else:
         meta_path = Path(job.data.meta_path)
         image_root = Path(job.data.image_root) if job.data.image_root else None
-    output_meta = Path(job.output_meta) if job.output_meta else Path(job.output_dir) / REFINED_META_NAME
-    if output_meta.resolve() == meta_path.resolve():
-        raise BindWeaveInputError(f"output_meta {output_meta} is the input meta file: stage 1 never rewrites "
-                                  f"its input; choose another output_meta or output_dir.")
-    samples = read_meta(meta_path, image_root)
-    summary = refine_samples(make_refiner(job.refiner, job.qwen), samples, output_meta, job.progress)
-    log.info("done: %d refined, %d already refined; wrote %s (stage 2: python launch/extract.py "
-             "data.meta_path=%s data.image_root=%s)", len(summary["done"]), len(summary["skipped"]),
-             output_meta, output_meta, (image_root or meta_path.parent).resolve())
-    return 0
+    output_meta = Path(job.output_meta) if job.output_meta else output_dir / REFINED_META_NAME
+    if meta_path.resolve() in (output_meta.resolve(), partial_meta_path(output_meta).resolve()):
+        raise BindWeaveInputError(f"output_meta {output_meta} (or its progress file {partial_meta_path(output_meta).name}) "
+                                  f"is the input meta file: stage 1 never rewrites its input; choose another "
+                                  f"output_meta or output_dir.")
+    require_writable_folder(output_meta.parent)
+    invalid: dict[str, str] = {}
+    samples = read_meta(meta_path, image_root, invalid=invalid if job.on_error == "skip" else None)
+    for sample_id, reason in invalid.items():
+        log.error("%s: %s (skipped; on_error=skip)", sample_id, reason)
+    summary = refine_samples(make_refiner(job.refiner, job.qwen), samples, output_meta, job.progress,
+                             job.on_error, failed=invalid)
+    exit_code = 1 if summary["failed"] else 0
+    record_failed_samples(output_dir, summary["failed"])
+    save_job_result(output_dir, 0, {**summary, "exit_code": exit_code})  # for a sweep's summary table
+    if output_meta.is_file():
+        log.info("done: %d refined, %d already refined, %d failed; wrote %s (stage 2: python launch/extract.py "
+                 "data.meta_path=%s data.image_root=%s)", len(summary["done"]), len(summary["skipped"]),
+                 len(summary["failed"]), output_meta, output_meta, (image_root or meta_path.parent).resolve())
+    else:
+        log.error("no sample was refined: %s not written", output_meta)
+    return exit_code

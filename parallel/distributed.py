@@ -108,6 +108,18 @@ def start_process_group(processes: Processes, device_type: str, timeout_s: float
                             timeout=timedelta(seconds=timeout_s))
 
 
+# Ranks of a data-parallel job finish their own samples hours apart.
+FINISH_TIMEOUT = timedelta(days=2)
+
+
+def finish_barrier_group() -> dist.ProcessGroup | None:
+    """A CPU group whose barrier waits as long as a job can take (the default group's timeout is
+    short, so that a dead peer fails fast). None for one process. A collective: every rank calls it."""
+    if not dist.is_initialized():
+        return None
+    return dist.new_group(backend="gloo", timeout=FINISH_TIMEOUT)
+
+
 def stop_process_group() -> None:
     """Leave the process group cleanly (no-op for one process)."""
     if dist.is_initialized():

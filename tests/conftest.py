@@ -1,6 +1,8 @@
-"""Shared fixtures: the tiny model set (written once per session) and the ../shared sample cases."""
+"""Shared fixtures: the tiny model set (written once per session), the ../shared sample cases and
+a real small disk."""
 
 import os
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -42,3 +44,20 @@ def tiny_dit_folder(tmp_path_factory) -> Path:
     folder = tmp_path_factory.mktemp("tiny") / "BindWeave"
     write_tiny_bindweave(folder, seed=0)
     return folder
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A real 200 KiB file system (tmpfs), mounted for the test and always unmounted after."""
+    folder = tmp_path / "small-disk"
+    folder.mkdir()
+    if os.geteuid() != 0:
+        pytest.skip("mounting a 200 KiB tmpfs needs root (tests/test_outputs.py injects the errors instead)")
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=200k", "tmpfs", str(folder)],
+                             capture_output=True, text=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a 200 KiB tmpfs here ({mounted.stderr.strip() or mounted.returncode})")
+    try:
+        yield folder
+    finally:
+        subprocess.run(["umount", "-l", str(folder)], check=False)

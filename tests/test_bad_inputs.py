@@ -547,6 +547,82 @@ def test_entry_point_on_error_skip_reports_the_bad_sample_and_exits_1(tmp_path, 
     result = generate(tmp_path, f"output_dir={out}", "on_error=skip",
                       f"data.meta_path={ws.meta(ws.entry(hidden_states_path='gone.safetensors'))}")
     assert result.returncode == 1, result.stderr[-3000:]
-    assert result.stderr.count("a_bad: hidden_states_path") == 1, result.stderr[-3000:]
+    # Reported before loading, then in the closing list of failed samples (also in failed.json).
+    assert result.stderr.count("a_bad: hidden_states_path") == 2, result.stderr[-3000:]
+    assert list(json.loads((out / "failed.json").read_text())) == ["a_bad"]
     assert leftovers(out, BAD) == []
     assert_good_sample_written(out)
+
+
+# --------------------------------------------------------------------------------------------
+# sample ids are file names: an id that is a path is refused before anything is written
+
+
+ESCAPING_ID = "../../escaped_sample"
+
+
+def files_under(folder: Path) -> set[Path]:
+    return {path for path in folder.rglob("*") if path.is_file()}
+
+
+def escaping_workspace(tmp_path: Path, hidden_dim: int) -> tuple[Path, Path, Path]:
+    """(area, meta JSON, output folder): the meta JSON holds the escaping id and a good sample; the output
+    folder sits two levels down in `area`, so `<output_dir>/../../escaped_sample.mp4` would land in it.
+    (The subprocess writes its tiny models to <cwd>/.cache, outside `area`.)"""
+    area = tmp_path / "area"
+    ws = Workspace(area / "ws", hidden_dim)
+    meta = ws.root / "escape.json"
+    meta.write_text(json.dumps({ESCAPING_ID: ws.entry(), GOOD: ws.entry()}))
+    return area, meta, area / "runs" / "job" / "out"
+
+
+def assert_escaping_id_refused(result: subprocess.CompletedProcess, meta: Path) -> None:
+    assert result.returncode == 2, result.stderr[-3000:]
+    lines = error_lines(result.stderr)
+    assert len(lines) == 1, result.stderr[-3000:]
+    assert repr(ESCAPING_ID) in lines[0] and str(meta) in lines[0] and "path separator '/'" in lines[0], lines[0]
+    assert "rename the key in the meta JSON" in lines[0], lines[0]
+    assert "Traceback" not in result.stderr
+
+
+@pytest.mark.timeout(300)
+def test_entry_point_sample_id_escaping_the_output_folder_writes_nothing(tmp_path, models):
+    area, meta, out = escaping_workspace(tmp_path, models.hidden_dim)
+    before = files_under(area)
+    result = generate(tmp_path, f"output_dir={out}", f"data.meta_path={meta}")
+    assert_escaping_id_refused(result, meta)
+    assert files_under(area) == before  # neither escaped_sample.* above out/ nor anything inside it
+    assert not list(tmp_path.rglob("escaped_sample*")) and not list(tmp_path.rglob(".escaped_sample*"))
+
+
+@pytest.mark.timeout(300)
+def test_entry_point_sample_id_escaping_is_skipped_with_on_error_skip(tmp_path, models):
+    _, meta, out = escaping_workspace(tmp_path, models.hidden_dim)
+    result = generate(tmp_path, f"output_dir={out}", f"data.meta_path={meta}", "on_error=skip")
+    assert result.returncode == 1, result.stderr[-3000:]
+    assert repr(ESCAPING_ID) in result.stderr and "path separator '/'" in result.stderr, result.stderr[-3000:]
+    assert not list(tmp_path.rglob("escaped_sample*")) and not list(tmp_path.rglob(".escaped_sample*"))
+    assert_good_sample_written(out)
+
+
+def extract_command(tmp_path, *overrides, timeout=240):
+    env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
+    for name in list(env):
+        if name.startswith("SLURM_") or name in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
+            del env[name]
+    return subprocess.run([sys.executable, str(REPO / "launch/extract.py"), "progress=false", "qwen.device=cpu",
+                           *overrides], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.mark.timeout(300)
+def test_stage2_entry_point_sample_id_escaping_the_output_folder_writes_nothing(tmp_path, tiny):
+    area, meta, out = escaping_workspace(tmp_path, 8)
+    before = files_under(area)
+    result = extract_command(tmp_path, f"output_dir={out}", f"data.meta_path={meta}",
+                             f"qwen.tiny_root={tiny.qwen.parent}")
+    assert_escaping_id_refused(result, meta)
+    # No hidden_states/, no meta_with_features.json, nothing above out/. The stage-2 entry point saves
+    # its resolved config in <output_dir>/.hydra/ before it reads the meta JSON: that alone is allowed.
+    written = files_under(area) - before
+    assert all(path.is_relative_to(out / ".hydra") for path in written), sorted(written)
+    assert not list(tmp_path.rglob("escaped_sample*")) and not list(tmp_path.rglob(".escaped_sample*"))

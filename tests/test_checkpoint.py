@@ -112,3 +112,12 @@ def test_repo_id_offline_cache_miss_is_a_clear_error(monkeypatch, tmp_path):
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
     with pytest.raises(BindWeaveInputError, match="ByteDance/BindWeave"):
         resolve_folder("ByteDance/BindWeave")
+
+
+def test_a_missing_local_folder_is_not_taken_for_a_repo_id(tmp_path, monkeypatch):
+    """`weights/BindWeave` with `weights/` here: a local path to download to, not a hub repo id."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "weights").mkdir()
+    with pytest.raises(BindWeaveInputError, match=r"model folder weights/BindWeave does not exist .*--local-dir "
+                                                  r"weights/BindWeave"):
+        resolve_folder("weights/BindWeave")

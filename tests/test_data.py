@@ -16,6 +16,7 @@ from bindweave.data import (
     load_reference_image,
     load_sample_hidden_states,
     read_meta,
+    sample_id_problem,
     save_hidden_states,
 )
 from bindweave.errors import BindWeaveInputError
@@ -108,6 +109,94 @@ def test_read_meta_missing_file(tmp_path):
     with pytest.raises(BindWeaveInputError, match="does not exist") as info:
         read_meta(tmp_path / "nope.json")
     assert "nope.json" in str(info.value)
+
+
+# Sample ids name output files in every stage (<id>.mp4, hidden_states/<id>.safetensors, ...).
+@pytest.mark.parametrize("sample_id, rule", [
+    ("", "is empty"),
+    ("../../escaped_sample", "path separator '/'"),
+    ("a/b", "path separator '/'"),
+    ("/abs", "path separator '/'"),
+    ("a\\b", "path separator '\\\\'"),
+    (".", "names a folder"),
+    ("..", "names a folder"),
+    (".hidden", "starts with '.'"),
+    (".a_bad.123.tmp.mp4", "starts with '.'"),
+    ("a\x00b", "control character U+0000 (NUL)"),
+    ("a\nb", "control character U+000A"),
+    ("a\tb", "control character U+0009"),
+    ("a\x7fb", "control character U+007F"),
+    ("a\u200bb", "format character U+200B"),
+    ("a\u202eb", "format character U+202E"),
+    ("a\u2028b", "line separator character U+2028"),
+    ("a\ud800b", "surrogate character U+D800"),
+    (" lead", "leading or trailing whitespace"),
+    ("trail ", "leading or trailing whitespace"),
+    ("trail\u3000", "leading or trailing whitespace"),
+    ("x" * 201, "201 bytes long in UTF-8; the limit is 200"),
+    ("é" * 101, "202 bytes long in UTF-8; the limit is 200"),
+], ids=["empty", "escape", "slash", "absolute", "backslash", "dot", "dotdot", "hidden", "temp-name", "nul",
+        "newline", "tab", "del", "zero-width", "bidi-override", "line-separator", "surrogate", "leading-space",
+        "trailing-space", "trailing-ideographic-space", "long-ascii", "long-utf8"])
+def test_read_meta_refuses_unsafe_sample_ids(tmp_path, sample_id, rule):
+    meta = tmp_path / "meta.json"
+    meta.write_text(json.dumps({sample_id: GOOD}))
+    with pytest.raises(BindWeaveInputError) as info:
+        read_meta(meta)
+    message = str(info.value)
+    assert message.startswith(f"Meta file {meta}, sample {sample_id!r}: ")
+    assert rule in message and "rename the key in the meta JSON" in message, message
+    assert "\n" not in message  # one line, whatever the id holds
+    assert sample_id_problem(sample_id) is not None
+
+
+def test_unsafe_sample_id_message_suggests_a_safe_name(tmp_path):
+    meta = tmp_path / "meta.json"
+    meta.write_text(json.dumps({"../../escaped_sample": GOOD}))
+    with pytest.raises(BindWeaveInputError) as info:
+        read_meta(meta)
+    assert str(info.value) == (
+        f"Meta file {meta}, sample '../../escaped_sample': the sample id '../../escaped_sample' contains the "
+        f"path separator '/'. The id names the sample's output files (<id>.mp4, <id>.json, "
+        f"hidden_states/<id>.safetensors), so it must be one plain file name: rename the key in the meta "
+        f"JSON, e.g. to 'escaped_sample'.")
+
+
+@pytest.mark.parametrize("sample_id", [
+    "two words inside", "dash-and_under.score", "Ünïcödé 文字 ελληνικά", "x" * 200, "é" * 100, "a..b", "1",
+    "emoji 🎬", "name.mp4",
+])
+def test_read_meta_accepts_unusual_but_safe_sample_ids(tmp_path, sample_id):
+    meta = write_meta(tmp_path, {sample_id: GOOD})
+    (sample,) = read_meta(meta)
+    assert sample.sample_id == sample_id and sample_id_problem(sample_id) is None
+
+
+def test_read_meta_refuses_ids_that_clash_on_a_case_insensitive_file_system(tmp_path):
+    decomposed = "Cafe\u0301"  # NFD of "Café": the same name on a normalizing file system
+    meta = write_meta(tmp_path, {"a": GOOD, "A": GOOD, "Café": GOOD, decomposed: GOOD, "b": GOOD})
+    with pytest.raises(BindWeaveInputError) as info:
+        read_meta(meta)
+    message = str(info.value)
+    assert str(meta) in message and "'A' and 'a'" in message and "case-insensitive" in message, message
+
+    invalid = {}
+    samples = read_meta(meta, invalid=invalid)
+    assert [sample.sample_id for sample in samples] == ["b"]
+    assert sorted(invalid) == sorted(["a", "A", "Café", decomposed])
+    assert "'A' and 'a'" in invalid["a"] and "'A' and 'a'" in invalid["A"]
+    assert repr("Café") in invalid[decomposed] and repr(decomposed) in invalid["Café"]
+
+
+def test_read_meta_collects_unsafe_ids_per_sample_and_parses_the_good_ones(tmp_path):
+    meta = write_meta(tmp_path, {"../../escaped_sample": GOOD, ".hidden": GOOD, "good one": GOOD,
+                                 "bad\x00": GOOD, "also-good": {**GOOD, "seed": 3}, "x" * 201: GOOD})
+    invalid = {}
+    samples = read_meta(meta, invalid=invalid)
+    assert [(sample.sample_id, sample.seed) for sample in samples] == [("also-good", 3), ("good one", None)]
+    assert sorted(invalid) == sorted(["../../escaped_sample", ".hidden", "bad\x00", "x" * 201])
+    for sample_id, message in invalid.items():
+        assert message.startswith(f"Meta file {meta}, sample {sample_id!r}: ") and "rename the key" in message
 
 
 # --- reference images -----------------------------------------------------------------------
@@ -323,3 +412,13 @@ def test_load_sample_hidden_states_missing_path(tmp_path, entry, field):
         load_sample_hidden_states(read_meta(meta)[0])
     message = str(info.value)
     assert "'case_7'" in message and f'"{field}"' in message and "launch/extract.py" in message
+
+
+@needs_opens2v
+def test_official_states_with_a_tiny_dit_say_why_they_do_not_fit():
+    """The official 3584-wide states against the tiny DiT (mllm_dim 40): the message says so."""
+    with pytest.raises(BindWeaveInputError) as caught:
+        load_hidden_states(OPENS2V / "hidden_states" / "singleface_hidden_states.pt", hidden_dim=40)
+    message = str(caught.value)
+    assert "These are Qwen2.5-VL-7B states (3584 wide)" in message and "mllm_dim" in message
+    assert "model=bindweave_14b" in message

@@ -178,7 +178,8 @@ def check_real_preset(output: Path, command: list[str]) -> None:
     """The resolved config saved with the videos is the real preset's (not the tiny one's): every
     key conf/model/bindweave_14b.yaml sets has its value there (where the command does not
     override it), no tiny model root, bfloat16 weights (the preset's documented dtype)."""
-    model = yaml.safe_load((output / ".hydra" / "config.yaml").read_text())["model"]
+    (saved,) = (output / ".hydra" / "runs").glob("*/config.yaml")  # one run, one saved config
+    model = yaml.safe_load(saved.read_text())["model"]
     overridden = {arg.split("=", 1)[0].removeprefix("model.") for arg in command if arg.startswith("model.")}
     assert overridden <= {"dit", "wan", "compile"}, overridden
     assert {key: model.get(key) for key in MODEL_PRESET if key not in overridden} == \

@@ -262,3 +262,89 @@ def test_torchrun_two_ranks_write_the_same_files_as_one(tiny_root, demo_meta, ex
         single, strided = (SampleFiles.of(folder, sample.sample_id).safetensors for folder in (one, two))
         assert header(strided) == header(single)
         assert all(torch.equal(a, b) for a, b in zip(tensors(single).values(), tensors(strided).values()))
+
+
+def meta_with_missing_image(demo_meta, folder, sample_id="demo_dog_teapot_2"):
+    """The demo cases, one of them naming a reference image that does not exist."""
+    entries = json.loads(demo_meta.read_text())
+    entries[sample_id]["img_paths"] = ["Images/missing.png"]
+    path = folder / "meta_missing.json"
+    path.write_text(json.dumps(entries))
+    return path
+
+
+def test_command_on_error_skip_finishes_the_others(demo_meta, extracted, tiny_root, tmp_path, capsys):
+    shutil.copytree(extracted[0], tmp_path / "out")  # the good samples are resumed: no forward needed
+    meta = meta_with_missing_image(demo_meta, tmp_path)
+    overrides = [f"output_dir={tmp_path / 'out'}", f"data.image_root={demo_meta.parent}", f"qwen.tiny_root={tiny_root}",
+                 "progress=false", "on_error=skip"]
+    assert run_extract_command(compose_extract([f"data.meta_path={meta}", *overrides])) == 1
+    failed = json.loads((tmp_path / "out" / "failed.json").read_text())
+    assert list(failed) == ["demo_dog_teapot_2"] and "missing.png does not exist" in failed["demo_dog_teapot_2"]
+    # Left out of the new meta JSON: every entry there has its hidden states, ready for stage 3.
+    written = json.loads((tmp_path / "out" / "meta_with_features.json").read_text())
+    assert sorted(written) == ["demo_face_1", "demo_face_dog_house_3"]
+    assert list((tmp_path / "out" / ".hydra").rglob("config.yaml"))
+    assert "error:" not in capsys.readouterr().err
+
+    # Fixed: the re-run completes the meta JSON and removes the stale failed.json.
+    assert run_extract_command(compose_extract([f"data.meta_path={demo_meta}", *overrides])) == 0
+    assert len(json.loads((tmp_path / "out" / "meta_with_features.json").read_text())) == 3
+    assert not (tmp_path / "out" / "failed.json").exists()
+
+
+def test_command_on_error_fail_stops_at_the_first_bad_sample(demo_meta, tiny_root, tmp_path, capsys):
+    meta = meta_with_missing_image(demo_meta, tmp_path)  # the first sample (sorted ids): no forward runs
+    cfg = compose_extract([f"output_dir={tmp_path / 'out'}", f"data.meta_path={meta}", f"data.image_root={demo_meta.parent}",
+                           f"qwen.tiny_root={tiny_root}", "progress=false"])
+    assert run_extract_command(cfg) == 2
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "sample 'demo_dog_teapot_2'" in errors[0] and "missing.png" in errors[0]
+    assert not (tmp_path / "out" / "meta_with_features.json").exists()
+    assert not (tmp_path / "out" / "failed.json").exists()
+
+
+def test_launch_bad_output_dir_is_one_error_line(tiny_root, tmp_path):
+    (tmp_path / "a_file").write_text("")
+    command = [sys.executable, str(REPO / "launch" / "extract.py"), f"output_dir={tmp_path / 'a_file' / 'out'}",
+               f"data.demo_dir={tmp_path / 'demo'}", f"qwen.tiny_root={tiny_root}"]
+    result = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=180)
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert "Traceback" not in result.stderr
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "Cannot create the output folder" in errors[0], result.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a_file"]  # Hydra wrote nothing (no .hydra, no outputs)
+
+
+def test_launch_multirun_gives_each_job_its_folder(demo_meta, tiny_root, tmp_path):
+    command = [sys.executable, str(REPO / "launch" / "extract.py"), "-m", f"data.meta_path={demo_meta}",
+               f"qwen.tiny_root={tiny_root}", "qwen.device=cpu", "progress=false", "write_official_pt=false,true"]
+    result = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=300,
+                            env={**os.environ, "BINDWEAVE_RUN_STAMP": "sweep"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    for job, official in (("0", False), ("1", True)):
+        folder = tmp_path / "multirun" / "sweep" / job
+        written = json.loads((folder / "meta_with_features.json").read_text())
+        assert len(written) == 3
+        assert all(entry["hidden_states_path"].endswith(".pt" if official else ".safetensors")
+                   for entry in written.values())
+        assert list((folder / ".hydra").rglob("config.yaml"))
+    output = result.stdout + result.stderr
+    assert "sweep summary" in output and output.count("3 done, 0 skipped, 0 failed") == 2
+
+
+@pytest.mark.slow
+def test_torchrun_on_error_skip_gathers_every_ranks_failures(tiny_root, demo_meta, extracted, tmp_path):
+    shutil.copytree(extracted[0], tmp_path / "out")  # resumed: no forward needed
+    meta = meta_with_missing_image(demo_meta, tmp_path, "demo_face_1")  # rank 1's only sample of three
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+               str(REPO / "launch" / "extract.py"), f"output_dir={tmp_path / 'out'}", f"data.meta_path={meta}",
+               f"data.image_root={demo_meta.parent}", f"qwen.tiny_root={tiny_root}", "qwen.device=cpu",
+               "progress=false", "on_error=skip"]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=180,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 1, result.stderr[-3000:]
+    assert "rank 1: 0 extracted, 0 already there, 1 failed" in result.stderr
+    assert list(json.loads((tmp_path / "out" / "failed.json").read_text())) == ["demo_face_1"]
+    written = json.loads((tmp_path / "out" / "meta_with_features.json").read_text())
+    assert sorted(written) == ["demo_dog_teapot_2", "demo_face_dog_house_3"]

@@ -104,7 +104,7 @@ def test_a_rank_killed_mid_run_ends_the_job_promptly_and_the_rerun_finishes_the_
     with open(log_path, "w") as log:
         launcher = subprocess.Popen(command, cwd=work, env=plain_env(), stdout=log, stderr=subprocess.STDOUT)
     try:
-        # Wait until a sample is finished AND the next one is being denoised (its step bar is up).
+        # Wait until a sample is finished AND the next one is being denoised.
         deadline = time.monotonic() + 240
         victim_sample = None
         while time.monotonic() < deadline and launcher.poll() is None:
@@ -112,7 +112,7 @@ def test_a_rank_killed_mid_run_ends_the_job_promptly_and_the_rerun_finishes_the_
             if done:
                 upcoming = [s for s in ids if s not in done]
                 text = log_path.read_text(errors="replace")
-                if upcoming and f"{upcoming[0]} steps:" in text:
+                if upcoming and f"{upcoming[0]}: step " in text:  # its step lines (a redirected log)
                     victim_sample = upcoming[0]
                     break
             time.sleep(0.05)
@@ -332,3 +332,75 @@ def test_sigterm_during_the_mp4_write_leaves_no_partial_or_temp_file(work, tmp_p
     assert finished(output) == set()
     assert not list(output.glob("[!.]*.mp4"))
     assert assert_no_partial_output(output) == []
+
+
+# --------------------------------------------------------------------------------------------
+# a disk that fills up in the middle of a run
+
+
+def test_disk_full_mid_run_names_the_video_keeps_the_finished_samples_and_the_rerun_completes(
+        models, light_meta, small_disk, monkeypatch):
+    """The output disk fills up while the 2nd sample is computed (a real tmpfs, filled for real): the
+    error names that sample's MP4, no truncated MP4 or temp file is left, the 1st sample is kept
+    whole, and once space is freed the re-run makes exactly the missing samples."""
+    import errno
+
+    import bindweave.pipeline as pipeline
+    from bindweave.errors import BindWeaveInputError
+
+    output = small_disk / "out"
+    filler = small_disk / "filler"
+    real_prepare = pipeline.prepare_inputs
+
+    def prepare_inputs(models, sample, video):
+        if sample.sample_id == "s1":  # fill the disk to the last byte
+            with open(filler, "wb", buffering=0) as file:
+                try:
+                    while True:
+                        file.write(bytes(4096))
+                except OSError as error:
+                    assert error.errno == errno.ENOSPC
+        return real_prepare(models, sample, video)
+
+    monkeypatch.setattr(pipeline, "prepare_inputs", prepare_inputs)
+    settings = RunSettings(meta_path=light_meta, image_root=None, output_dir=output, progress=False)
+    sampler = SamplerSettings(num_steps=2)
+    with pytest.raises(BindWeaveInputError) as info:
+        run_generation(models, settings, VIDEO, sampler)
+    message = str(info.value)
+    assert message.startswith(f"Disk full while writing {output / 's1.mp4'}: nothing was written to s1.mp4 and "
+                              f"the files written before it are kept."), message
+    assert sorted(os.listdir(output)) == ["s0.json", "s0.mp4"]  # nothing partial, no temp file
+    assert finished(output) == {"s0"} and assert_no_partial_output(output) == []
+
+    monkeypatch.undo()
+    filler.unlink()
+    summary = run_generation(models, settings, VIDEO, sampler)
+    assert summary["skipped"] == ["s0"] and summary["done"] == ["s1", "s2"], summary
+    assert finished(output) == {"s0", "s1", "s2"} and assert_no_partial_output(output) == []
+
+
+@pytest.mark.timeout(300)
+def test_ctrl_c_prints_one_line_and_exits_130(work, tmp_path):
+    output = tmp_path / "out"
+    process = subprocess.Popen([sys.executable, str(REPO / "launch/generate.py"), *TINY, "sampler.num_steps=400",
+                                f"data.meta_path={meta_path(work)}", f"output_dir={output}"],
+                               cwd=work, env=plain_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        lines = []
+        for line in process.stdout:
+            lines.append(line)
+            if ": step 2/400" in line:  # denoising is under way (for seconds more)
+                break
+        else:
+            pytest.fail("never saw denoising:\n" + "".join(lines[-30:]))
+        process.send_signal(signal.SIGINT)
+        rest, _ = process.communicate(timeout=60)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+    assert process.returncode == 130
+    assert rest.strip().splitlines()[-1] == "interrupted; re-run the same command to resume (finished samples are kept)"
+    assert "Traceback" not in rest
+    assert finished(output) == set() and assert_no_partial_output(output) == []

@@ -143,6 +143,27 @@ def test_a_bad_sample_ends_the_job_before_loading_with_its_error_printed_once(re
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_data_parallel_skip_with_one_groups_samples_all_bad_finishes_the_others(reference, workspace):
+    """data2 + on_error=skip: rank 1's only sample is bad. It must not end rank 0's work: every good
+    sample is written, failed.json names the bad one, the run exits non-zero (torchrun: 1)."""
+    meta = demo_meta(workspace)
+    bad_id = sorted(meta)[1]  # data rank 1's one sample (sorted ids, strided)
+    meta[bad_id]["hidden_states_path"] = "hidden_states/missing.safetensors"
+    half_bad = workspace / "demo" / "meta_half_bad.json"
+    half_bad.write_text(json.dumps(meta))
+    output = workspace / "skip-data2"
+    result = run_script(GENERATE, "parallel=data2", "on_error=skip", f"data.meta_path={half_bad}",
+                        *overrides(workspace, "skip-data2"), processes=2, timeout=400, check=False)
+    assert result.returncode != 0
+    good = sorted(set(meta) - {bad_id})
+    assert sorted(videos(output)) == good, result.stderr[-3000:]
+    assert {name: videos(output)[name] for name in good} == {name: videos(reference)[name] for name in good}
+    failed = json.loads((output / "failed.json").read_text())
+    assert list(failed) == [bad_id] and "missing.safetensors" in failed[bad_id]
+
+
+@pytest.mark.slow
 @pytest.mark.timeout(400)
 def test_an_error_on_rank_0_alone_is_printed_once_and_stops_every_rank(workspace):
     """Rank 0 alone reads the meta file; the other ranks must stop too, quietly."""

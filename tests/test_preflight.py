@@ -4,6 +4,7 @@ with nothing written."""
 import json
 import os
 import shutil
+import subprocess
 import sys
 import tempfile
 from collections import namedtuple
@@ -18,6 +19,7 @@ from bindweave import data
 from bindweave.errors import BindWeaveInputError
 from bindweave.pipeline import VideoSettings
 from bindweave.preflight import JobProblem, check_job
+from parallel_launch import plain_env  # tests/ is on sys.path
 
 SMALL_VIDEO = VideoSettings(height=32, width=32, num_frames=5)
 STATE_TOKENS = 8
@@ -81,7 +83,8 @@ def _files_under(folder: Path) -> set[Path]:
     return set(folder.rglob("*"))
 
 
-def test_fifty_samples_ten_problems_all_reported_nothing_written(job, tmp_path):
+def fifty_samples_ten_problems(job: Job, tmp_path: Path) -> list[str]:
+    """50 samples, 9 of them bad with 10 problems of 8 kinds; returns the sample ids."""
     ids = [f"s{index:02d}" for index in range(50)]
     for sample_id in ids:
         job.good_sample(sample_id)
@@ -110,8 +113,13 @@ def test_fifty_samples_ten_problems_all_reported_nothing_written(job, tmp_path):
     job.meta["s39"]["img_paths"].append("s39_missing.png")
     job.meta["s39"]["hidden_states_path"] = job.tensor_file("s39.pt", torch.randn(STATE_TOKENS, job.hidden_dim))
     job.meta["s39"]["hidden_states_path_negative"] = job.tensor_file("s39_neg.pt", inf_negative)
-    output_dir = tmp_path / "out" / "videos"
     job.write()
+    return ids
+
+
+def test_fifty_samples_ten_problems_all_reported_nothing_written(job, tmp_path):
+    ids = fifty_samples_ten_problems(job, tmp_path)
+    output_dir = tmp_path / "out" / "videos"
     written_by_test = _files_under(tmp_path)
 
     result = job.check(output_dir=output_dir, check_video_writer=True)
@@ -153,6 +161,25 @@ def test_fifty_samples_ten_problems_all_reported_nothing_written(job, tmp_path):
     assert isinstance(error, BindWeaveInputError) and str(error) == report
 
     assert not output_dir.exists() and not output_dir.parent.exists()
+    assert _files_under(tmp_path) == written_by_test
+
+
+def test_the_entry_point_reports_all_ten_before_loading_and_writes_nothing(job, tmp_path, tiny_models):
+    """The same job through `launch/generate.py`: exit 2, all 10 problems in the one error, no model
+    loaded, no output folder."""
+    fifty_samples_ten_problems(job, tmp_path)
+    output_dir = tmp_path / "videos"
+    written_by_test = _files_under(tmp_path)
+    repo = Path(__file__).resolve().parents[1]
+    result = subprocess.run([sys.executable, str(repo / "launch" / "generate.py"),
+                             f"model.tiny_root={tiny_models.bindweave.parent}", f"data.meta_path={job.meta_path}",
+                             f"data.image_root={job.images}", f"output_dir={output_dir}"],
+                            cwd=tmp_path, env=plain_env(), capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2, result.stderr[-3000:]
+    error = result.stderr[result.stderr.index("error: "):]
+    assert error.startswith(f"error: 10 problems in {job.meta_path} (9 of 50 samples; nothing was loaded or written)")
+    assert error.count("\n  - s") == 10
+    assert "loading stage-3 models" not in result.stderr
     assert _files_under(tmp_path) == written_by_test
 
 

@@ -3,7 +3,10 @@
 import base64
 import io
 import json
+import os
 import socket
+import subprocess
+import sys
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -22,6 +25,8 @@ from bindweave.refine import (
     EndpointSettings,
     LocalQwenRefiner,
     LocalSettings,
+    RefinerUnavailable,
+    partial_meta_path,
     refine_instruction,
     refine_samples,
     run_refine_command,
@@ -111,7 +116,7 @@ def test_endpoint_request_format_and_retry_after_500(server, demo_meta, tmp_path
     output = tmp_path / "refined.json"
     summary = refine_samples(endpoint(server), samples, output, progress=False)
 
-    assert summary == {"done": ["demo_face_dog_house_3"], "skipped": []}
+    assert summary == {"done": ["demo_face_dog_house_3"], "skipped": [], "failed": {}}
     assert len(server.requests) == 2  # the 500, then the retry
     request = server.requests[-1]
     assert request["path"] == "/v1/chat/completions"
@@ -212,15 +217,67 @@ def test_resume_asks_only_for_new_or_changed_prompts(server, demo_meta, tmp_path
     assert summary["done"] == [] and len(server.requests) == 4
 
 
-def test_interrupted_run_keeps_finished_samples(server, demo_meta, tmp_path):
+def test_interrupted_run_keeps_its_progress_apart_from_the_final_name(server, demo_meta, tmp_path):
     server.replies = [answer("First refined."), error(400, "bad image")]
     output = tmp_path / "refined.json"
-    with pytest.raises(BindWeaveInputError, match="400"):
-        refine_samples(endpoint(server), read_meta(demo_meta), output, progress=False)
-    entries = json.loads(output.read_text())
+    samples = read_meta(demo_meta)
+    with pytest.raises(BindWeaveInputError, match=f"sample '{samples[1].sample_id}': .*400"):
+        refine_samples(endpoint(server), samples, output, progress=False)
+    # No complete-looking file mixing refined and unrefined prompts: the progress is in the partial one.
+    assert not output.exists()
+    partial = partial_meta_path(output)
+    assert partial == tmp_path / "refined.partial.json"
+    entries = json.loads(partial.read_text())
     first, *others = sorted(entries)
     assert entries[first]["prompt"] == "First refined."
     assert all("prompt_original" not in entries[key] for key in others)
+
+    # The re-run asks only for the two others, then writes the final name whole and drops the partial file.
+    server.replies = [answer("Refined again.")]
+    asked = len(server.requests)
+    summary = refine_samples(endpoint(server), samples, output, progress=False)
+    assert summary == {"done": [s.sample_id for s in samples[1:]], "skipped": [first], "failed": {}}
+    assert len(server.requests) == asked + 2
+    entries = json.loads(output.read_text())
+    assert entries[first]["prompt"] == "First refined."
+    assert all(entries[key]["prompt"] == "Refined again." for key in others)
+    assert not partial.exists()
+
+
+def test_rerun_with_a_changed_prompt_moves_the_old_result_to_the_partial_file(server, demo_meta, tmp_path):
+    server.replies = [answer("A refined scene.")]
+    output = tmp_path / "refined.json"
+    refine_samples(endpoint(server), read_meta(demo_meta), output, progress=False)
+    entries = json.loads(demo_meta.read_text())
+    entries["demo_face_1"]["prompt"] = "A boy jumps."
+    edited = tmp_path / "edited.json"
+    edited.write_text(json.dumps(entries))
+    server.replies = [answer("   ")]  # the changed sample fails: the old complete file no longer matches
+    with pytest.raises(BindWeaveInputError, match="sample 'demo_face_1': the refiner answered with an empty prompt"):
+        refine_samples(endpoint(server), read_meta(edited, demo_meta.parent), output, progress=False)
+    assert not output.exists()
+    kept = json.loads(partial_meta_path(output).read_text())
+    assert kept["demo_face_1"]["prompt"] == "A boy jumps." and "prompt_original" not in kept["demo_face_1"]
+    assert all(kept[key]["prompt"] == "A refined scene." for key in kept if key != "demo_face_1")
+
+
+def test_skip_leaves_failed_samples_out_and_unavailable_refiner_still_stops(server, demo_meta, tmp_path):
+    server.replies = [error(400, "bad image"), answer("A refined scene.")]
+    output = tmp_path / "refined.json"
+    samples = read_meta(demo_meta)
+    summary = refine_samples(endpoint(server), samples, output, progress=False, on_error="skip")
+    bad = samples[0].sample_id
+    assert list(summary["failed"]) == [bad] and "400" in summary["failed"][bad]
+    entries = json.loads(output.read_text())
+    assert sorted(entries) == [s.sample_id for s in samples[1:]]  # every entry is a refined prompt
+    assert all(entry["prompt"] == "A refined scene." for entry in entries.values())
+    assert not partial_meta_path(output).exists()
+
+    # A refused key would fail every sample alike: it ends the run even with on_error=skip.
+    server.replies = [error(401, "Incorrect API key provided")]
+    with pytest.raises(RefinerUnavailable, match="401"):
+        refine_samples(endpoint(server), samples, output, progress=False, on_error="skip")
+    assert not output.exists() and partial_meta_path(output).exists()
 
 
 # ---- local Qwen2.5-VL -------------------------------------------------------------------------
@@ -289,3 +346,93 @@ def test_command_needs_the_endpoint_model_name(tmp_path, capsys):
     cfg = compose_refine(["refiner=openai", f"output_dir={tmp_path}", f"data.demo_dir={tmp_path / 'demo'}"])
     assert run_refine_command(cfg) == 2
     assert "refiner.model is not set" in capsys.readouterr().err
+
+
+def meta_with_missing_image(demo_meta, tmp_path, sample_id="demo_face_dog_house_3"):
+    """The demo cases, one of them naming a reference image that does not exist."""
+    entries = json.loads(demo_meta.read_text())
+    entries[sample_id]["img_paths"] = ["Images/missing.png"]
+    path = tmp_path / "meta_missing.json"
+    path.write_text(json.dumps(entries))
+    return path
+
+
+def endpoint_overrides(server, meta, image_root, output_dir, *more):
+    return ["refiner=openai", f"refiner.base_url={server.base_url}", "refiner.model=test-vlm",
+            "refiner.retry_base_s=0.01", f"data.meta_path={meta}", f"data.image_root={image_root}",
+            f"output_dir={output_dir}", "progress=false", *more]
+
+
+def test_command_on_error_skip_finishes_the_others(server, demo_meta, tmp_path, capsys):
+    meta = meta_with_missing_image(demo_meta, tmp_path)
+    server.replies = [answer("A refined scene.")]
+    output_dir = tmp_path / "out"
+    cfg = compose_refine(endpoint_overrides(server, meta, demo_meta.parent, output_dir, "on_error=skip"))
+    assert run_refine_command(cfg) == 1
+    assert len(server.requests) == 2  # the bad sample is never sent
+    failed = json.loads((output_dir / "failed.json").read_text())
+    assert list(failed) == ["demo_face_dog_house_3"] and "missing.png does not exist" in failed["demo_face_dog_house_3"]
+    refined = json.loads((output_dir / "meta_refined.json").read_text())
+    assert sorted(refined) == ["demo_dog_teapot_2", "demo_face_1"]
+    assert not (output_dir / "meta_refined.partial.json").exists()
+    assert list((output_dir / ".hydra").rglob("config.yaml"))  # the resolved config, saved by the command
+    assert "error:" not in capsys.readouterr().err
+
+    # Fixed: the re-run asks for that one sample only, completes the file and removes failed.json.
+    cfg = compose_refine(endpoint_overrides(server, demo_meta, demo_meta.parent, output_dir, "on_error=skip"))
+    assert run_refine_command(cfg) == 0
+    assert len(server.requests) == 3
+    assert len(json.loads((output_dir / "meta_refined.json").read_text())) == 3
+    assert not (output_dir / "failed.json").exists()
+
+
+def test_command_on_error_fail_stops_at_the_first_bad_sample(server, demo_meta, tmp_path, capsys):
+    meta = meta_with_missing_image(demo_meta, tmp_path)
+    server.replies = [answer("A refined scene.")]
+    output_dir = tmp_path / "out"
+    (output_dir).mkdir()
+    (output_dir / "failed.json").write_text("{}")  # an older run's
+    assert run_refine_command(compose_refine(endpoint_overrides(server, meta, demo_meta.parent, output_dir))) == 2
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "sample 'demo_face_dog_house_3'" in errors[0] and "missing.png" in errors[0]
+    assert len(server.requests) == 2  # the two samples before it (sorted ids)
+    assert not (output_dir / "meta_refined.json").exists() and not (output_dir / "failed.json").exists()
+    assert len(json.loads((output_dir / "meta_refined.partial.json").read_text())) == 3
+
+
+def test_command_rejects_an_unknown_on_error(tmp_path, capsys):
+    cfg = compose_refine(["refiner=openai", "refiner.model=m", f"output_dir={tmp_path}", "on_error=ignore"])
+    assert run_refine_command(cfg) == 2
+    assert "on_error=ignore: use on_error=fail or on_error=skip" in capsys.readouterr().err
+
+
+def launch_refine(cwd, *overrides, env=None):
+    return subprocess.run([sys.executable, str(REPO / "launch" / "refine.py"), *overrides], cwd=cwd,
+                          capture_output=True, text=True, timeout=180, env={**os.environ, **(env or {})})
+
+
+def test_launch_bad_output_dir_is_one_error_line(tmp_path):
+    (tmp_path / "a_file").write_text("")
+    result = launch_refine(tmp_path, "refiner=openai", "refiner.model=m", f"output_dir={tmp_path / 'a_file' / 'out'}",
+                           f"data.demo_dir={tmp_path / 'demo'}")
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert "Traceback" not in result.stderr
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "Cannot create the output folder" in errors[0], result.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a_file"]  # Hydra wrote nothing (no .hydra, no outputs)
+
+
+def test_launch_multirun_gives_each_job_its_folder(server, demo_meta, tmp_path):
+    server.replies = [answer("A refined scene.")]
+    result = launch_refine(tmp_path, "-m", "refiner=openai", f"refiner.base_url={server.base_url}",
+                           "refiner.model=vlm-a,vlm-b", f"data.meta_path={demo_meta}", "progress=false",
+                           env={"BINDWEAVE_RUN_STAMP": "sweep"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert sorted(request["json"]["model"] for request in server.requests) == ["vlm-a"] * 3 + ["vlm-b"] * 3
+    for job in ("0", "1"):
+        folder = tmp_path / "multirun" / "sweep" / job
+        assert len(json.loads((folder / "meta_refined.json").read_text())) == 3
+        assert f"refiner.model=vlm-{'ab'[int(job)]}" in "".join(p.read_text() for p in (folder / ".hydra").rglob(
+            "overrides.yaml"))
+    output = result.stdout + result.stderr
+    assert "sweep summary" in output and output.count("3 done, 0 skipped, 0 failed") == 2
