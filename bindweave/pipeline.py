@@ -34,7 +34,7 @@ from bindweave.fast import ATTENTION_CHOICES, SpeedOptions, apply_speed_options
 from bindweave.outputs import video_done, write_json, write_mp4
 from bindweave.prompts import T5_NEGATIVE_PROMPT
 from bindweave.resume import sample_recipe
-from bindweave.sampler import SamplerSettings, denoise, initial_noise, make_scheduler
+from bindweave.sampler import SamplerSettings, Step, denoise, initial_noise, make_scheduler
 from bindweave.transformer import BindWeaveTransformer
 from parallel.cfg import parallel_guided_velocity
 from parallel.parallelize import own_samples
@@ -43,7 +43,6 @@ from parallel.runtime import Runtime
 log = logging.getLogger("bindweave")
 MODEL_DTYPES = ("bfloat16", "float16", "float32")
 DEVICE_PATTERN = re.compile(r"auto|cpu|cuda(:\d+)?")
-SIDES = ("positive", "negative")
 
 
 @dataclass(frozen=True)
@@ -265,10 +264,10 @@ def dit_predictor(transformer: BindWeaveTransformer, inputs: SampleInputs):
     """One DiT forward for one CFG side; both sides share the image conditions (SPEC §6)."""
 
     @torch.no_grad()
-    def predict(latents: torch.Tensor, timestep: torch.Tensor, side: str) -> torch.Tensor:
+    def predict(latents: torch.Tensor, step: Step) -> torch.Tensor:
         return transformer(
-            latents.to(transformer.dtype), timestep.to(latents.device), t5_embeds=inputs.t5[side],
-            qwen_states=inputs.qwen[side], clip_embeds=inputs.clip_embeds, condition=inputs.condition,
+            latents.to(transformer.dtype), step.timestep.to(latents.device), t5_embeds=inputs.t5[step.side],
+            qwen_states=inputs.qwen[step.side], clip_embeds=inputs.clip_embeds, condition=inputs.condition,
         )
 
     return predict

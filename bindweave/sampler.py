@@ -7,17 +7,35 @@ reproduces 0.33.1's sigmas, timesteps and updates exactly.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable, Iterable
 
 import numpy as np
 import torch
 from diffusers import UniPCMultistepScheduler
 
-# A velocity function maps (latents, timestep) -> guided flow velocity of the same shape.
-VelocityFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
-# A prediction function runs the DiT for one prompt side ("positive" or "negative").
-PredictFn = Callable[[torch.Tensor, torch.Tensor, str], torch.Tensor]
+SIDES = ("positive", "negative")  # the two CFG passes: the prompt's text inputs, the negative prompt's
+
+
+@dataclass(frozen=True)
+class Step:
+    """Where the sampler is: the step index (0-based) of ``num_steps``, its timestep, and which
+    CFG side a prediction is for (None until a side is chosen). Predictors get it whole, so a step
+    cache or a progress report has what it needs."""
+
+    index: int
+    num_steps: int
+    timestep: torch.Tensor
+    side: str | None = None
+
+    def for_side(self, side: str) -> "Step":
+        return replace(self, side=side)
+
+
+# A velocity function maps (latents, step) -> guided flow velocity of the same shape.
+VelocityFn = Callable[[torch.Tensor, Step], torch.Tensor]
+# A prediction function runs the DiT for one CFG side (``step.side``).
+PredictFn = Callable[[torch.Tensor, Step], torch.Tensor]
 
 
 @dataclass(frozen=True)
@@ -70,13 +88,18 @@ def initial_noise(shape: tuple[int, ...], seed: int) -> torch.Tensor:
     return torch.randn(shape, generator=generator, dtype=torch.bfloat16)
 
 
-def guided_velocity(predict: PredictFn, guidance_scale: float) -> VelocityFn:
-    """Sequential CFG: ``uncond + g * (cond - uncond)``; cond uses the positive T5/Qwen inputs."""
+def combine_guidance(cond: torch.Tensor, uncond: torch.Tensor, guidance_scale: float) -> torch.Tensor:
+    """The one CFG formula (SPEC §6): ``uncond + g * (cond - uncond)``. Sequential and CFG-parallel
+    runs both use it, so they take bit-identical steps."""
+    return uncond + guidance_scale * (cond - uncond)
 
-    def velocity(latents: torch.Tensor, timestep: torch.Tensor) -> torch.Tensor:
-        cond = predict(latents, timestep, "positive")
-        uncond = predict(latents, timestep, "negative")
-        return uncond + guidance_scale * (cond - uncond)
+
+def guided_velocity(predict: PredictFn, guidance_scale: float) -> VelocityFn:
+    """Sequential CFG: the positive pass, then the negative one, combined."""
+
+    def velocity(latents: torch.Tensor, step: Step) -> torch.Tensor:
+        cond, uncond = (predict(latents, step.for_side(side)) for side in SIDES)
+        return combine_guidance(cond, uncond, guidance_scale)
 
     return velocity
 
@@ -87,9 +110,11 @@ def denoise(
     velocity: VelocityFn,
     progress: Callable[[Iterable], Iterable] = iter,
 ) -> torch.Tensor:
-    """Run every scheduler step; the latents stay fp32 between steps, the model sees its own dtype."""
+    """Run every scheduler step; the latents stay fp32 between steps, the model sees its own dtype.
+    ``progress`` wraps the timesteps (a bar, per-step logging, a cancel check between steps)."""
     latents = noise.float()
-    for timestep in progress(scheduler.timesteps):
-        flow = velocity(latents, timestep.reshape(1))
+    num_steps = len(scheduler.timesteps)
+    for index, timestep in enumerate(progress(scheduler.timesteps)):
+        flow = velocity(latents, Step(index, num_steps, timestep.reshape(1)))
         latents = scheduler.step(flow.float(), timestep, latents, return_dict=False)[0]
     return latents

@@ -37,15 +37,18 @@ def parallelize(transformer, runtime: Runtime) -> None:
     else:
         from parallel.deepspeed_backend import DeepSpeedUlyssesAttention
 
-        attention = DeepSpeedUlyssesAttention(runtime.sequence_group)
+        # The single-device hook in place (bindweave.fast: the chosen kernel) runs each rank's heads.
+        attention = DeepSpeedUlyssesAttention(runtime.sequence_group, transformer.attention_hook.self_attention)
     transformer.set_attention_hook(SequenceParallelHook(runtime.sequence_group, attention))
 
 
-def sequence_local_kernel(backend: str, dtype_name: str) -> str:
-    """The rank-local kernel a sequence-parallel backend runs (it does not take an external one yet)."""
-    if backend == "xfuser":  # parallel/xfuser_backend.py: cuDNN, or memory-efficient SDPA in float32
+def sequence_local_kernel(backend: str, chosen: str, dtype_name: str) -> str:
+    """The rank-local kernel a sequence-parallel backend runs: deepspeed's Ulysses runs the chosen
+    one; xfuser's USP() takes only its own kernel list, and this project passes it cuDNN (or the
+    memory-efficient SDPA kernel in float32, which cuDNN lacks)."""
+    if backend == "xfuser":
         return "efficient" if dtype_name == "float32" else "cudnn"
-    return "default"  # deepspeed Ulysses calls plain SDPA (parallel/deepspeed_backend.py)
+    return chosen
 
 
 def refuse_inapplicable_speed_options(attention_kernel: str, fuse_projections: bool, compile_blocks: bool,
@@ -61,7 +64,7 @@ def refuse_inapplicable_speed_options(attention_kernel: str, fuse_projections: b
                         "(the attention kernel still applies)")
     if layout.sequence > 1:
         backend = layout.attention_backend(device_type)
-        local = sequence_local_kernel(backend, dtype_name)
+        local = sequence_local_kernel(backend, attention_kernel, dtype_name)
         if attention_kernel not in ("auto", local):
             problems.append(f"model.attention_kernel={attention_kernel} cannot run under sequence parallel "
                             f"(ring={layout.ring} x ulysses={layout.ulysses}) yet: the {backend} backend runs its own "
@@ -80,7 +83,7 @@ def attention_call_sites(single_device_kernel: str, layout: ParallelLayout, devi
         self_attention = KERNEL_NAMES[single_device_kernel]
     else:
         backend = layout.attention_backend(device_type)
-        local = sequence_local_kernel(backend, dtype_name)
+        local = sequence_local_kernel(backend, single_device_kernel, dtype_name)
         self_attention = (f"{backend} sequence parallel (ring={layout.ring} x ulysses={layout.ulysses}), "
                           f"rank-local {KERNEL_NAMES[local]}")
     return {"self_attention": self_attention, "cross_attention": CROSS_ATTENTION}

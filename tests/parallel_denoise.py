@@ -9,6 +9,8 @@ the latent size; the DiT sees ``(4 + F) * H/2 * W/2`` tokens (1x4x8: 40, 1x6x6: 
 ``--attend-padding`` tells the backend that padded keys are valid (a deliberately wrong run).
 ``--device cuda`` runs on GPU LOCAL_RANK (NCCL), ``--dtype bfloat16`` in the DiT's real precision,
 ``--backend`` picks the sequence-parallel backend (default auto: xfuser on CUDA, deepspeed on CPU).
+``--kernel NAME`` installs that single-device kernel (bindweave.fast) before the layout is applied and
+writes how often it ran on each rank to ``OUT_DIR/kernel_calls.rank{R}.txt``.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bindweave.fast import PreferredKernelAttention  # noqa: E402
 from bindweave.pipeline import SampleInputs, dit_predictor  # noqa: E402
 from bindweave.sampler import SamplerSettings, denoise, initial_noise, make_scheduler  # noqa: E402
 from bindweave.transformer import TINY_CONFIG, BindWeaveTransformer  # noqa: E402
@@ -35,6 +38,16 @@ from parallel.sequence import SequenceParallelHook  # noqa: E402
 # 4 heads of 8 (TINY_CONFIG: 2 of 16; same width) so that ulysses=4 fits.
 CONFIG = dict(TINY_CONFIG, num_attention_heads=4, attention_head_dim=8)
 STEPS = 3
+
+
+class CountingKernel(PreferredKernelAttention):
+    """The chosen kernel, counting its calls (to show that the sequence backend runs it)."""
+
+    calls = 0
+
+    def self_attention(self, query, key, value):
+        CountingKernel.calls += 1
+        return super().self_attention(query, key, value)
 
 
 class PaddingAttendingHook(SequenceParallelHook):
@@ -72,6 +85,7 @@ def main() -> None:
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     parser.add_argument("--backend", default="auto")
     parser.add_argument("--fsdp", action="store_true", help="FSDP2 over all ranks, loaded shard by shard from disk")
+    parser.add_argument("--kernel", help="a single-device kernel (bindweave.fast) to install and count")
     args = parser.parse_args()
 
     processes = detect_processes()
@@ -88,6 +102,8 @@ def main() -> None:
             checkpoint = args.out_dir / "checkpoint"
             runtime.from_rank0(lambda: model.save_pretrained(checkpoint))
             model, _ = load_sharded_bindweave(checkpoint, runtime.fsdp_mesh, getattr(torch, args.dtype), device)
+        if args.kernel:
+            model.set_attention_hook(CountingKernel(args.kernel))
         parallelize(model, runtime)
         if args.attend_padding:
             model.set_attention_hook(PaddingAttendingHook(runtime.sequence_group, model.attention_hook.attention))
@@ -97,6 +113,8 @@ def main() -> None:
             latents = denoise(noise, make_scheduler(SamplerSettings(num_steps=STEPS)), velocity)
             args.out_dir.mkdir(parents=True, exist_ok=True)
             torch.save(latents.cpu(), args.out_dir / f"{grid_text}.rank{processes.rank}.pt")
+        if args.kernel:
+            (args.out_dir / f"kernel_calls.rank{processes.rank}.txt").write_text(str(CountingKernel.calls))
     finally:
         stop_process_group()
 

@@ -168,8 +168,8 @@ def test_the_kernel_report_names_what_runs_at_each_call_site():
     assert fsdp["self_attention"] == "SDPA, cuDNN first"  # FSDP shards weights; the kernel hook stays
     ulysses = attention_call_sites("fa4", ParallelLayout(ulysses=2), "cuda", "bfloat16")
     assert ulysses["self_attention"] == "xfuser sequence parallel (ring=1 x ulysses=2), rank-local SDPA, cuDNN first"
-    cpu = attention_call_sites("cudnn", ParallelLayout(ulysses=2), "cpu", "float32")
-    assert cpu["self_attention"].startswith("deepspeed sequence parallel")
+    cpu = attention_call_sites("efficient", ParallelLayout(ulysses=2), "cpu", "float32")
+    assert cpu["self_attention"] == "deepspeed sequence parallel (ring=1 x ulysses=2), rank-local SDPA, memory-efficient first"
 
 
 def test_options_a_layout_cannot_honour_are_refused_with_the_reason():
@@ -182,6 +182,9 @@ def test_options_a_layout_cannot_honour_are_refused_with_the_reason():
     refuse_inapplicable_speed_options("auto", True, True, ParallelLayout(ulysses=2), "cuda", "bfloat16")
     refuse_inapplicable_speed_options("cudnn", True, True, ParallelLayout(ulysses=2), "cuda", "bfloat16")
     refuse_inapplicable_speed_options("fa4", True, True, ParallelLayout(fsdp=("t5",)), "cuda", "bfloat16")
+    # deepspeed's Ulysses runs the chosen kernel for each rank's heads.
+    refuse_inapplicable_speed_options("fa4", True, True, ParallelLayout(ulysses=2, backend="deepspeed"), "cuda",
+                                      "bfloat16")
 
 
 def test_an_unknown_kernel_fails_before_loading_with_any_compile_setting():

@@ -51,6 +51,18 @@ def test_n_ranks_give_the_one_rank_latents(reference, tmp_path, processes, degre
 
 @pytest.mark.slow
 @pytest.mark.timeout(300)
+def test_under_ulysses_the_chosen_kernel_runs_the_local_attention(reference, tmp_path):
+    """Kernel and sharding are separate: deepspeed's Ulysses calls the installed kernel for each
+    rank's heads (once per block per forward), and the result is still the 1-rank one."""
+    run_script(DENOISE, tmp_path, "ulysses=2", "--grid", PADS, "--kernel", "efficient", processes=2, timeout=240)
+    blocks = 2  # TINY_CONFIG's num_layers
+    forwards = 3 * 2  # STEPS x the two CFG sides
+    assert [int((tmp_path / f"kernel_calls.rank{rank}.txt").read_text()) for rank in range(2)] == [blocks * forwards] * 2
+    torch.testing.assert_close(rank_latents(tmp_path, PADS, 2)[0], reference[PADS], **TOLERANCE)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
 def test_attending_the_padded_keys_changes_the_result(reference, tmp_path):
     """Pins the mask: the same run with padded keys attended is far off the 1-rank result."""
     run_script(DENOISE, tmp_path, "ulysses=2", "--grid", PADS, "--attend-padding", processes=2, timeout=240)

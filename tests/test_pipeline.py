@@ -25,7 +25,7 @@ from bindweave.pipeline import (
     run_generation,
 )
 from bindweave.prompts import T5_NEGATIVE_PROMPT
-from bindweave.sampler import SamplerSettings
+from bindweave.sampler import SamplerSettings, Step
 
 REPO = Path(__file__).resolve().parents[1]
 VIDEO = VideoSettings(height=48, width=64, num_frames=5)
@@ -120,8 +120,9 @@ def test_negative_side_gets_the_negative_t5_and_qwen_inputs(models, cases):
 
     predict = dit_predictor(Recorder(), inputs)
     latents = torch.zeros(VIDEO.latent_shape)
-    predict(latents, torch.tensor([999]), "positive")
-    predict(latents, torch.tensor([999]), "negative")
+    step = Step(index=0, num_steps=1, timestep=torch.tensor([999]))
+    predict(latents, step.for_side("positive"))
+    predict(latents, step.for_side("negative"))
     assert calls[0][0] is inputs.t5["positive"] and calls[0][1] is inputs.qwen["positive"]
     assert calls[1][0] is inputs.t5["negative"] and calls[1][1] is inputs.qwen["negative"]
     assert calls[0][2] is calls[1][2] and calls[0][3] is calls[1][3]  # same image conditions

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from bindweave.sampler import SamplerSettings, denoise, guided_velocity, initial_noise, make_scheduler
+from bindweave.sampler import SamplerSettings, Step, denoise, guided_velocity, initial_noise, make_scheduler
 
 SPEC_TIMESTEPS = [
     999, 992, 985, 978, 971, 963, 956, 948, 939, 931, 922, 913, 904, 894, 884, 874, 864, 853, 841,
@@ -27,13 +27,30 @@ def test_timesteps_and_sigmas_are_the_reference_schedule():
 def test_cfg_combines_positive_and_negative_predictions():
     seen = []
 
-    def predict(latents, timestep, side):
-        seen.append(side)
-        return torch.full_like(latents, 2.0 if side == "positive" else -1.0)
+    def predict(latents, step):
+        seen.append(step)
+        return torch.full_like(latents, 2.0 if step.side == "positive" else -1.0)
 
-    velocity = guided_velocity(predict, 5.0)(torch.zeros(1, 2), torch.tensor([999]))
-    assert seen == ["positive", "negative"]
+    step = Step(index=3, num_steps=50, timestep=torch.tensor([999]))
+    velocity = guided_velocity(predict, 5.0)(torch.zeros(1, 2), step)
+    assert [(s.side, s.index, s.num_steps, int(s.timestep)) for s in seen] == [("positive", 3, 50, 999),
+                                                                              ("negative", 3, 50, 999)]
     torch.testing.assert_close(velocity, torch.full((1, 2), -1.0 + 5.0 * (2.0 + 1.0)))
+
+
+def test_the_predictor_sees_each_step_index_and_timestep():
+    """The step context reaches the predictor (the seam for step caches and per-step progress)."""
+    seen = []
+
+    def predict(latents, step):
+        seen.append((step.index, step.num_steps, int(step.timestep), step.side))
+        return torch.zeros_like(latents)
+
+    scheduler = make_scheduler(SamplerSettings(num_steps=4))
+    denoise(torch.zeros(1, 2), scheduler, guided_velocity(predict, 5.0))
+    assert [entry[0] for entry in seen] == [0, 0, 1, 1, 2, 2, 3, 3]
+    assert {entry[1] for entry in seen} == {4} and [entry[3] for entry in seen[:2]] == ["positive", "negative"]
+    assert [entry[2] for entry in seen[::2]] == [int(t) for t in scheduler.timesteps]
 
 
 def test_noise_is_cpu_generator_bf16_and_seeded():
@@ -48,7 +65,7 @@ def test_denoise_follows_the_scheduler_to_the_clean_sample():
     torch.manual_seed(0)
     clean = torch.randn(1, 4, 3)
     noise = torch.randn(1, 4, 3)
-    velocity = lambda latents, timestep: noise - clean  # noqa: E731
+    velocity = lambda latents, step: noise - clean  # noqa: E731
     result = denoise(noise, make_scheduler(SamplerSettings(num_steps=10)), velocity)
     # Not exact: the first sigma is 0.99967, so the start is not exactly on the noise line.
     torch.testing.assert_close(result, clean, atol=2e-3, rtol=0)
