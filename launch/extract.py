@@ -10,8 +10,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bindweave.hydra_support import run_hydra_app  # noqa: E402
-from bindweave.extract import run_extract_command  # noqa: E402
+from bindweave.app.hydra_support import run_hydra_app  # noqa: E402
+from bindweave.app.extract import run_extract_command  # noqa: E402
 
 if __name__ == "__main__":
     run_hydra_app("extract", run_extract_command)

@@ -9,8 +9,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bindweave.hydra_support import run_hydra_app  # noqa: E402
-from bindweave.entry import run_generate_command  # noqa: E402
+from bindweave.app.hydra_support import run_hydra_app  # noqa: E402
+from bindweave.app.generate import GenerateCommand  # noqa: E402
 
 if __name__ == "__main__":
-    run_hydra_app("generate", run_generate_command)
+    run_hydra_app("generate", GenerateCommand())

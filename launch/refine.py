@@ -11,8 +11,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bindweave.hydra_support import run_hydra_app  # noqa: E402
-from bindweave.refine import run_refine_command  # noqa: E402
+from bindweave.app.hydra_support import run_hydra_app  # noqa: E402
+from bindweave.app.refine import run_refine_command  # noqa: E402
 
 if __name__ == "__main__":
     run_hydra_app("refine", run_refine_command)

@@ -2,7 +2,7 @@
 
 cfg-rank 0 runs the positive (conditional) pass, cfg-rank 1 the negative one; each step the two
 predictions are all-gathered across the cfg group and both ranks combine them with the one CFG
-formula, :func:`bindweave.sampler.combine_guidance`, so both groups take bit-identical scheduler
+formula, :func:`bindweave.sampling.sampler.combine_guidance`, so both groups take bit-identical scheduler
 steps and their latents never drift apart.
 """
 
@@ -11,21 +11,21 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from bindweave.sampler import SIDES, PredictFn, Step, VelocityFn, combine_guidance, guided_velocity
-from parallel.runtime import Runtime
+from bindweave.sampling.sampler import SIDES, PredictFn, Step, VelocityFn, combine_guidance, guided_velocity
 
 
-def parallel_guided_velocity(predict: PredictFn, guidance_scale: float, runtime: Runtime) -> VelocityFn:
-    """Guided velocity with this rank's CFG side (cfg-rank r computes ``SIDES[r]``); sequential
-    when ``runtime.layout.cfg == 1``."""
-    if runtime.layout.cfg == 1:
+def parallel_guided_velocity(predict: PredictFn, guidance_scale: float, cfg_degree: int, cfg_rank: int,
+                             cfg_group: dist.ProcessGroup | None) -> VelocityFn:
+    """Guided velocity with this rank's CFG side (cfg-rank r computes ``SIDES[r]``, exchanged over
+    ``cfg_group``); sequential when ``cfg_degree == 1``. ``parallel.runtime.Runtime`` calls it."""
+    if cfg_degree == 1:
         return guided_velocity(predict, guidance_scale)
-    side = SIDES[runtime.cfg_rank]
+    side = SIDES[cfg_rank]
 
     def velocity(latents: torch.Tensor, step: Step) -> torch.Tensor:
         own = predict(latents, step.for_side(side)).contiguous()
         predictions = [torch.empty_like(own) for _ in SIDES]
-        dist.all_gather(predictions, own, group=runtime.cfg_group)
+        dist.all_gather(predictions, own, group=cfg_group)
         cond, uncond = predictions
         return combine_guidance(cond, uncond, guidance_scale)
 

@@ -13,7 +13,7 @@ from typing import Callable
 import torch
 import torch.distributed as dist
 
-from bindweave.attention import sdpa
+from bindweave.model.attention import sdpa
 
 # Attention on [B, L, H, D] tensors, no mask.
 LocalKernel = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
@@ -47,7 +47,7 @@ class DeepSpeedUlyssesAttention:
     """:class:`~parallel.sequence.SequenceAttention` over ``sequence_group`` (heads must divide its size).
 
     ``local_kernel`` runs the rank-local attention (its heads over the whole sequence): the kernel
-    chosen for the model (``bindweave.fast``), so sharding and kernel stay two separate choices.
+    chosen for the model (``bindweave.model.speed``), so sharding and kernel stay two separate choices.
     """
 
     def __init__(self, sequence_group: dist.ProcessGroup, local_kernel: LocalKernel = sdpa):

@@ -15,14 +15,8 @@ import torch
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import fully_shard
 
-from bindweave.checkpoint import (
-    check_against_model,
-    finish_loading,
-    index_checkpoint,
-    keeps_fp32,
-    meta_bindweave_transformer,
-    read_rows,
-)
+from bindweave.io.checkpoint import check_against_model, index_checkpoint, keeps_fp32, read_rows
+from bindweave.model.loading import finish_loading, meta_bindweave_transformer
 
 
 @dataclass

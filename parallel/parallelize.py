@@ -2,15 +2,12 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import TypeVar
-
 from bindweave.errors import BindWeaveInputError
 from parallel.layout import ParallelLayout
 from parallel.runtime import Runtime
 from parallel.sequence import SequenceParallelHook
 
-# What the single-device kernel choices run (bindweave/fast.py), in words for logs and sidecars.
+# What the single-device kernel choices run (bindweave/model/speed.py), in words for logs and sidecars.
 KERNEL_NAMES = {
     "fa4": "FlashAttention-4 (flash-attn-4)",
     "cudnn": "SDPA, cuDNN first",
@@ -20,7 +17,6 @@ KERNEL_NAMES = {
 }
 CROSS_ATTENTION = "SDPA, PyTorch's own kernel order (every rank, whole context)"
 
-SampleT = TypeVar("SampleT")
 
 
 def parallelize(transformer, runtime: Runtime) -> None:
@@ -37,7 +33,7 @@ def parallelize(transformer, runtime: Runtime) -> None:
     else:
         from parallel.deepspeed_backend import DeepSpeedUlyssesAttention
 
-        # The single-device hook in place (bindweave.fast: the chosen kernel) runs each rank's heads.
+        # The single-device hook in place (bindweave.model.speed: the chosen kernel) runs each rank's heads.
         attention = DeepSpeedUlyssesAttention(runtime.sequence_group, transformer.attention_hook.self_attention)
     transformer.set_attention_hook(SequenceParallelHook(runtime.sequence_group, attention))
 
@@ -77,7 +73,7 @@ def attention_call_sites(single_device_kernel: str, layout: ParallelLayout, devi
                          dtype_name: str) -> dict[str, str]:
     """The kernel that actually runs at each attention call site of the DiT, for the log and sidecars.
 
-    ``single_device_kernel`` is the resolved choice (``auto`` settled by ``bindweave.fast``).
+    ``single_device_kernel`` is the resolved choice (``auto`` settled by ``bindweave.model.speed``).
     """
     if layout.sequence == 1:
         self_attention = KERNEL_NAMES[single_device_kernel]
@@ -87,12 +83,3 @@ def attention_call_sites(single_device_kernel: str, layout: ParallelLayout, devi
         self_attention = (f"{backend} sequence parallel (ring={layout.ring} x ulysses={layout.ulysses}), "
                           f"rank-local {KERNEL_NAMES[local]}")
     return {"self_attention": self_attention, "cross_attention": CROSS_ATTENTION}
-
-
-def own_samples(samples: Sequence[SampleT], runtime: Runtime) -> list[SampleT]:
-    """This data group's share: the samples sorted by id, strided over the data groups.
-
-    Every rank of a data group gets the same list; no other rank opens these samples' files.
-    """
-    ordered = sorted(samples, key=lambda sample: sample.sample_id)
-    return ordered[runtime.data_rank::runtime.layout.data]

@@ -8,7 +8,8 @@ on one node its all-to-alls stay on NVLink. Nothing else in the project creates 
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, replace
 from typing import Callable, TypeVar
 
 import torch
@@ -16,11 +17,13 @@ import torch.distributed as dist
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
 from bindweave.errors import BindWeaveInputError
+from parallel.cfg import parallel_guided_velocity
 from parallel.distributed import Processes
 from parallel.layout import ParallelLayout
 
 MESH_DIMS = ("data", "cfg", "sequence")
 T = TypeVar("T")
+SampleT = TypeVar("SampleT")
 
 
 class RaisedOnRank0(BindWeaveInputError):
@@ -104,6 +107,22 @@ class Runtime:
         if error is not None:
             raise error if self.rank == 0 else RaisedOnRank0(str(error))
         return value
+
+
+    def own_samples(self, samples: Sequence[SampleT]) -> list[SampleT]:
+        """This data group's share: the samples sorted by id, strided over the data groups.
+
+        Every rank of a data group gets the same list; no other rank opens these samples' files.
+        """
+        ordered = sorted(samples, key=lambda sample: sample.sample_id)
+        return ordered[self.data_rank::self.layout.data]
+
+    def guided_velocity(self, predict, guidance_scale: float):
+        """CFG over the layout: both sides here (cfg=1) or this CFG group's side, exchanged (parallel/cfg.py)."""
+        return parallel_guided_velocity(predict, guidance_scale, self.layout.cfg, self.cfg_rank, self.cfg_group)
+
+    def layout_record(self) -> dict:
+        return asdict(self.layout)
 
 
 def _fsdp_mesh(layout: ParallelLayout, mesh: DeviceMesh, device_type: str) -> DeviceMesh | None:

@@ -1,6 +1,6 @@
 """Sequence parallel from outside the model: one sample's tokens shared by the ranks of a sequence group.
 
-The DiT calls its :class:`~bindweave.attention.AttentionHook` three times per forward; this hook
+The DiT calls its :class:`~bindweave.model.attention.AttentionHook` three times per forward; this hook
 splits the patchified tokens (and the RoPE tables the same way) after patchify, runs every
 self-attention through a sequence-parallel backend over the whole sequence, and all-gathers the
 tokens before unpatchify. Cross-attention stays local: every rank holds the whole context.
@@ -18,7 +18,7 @@ from typing import Protocol
 import torch
 import torch.distributed as dist
 
-from bindweave.attention import AttentionHook
+from bindweave.model.attention import AttentionHook
 
 
 class SequenceAttention(Protocol):

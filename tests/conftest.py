@@ -32,14 +32,14 @@ needs_opens2v = pytest.mark.skipif(not OPENS2V.is_dir(),
 @pytest.fixture(scope="session")
 def tiny_models(tmp_path_factory):
     """The tiny model set, written once per test session (read-only for the tests)."""
-    from bindweave.tiny import write_tiny_models
+    from bindweave.testing.tiny import write_tiny_models
 
     return write_tiny_models(tmp_path_factory.mktemp("tiny-models"))
 
 
 @pytest.fixture(scope="session")
 def tiny_dit_folder(tmp_path_factory) -> Path:
-    from bindweave.transformer import write_tiny_bindweave
+    from bindweave.testing.tiny import write_tiny_bindweave
 
     folder = tmp_path_factory.mktemp("tiny") / "BindWeave"
     write_tiny_bindweave(folder, seed=0)

@@ -9,7 +9,7 @@ the latent size; the DiT sees ``(4 + F) * H/2 * W/2`` tokens (1x4x8: 40, 1x6x6: 
 ``--attend-padding`` tells the backend that padded keys are valid (a deliberately wrong run).
 ``--device cuda`` runs on GPU LOCAL_RANK (NCCL), ``--dtype bfloat16`` in the DiT's real precision,
 ``--backend`` picks the sequence-parallel backend (default auto: xfuser on CUDA, deepspeed on CPU).
-``--kernel NAME`` installs that single-device kernel (bindweave.fast) before the layout is applied and
+``--kernel NAME`` installs that single-device kernel (bindweave.model.speed) before the layout is applied and
 writes how often it ran on each rank to ``OUT_DIR/kernel_calls.rank{R}.txt``.
 """
 
@@ -23,11 +23,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bindweave.fast import PreferredKernelAttention  # noqa: E402
-from bindweave.pipeline import SampleInputs, dit_predictor  # noqa: E402
-from bindweave.sampler import SamplerSettings, denoise, initial_noise, make_scheduler  # noqa: E402
-from bindweave.transformer import TINY_CONFIG, BindWeaveTransformer  # noqa: E402
-from parallel.cfg import parallel_guided_velocity  # noqa: E402
+from bindweave.model.speed import PreferredKernelAttention  # noqa: E402
+from bindweave.stages.generate import SampleInputs, dit_predictor  # noqa: E402
+from bindweave.sampling.sampler import SamplerSettings, denoise, initial_noise, make_scheduler  # noqa: E402
+from bindweave.model.transformer import TINY_CONFIG, BindWeaveTransformer  # noqa: E402
 from parallel.fsdp import load_sharded_bindweave  # noqa: E402
 from parallel.distributed import detect_processes, rank_device, start_process_group, stop_process_group  # noqa: E402
 from parallel.layout import ParallelLayout  # noqa: E402
@@ -85,7 +84,7 @@ def main() -> None:
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     parser.add_argument("--backend", default="auto")
     parser.add_argument("--fsdp", action="store_true", help="FSDP2 over all ranks, loaded shard by shard from disk")
-    parser.add_argument("--kernel", help="a single-device kernel (bindweave.fast) to install and count")
+    parser.add_argument("--kernel", help="a single-device kernel (bindweave.model.speed) to install and count")
     args = parser.parse_args()
 
     processes = detect_processes()
@@ -109,7 +108,7 @@ def main() -> None:
             model.set_attention_hook(PaddingAttendingHook(runtime.sequence_group, model.attention_hook.attention))
         for grid_text in args.grid:
             noise, inputs = sample_inputs(model, tuple(int(n) for n in grid_text.split("x")), device)
-            velocity = parallel_guided_velocity(dit_predictor(model, inputs), 5.0, runtime)
+            velocity = runtime.guided_velocity(dit_predictor(model, inputs), 5.0)
             latents = denoise(noise, make_scheduler(SamplerSettings(num_steps=STEPS)), velocity)
             args.out_dir.mkdir(parents=True, exist_ok=True)
             torch.save(latents.cpu(), args.out_dir / f"{grid_text}.rank{processes.rank}.pt")

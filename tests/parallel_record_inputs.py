@@ -17,7 +17,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-import bindweave.pipeline as pipeline  # noqa: E402
+import bindweave.stages.generate as pipeline  # noqa: E402
 
 
 def main() -> None:

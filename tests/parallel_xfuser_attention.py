@@ -14,8 +14,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bindweave.attention import sdpa  # noqa: E402
-from bindweave.transformer import TINY_CONFIG, BindWeaveTransformer  # noqa: E402
+from bindweave.model.attention import sdpa  # noqa: E402
+from bindweave.model.transformer import TINY_CONFIG, BindWeaveTransformer  # noqa: E402
 from parallel.distributed import detect_processes, rank_device, stop_process_group  # noqa: E402
 from parallel.layout import ParallelLayout  # noqa: E402
 from parallel.runtime import Runtime  # noqa: E402

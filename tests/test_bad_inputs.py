@@ -30,11 +30,11 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
-from bindweave.data import load_reference_image, save_hidden_states
+from bindweave.io.inputs import load_reference_image, save_hidden_states
 from bindweave.errors import BindWeaveInputError
-from bindweave.outputs import read_mp4_info
-from bindweave.pipeline import ModelSettings, RunSettings, VideoSettings, load_stage3_models, run_generation
-from bindweave.sampler import SamplerSettings
+from bindweave.io.outputs import read_mp4_info
+from bindweave.stages.generate import ModelSettings, RunSettings, VideoSettings, load_stage3_models, run_generation
+from bindweave.sampling.sampler import SamplerSettings
 
 REPO = Path(__file__).resolve().parents[1]
 VIDEO = VideoSettings(height=48, width=64, num_frames=5)
@@ -442,7 +442,7 @@ def test_parallel_degrees_that_do_not_fit(degrees, world, must_name):
 
 
 def test_output_folder_not_writable(ws, monkeypatch):
-    import bindweave.outputs as outputs
+    import bindweave.io.outputs as outputs
 
     real_access = os.access
     monkeypatch.setattr(outputs.os, "access",  # root passes any permission check, so deny as for a user
@@ -455,7 +455,7 @@ def test_output_folder_not_writable(ws, monkeypatch):
 
 
 def test_disk_full_while_writing_the_video(ws, monkeypatch):
-    import bindweave.outputs as outputs
+    import bindweave.io.outputs as outputs
 
     real_writer = outputs.iio.get_writer
 
@@ -474,7 +474,7 @@ def test_disk_full_while_writing_the_video(ws, monkeypatch):
 
 def test_disk_full_while_writing_the_sidecar_leaves_the_sample_unfinished(ws, monkeypatch):
     """The sidecar marks a sample finished: if it cannot be written the re-run redoes the sample."""
-    import bindweave.outputs as outputs
+    import bindweave.io.outputs as outputs
 
     real_write_text = Path.write_text
 

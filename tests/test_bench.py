@@ -1,6 +1,5 @@
 """The speed options compute the same function, and the benchmark runs end to end (tiny, CPU)."""
 
-import importlib.util
 import json
 import subprocess
 import sys
@@ -11,12 +10,13 @@ import pytest
 import torch
 from diffusers.models.transformers.transformer_wan import WanAttention
 
-from bindweave.attention import AttentionHook, CrossAttnProcessor
-from bindweave.attention import sdpa
-from bindweave.fast import (PreferredKernelAttention, SpeedOptions, apply_speed_options, fuse_projections,
+import bindweave.testing.benchmark as bench
+from bindweave.model.attention import AttentionHook, CrossAttnProcessor
+from bindweave.model.attention import sdpa
+from bindweave.model.speed import (PreferredKernelAttention, SpeedOptions, apply_speed_options, fuse_projections,
                             resolve_attention)
-from bindweave.flops import ForwardTokens, dit_forward_flops, video_tokens
-from bindweave.transformer import TINY_CONFIG, BindWeaveTransformer
+from bindweave.model.flops import ForwardTokens, dit_forward_flops, video_tokens
+from bindweave.model.transformer import TINY_CONFIG, BindWeaveTransformer
 from test_transformer import inputs as tiny_inputs  # the same seeded tiny DiT inputs
 
 REPO = Path(__file__).resolve().parents[1]
@@ -25,17 +25,6 @@ REPO = Path(__file__).resolve().parents[1]
 def tiny_model(seed=0):
     torch.manual_seed(seed)
     return BindWeaveTransformer(**TINY_CONFIG).eval()
-
-
-def load_bench_module():
-    """launch/bench.py as a module (launch/ is not a package)."""
-    name = "launch_bench"
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, REPO / "launch" / "bench.py")
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module  # dataclasses look their module up there
-        spec.loader.exec_module(module)
-    return sys.modules[name]
 
 
 @pytest.mark.parametrize("attention", ["cudnn", "flash", "default"])
@@ -151,7 +140,6 @@ def test_bench_variants_switch_on_one_model():
     """The benchmark's variant states on one model: with one reference (257 CLIP tokens) and no Qwen
     tokens the stock split equals BindWeave's, so the stock forward must give our output; switching
     back and forth (fused projections and all) must give the plain model's output again."""
-    bench = load_bench_module()
     x = tiny_inputs(qwen_tokens=0, clip_tokens=257)
     expected = tiny_model()(**x)
     model = tiny_model()
@@ -171,7 +159,6 @@ def test_bench_variants_switch_on_one_model():
 
 
 def test_bench_build_dit_keeps_diffusers_fp32_modules():
-    bench = load_bench_module()
     model = bench.build_dit(dict(TINY_CONFIG), torch.device("cpu"), seed=0)
     dtypes = {name: param.dtype for name, param in model.named_parameters()}
     assert dtypes["blocks.0.scale_shift_table"] == torch.float32

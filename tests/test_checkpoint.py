@@ -8,9 +8,10 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from bindweave import BindWeaveTransformer
-from bindweave.checkpoint import read_config, resolve_folder
+from bindweave.io.checkpoint import read_config, resolve_folder
+from bindweave.model.loading import load_bindweave_transformer
 from bindweave.errors import BindWeaveInputError
-from bindweave.transformer import BINDWEAVE_14B_CONFIG
+from bindweave.model.transformer import BINDWEAVE_14B_CONFIG
 
 WEIGHTS = "diffusion_pytorch_model.safetensors"
 
@@ -31,7 +32,7 @@ def broken_copy(tiny_dit_folder, tmp_path):
 
 
 def test_tiny_checkpoint_loads_exactly_in_bf16(tiny_dit_folder):
-    model = BindWeaveTransformer.from_pretrained(tiny_dit_folder, torch_dtype=torch.bfloat16)
+    model = load_bindweave_transformer(tiny_dit_folder, dtype=torch.bfloat16)
     stored = load_file(tiny_dit_folder / WEIGHTS)
     loaded = model.state_dict()
     assert set(loaded) == set(stored)
@@ -54,7 +55,7 @@ def test_sharded_index_checkpoint_loads(tiny_dit_folder, tmp_path):
         save_file({k: state[k] for k in shard_keys}, folder / name)
     index = {"weight_map": {k: name for name, shard_keys in shards.items() for k in shard_keys}}
     (folder / "diffusion_pytorch_model.safetensors.index.json").write_text(json.dumps(index))
-    model = BindWeaveTransformer.from_pretrained(folder, torch_dtype=torch.float32)
+    model = load_bindweave_transformer(folder, dtype=torch.float32)
     torch.testing.assert_close(model.state_dict()["proj_out.weight"], state["proj_out.weight"])
 
 
@@ -73,7 +74,7 @@ def test_sharded_index_checkpoint_loads(tiny_dit_folder, tmp_path):
 def test_broken_checkpoint_names_the_key_and_folder(broken_copy, change, named):
     folder = broken_copy(change)
     with pytest.raises(BindWeaveInputError) as error:
-        BindWeaveTransformer.from_pretrained(folder)
+        load_bindweave_transformer(folder)
     message = str(error.value)
     assert str(folder) in message
     for text in named:
@@ -83,10 +84,10 @@ def test_broken_checkpoint_names_the_key_and_folder(broken_copy, change, named):
 def test_folder_without_safetensors_or_with_missing_shard(tmp_path):
     (tmp_path / "config.json").write_text("{}")
     with pytest.raises(BindWeaveInputError, match="no \\*.safetensors"):
-        BindWeaveTransformer.from_pretrained(tmp_path)
+        load_bindweave_transformer(tmp_path)
     (tmp_path / "x.safetensors.index.json").write_text(json.dumps({"weight_map": {"a": "gone.safetensors"}}))
     with pytest.raises(BindWeaveInputError, match="gone.safetensors"):
-        BindWeaveTransformer.from_pretrained(tmp_path)
+        load_bindweave_transformer(tmp_path)
 
 
 def test_bare_safetensors_folder_uses_the_14b_defaults(tiny_dit_folder, tmp_path):
@@ -96,7 +97,7 @@ def test_bare_safetensors_folder_uses_the_14b_defaults(tiny_dit_folder, tmp_path
     config = read_config(tmp_path, BindWeaveTransformer, BINDWEAVE_14B_CONFIG)
     assert config == BINDWEAVE_14B_CONFIG
     with pytest.raises(BindWeaveInputError, match="wrong shapes"):
-        BindWeaveTransformer.from_pretrained(tmp_path)
+        load_bindweave_transformer(tmp_path)
 
 
 def test_missing_path_that_is_not_a_repo_id(tmp_path):

@@ -1,4 +1,4 @@
-"""Conditioning (SPEC §5) and decode (§6) on the tiny Wan models: bindweave/conditioning.py."""
+"""Conditioning (SPEC §5) and decode (§6) on the tiny Wan models: bindweave/encoders/conditioning.py."""
 
 import shutil
 from pathlib import Path
@@ -12,7 +12,7 @@ from diffusers.pipelines.wan.pipeline_wan import WanPipeline, prompt_clean
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
-from bindweave.conditioning import (
+from bindweave.encoders.conditioning import (
     ClipImageEncoder,
     T5TextEncoder,
     VideoConditionCache,
@@ -22,9 +22,9 @@ from bindweave.conditioning import (
     make_reference_canvas,
     reference_condition,
 )
-from bindweave.data import load_reference_image
+from bindweave.io.inputs import load_reference_image
 from bindweave.errors import BindWeaveInputError
-from bindweave.tiny import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
+from bindweave.testing.tiny import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 
 from conftest import OPENS2V, needs_opens2v
 

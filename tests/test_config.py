@@ -1,4 +1,4 @@
-"""The settings schema (bindweave/config.py): every preset composes into settings objects, and a bad
+"""The settings schema (bindweave/app/config.py): every preset composes into settings objects, and a bad
 key or value fails before anything loads with one line naming the key, where it came from and the fix."""
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from bindweave.config import (
+from bindweave.app.config import (
     CONF_DIR,
     ExtractConfig,
     GenerateConfig,
@@ -20,8 +20,8 @@ from bindweave.config import (
     settings_of,
 )
 from bindweave.errors import BindWeaveInputError
-from bindweave.pipeline import ModelSettings
-from bindweave.refine import EndpointSettings, LocalSettings
+from bindweave.stages.generate import ModelSettings
+from bindweave.stages.refine import EndpointSettings, LocalSettings
 from parallel.layout import ParallelLayout, ParallelSettings
 from parallel.parallelize import attention_call_sites, refuse_inapplicable_speed_options
 from parallel_launch import REPO, plain_env
@@ -94,7 +94,7 @@ def conf_copy(tmp_path, monkeypatch) -> Path:
     """A copy of conf/ that the checks read instead of the real one."""
     copy = tmp_path / "conf"
     shutil.copytree(CONF_DIR, copy)
-    monkeypatch.setattr("bindweave.config.CONF_DIR", copy)
+    monkeypatch.setattr("bindweave.app.config.CONF_DIR", copy)
     return copy
 
 

@@ -1,4 +1,4 @@
-"""Reading inputs: meta JSON, reference images, hidden states (bindweave/data.py)."""
+"""Reading inputs: meta JSON, reference images, hidden states (bindweave/io/inputs.py)."""
 
 import json
 import os
@@ -10,7 +10,7 @@ import torch
 from PIL import Image
 from safetensors import safe_open
 
-from bindweave.data import (
+from bindweave.io.inputs import (
     Sample,
     load_hidden_states,
     load_reference_image,

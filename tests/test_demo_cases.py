@@ -1,9 +1,9 @@
-"""The built-in demo cases (bindweave/demo_cases.py)."""
+"""The built-in demo cases (bindweave/testing/demo_cases.py)."""
 
 from PIL import Image
 
-from bindweave.data import load_reference_image, read_meta
-from bindweave.demo_cases import write_demo_cases
+from bindweave.io.inputs import load_reference_image, read_meta
+from bindweave.testing.demo_cases import write_demo_cases
 
 
 def all_files(folder):

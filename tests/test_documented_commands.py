@@ -29,7 +29,7 @@ import pytest
 import yaml
 from safetensors import safe_open
 
-from bindweave.outputs import read_mp4_info
+from bindweave.io.outputs import read_mp4_info
 from conftest import OPENS2V, needs_opens2v
 from hf_cache import hf_env, populate_hf_cache
 from parallel_launch import plain_env  # tests/ is on sys.path
@@ -138,7 +138,7 @@ def tiny_hf_home(tiny_models, tmp_path_factory):
 
 
 def fingerprint(folder: Path) -> str:
-    from bindweave.checkpoint import folder_fingerprint
+    from bindweave.io.checkpoint import folder_fingerprint
 
     return folder_fingerprint(Path(folder))["fingerprint"]
 

@@ -1,4 +1,4 @@
-"""Stage 2: hidden-state extraction (bindweave/extract.py, launch/extract.py), SPEC §3 and §7."""
+"""Stage 2: hidden-state extraction (bindweave/stages/extract.py, launch/extract.py), SPEC §3 and §7."""
 
 import hashlib
 import json
@@ -12,14 +12,15 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from bindweave.data import load_reference_image, load_sample_hidden_states, read_meta
-from bindweave.demo import demo_meta_with_hidden_states
-from bindweave.demo_cases import write_demo_cases
-from bindweave.config import compose_config
+from bindweave.io.inputs import load_reference_image, load_sample_hidden_states, read_meta
+from bindweave.testing.demo import demo_meta_with_hidden_states
+from bindweave.testing.demo_cases import write_demo_cases
+from bindweave.app.config import compose_config
 from bindweave.errors import BindWeaveInputError
-from bindweave.extract import ExtractSettings, SampleFiles, run_extract, run_extract_command
-from bindweave.prompts import QWEN_NEGATIVE_PROMPT
-from bindweave.qwen import QwenSettings, build_inputs, load_qwen, prescale_references
+from bindweave.app.extract import run_extract_command
+from bindweave.stages.extract import ExtractSettings, SampleFiles, run_extract
+from bindweave.encoders.prompts import QWEN_NEGATIVE_PROMPT
+from bindweave.encoders.qwen import QwenSettings, build_inputs, load_qwen, prescale_references
 
 REPO = Path(__file__).resolve().parents[1]
 from conftest import OPENS2V, needs_opens2v  # noqa: E402

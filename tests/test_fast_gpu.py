@@ -4,9 +4,9 @@ the compiled blocks. Skipped without a CUDA GPU and the flash-attn-4 package (CI
 import pytest
 import torch
 
-from bindweave.attention import sdpa
-from bindweave.fast import SpeedOptions, apply_speed_options, fa4_attention
-from bindweave.transformer import TINY_CONFIG, BindWeaveTransformer
+from bindweave.model.attention import sdpa
+from bindweave.model.speed import SpeedOptions, apply_speed_options, fa4_attention
+from bindweave.model.transformer import TINY_CONFIG, BindWeaveTransformer
 from test_transformer import inputs as tiny_inputs
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]

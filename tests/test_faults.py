@@ -25,9 +25,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from bindweave.outputs import read_mp4_info
-from bindweave.pipeline import ModelSettings, RunSettings, VideoSettings, load_stage3_models, run_generation
-from bindweave.sampler import SamplerSettings
+from bindweave.io.outputs import read_mp4_info
+from bindweave.stages.generate import ModelSettings, RunSettings, VideoSettings, load_stage3_models, run_generation
+from bindweave.sampling.sampler import SamplerSettings
 from parallel_launch import plain_env  # tests/ is on sys.path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -39,8 +39,8 @@ TINY = ["video.height=48", "video.width=64", "video.num_frames=5"]
 def work(tmp_path_factory):
     """cwd of the subprocess runs, with the tiny models and the demo inputs already in `.cache/`
     (as the entry point would make them) and a 6-sample meta file built from the demo cases."""
-    from bindweave.demo import demo_meta_with_hidden_states
-    from bindweave.tiny import write_tiny_models
+    from bindweave.testing.demo import demo_meta_with_hidden_states
+    from bindweave.testing.tiny import write_tiny_models
 
     work = tmp_path_factory.mktemp("faults")
     tiny = write_tiny_models(work / ".cache" / "tiny-models")
@@ -178,8 +178,8 @@ class Interrupt:
 def _patch_stage(stage: str, models, monkeypatch, interrupt_on_sample: int):
     """Patch `stage` so that the interrupt hits while sample number `interrupt_on_sample` (1-based)
     is at that stage."""
-    import bindweave.outputs as outputs
-    import bindweave.pipeline as pipeline
+    import bindweave.io.outputs as outputs
+    import bindweave.stages.generate as pipeline
 
     if stage == "conditioning":
         interrupt = Interrupt(interrupt_on_sample)
@@ -229,7 +229,7 @@ def light_meta(tmp_path, models):
     """3 light samples (one small image, a few hidden-state tokens each), sorted ids."""
     from PIL import Image
 
-    from bindweave.data import save_hidden_states
+    from bindweave.io.inputs import save_hidden_states
 
     Image.new("RGB", (80, 60), (200, 120, 40)).save(tmp_path / "ref.png")
     generator = torch.Generator().manual_seed(0)
@@ -345,7 +345,7 @@ def test_disk_full_mid_run_names_the_video_keeps_the_finished_samples_and_the_re
     whole, and once space is freed the re-run makes exactly the missing samples."""
     import errno
 
-    import bindweave.pipeline as pipeline
+    import bindweave.stages.generate as pipeline
     from bindweave.errors import BindWeaveInputError
 
     output = small_disk / "out"

@@ -5,8 +5,8 @@ import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
-from bindweave.flops import ForwardTokens, dit_forward_flops, video_tokens
-from bindweave.transformer import BINDWEAVE_14B_CONFIG, TINY_CONFIG, BindWeaveTransformer
+from bindweave.model.flops import ForwardTokens, dit_forward_flops, video_tokens
+from bindweave.model.transformer import BINDWEAVE_14B_CONFIG, TINY_CONFIG, BindWeaveTransformer
 
 
 def tiny_inputs(frames, height, width, qwen_tokens, references):

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from bindweave.outputs import read_mp4_info
+from bindweave.io.outputs import read_mp4_info
 
 REPO = Path(__file__).resolve().parents[1]
 SMALL = ["sampler.num_steps=2", "video.height=48", "video.width=64", "video.num_frames=5", "progress=false"]

@@ -1,4 +1,4 @@
-"""Writing outputs atomically (bindweave/outputs.py)."""
+"""Writing outputs atomically (bindweave/io/outputs.py)."""
 
 import errno
 import json
@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 import torch
 
-from bindweave import outputs
+from bindweave.io import outputs
 from bindweave.errors import BindWeaveInputError
-from bindweave.outputs import atomic_write, read_mp4_info, video_done, write_json, write_mp4
+from bindweave.io.outputs import atomic_write, read_mp4_info, video_done, write_json, write_mp4
 
 
 def frames(count=5, height=48, width=64):
@@ -129,7 +129,7 @@ def too_big_mp4(path):
 
 
 def too_big_hidden_states(path):
-    from bindweave.data import save_hidden_states
+    from bindweave.io.inputs import save_hidden_states
 
     save_hidden_states(path, torch.randn(1, 300, 256), torch.randn(1, 20, 256), {"prompt": "p"})
 
@@ -236,7 +236,7 @@ def test_overwrite_that_fails_keeps_the_old_file_and_says_so(tmp_path, monkeypat
     (Exception("Error while serializing: I/O error: No space left on device (os error 28)"), "Disk full while writing"),
 ], ids=["ENOSPC", "EDQUOT", "EIO", "safetensors-ENOSPC"])
 def test_injected_write_errors_name_the_hidden_states_file(tmp_path, monkeypatch, raised, expected):
-    import bindweave.data as data
+    import bindweave.io.inputs as data
 
     def save_file(tensors, temp_path, metadata=None):
         Path(temp_path).write_bytes(b"half a file")
@@ -287,7 +287,7 @@ def test_mp4_problem_finds_every_truncation(tmp_path):
 @pytest.mark.parametrize("umask", [0o022, 0o027])
 def test_every_output_follows_the_umask(tmp_path, umask):
     """MP4, JSON and hidden states (safetensors creates its files 0600) get 0o666 & ~umask."""
-    from bindweave.data import save_hidden_states
+    from bindweave.io.inputs import save_hidden_states
 
     old = os.umask(umask)
     try:

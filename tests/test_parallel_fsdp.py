@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from bindweave import BindWeaveTransformer
-from bindweave.transformer import TINY_CONFIG
+from bindweave.model.transformer import TINY_CONFIG
 from tests.test_transformer import inputs
 
 REPO = Path(__file__).resolve().parents[1]

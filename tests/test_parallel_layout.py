@@ -8,11 +8,10 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from bindweave.config import compose_config
+from bindweave.app.config import compose_config
 from bindweave.errors import BindWeaveInputError
 from parallel.distributed import Processes, detect_processes, rank_device
 from parallel.layout import ParallelLayout, layout_from_config
-from parallel.parallelize import own_samples
 from parallel.runtime import Runtime
 
 HEADS_14B = 40
@@ -141,8 +140,8 @@ def test_samples_are_sorted_then_strided_over_the_data_groups():
     samples = [SimpleNamespace(sample_id=name) for name in ("c", "a", "e", "b", "d")]
 
     def share(data_rank, data):
-        runtime = SimpleNamespace(data_rank=data_rank, layout=ParallelLayout(data=data))
-        return [sample.sample_id for sample in own_samples(samples, runtime)]
+        coordinates = SimpleNamespace(data_rank=data_rank, layout=ParallelLayout(data=data))
+        return [sample.sample_id for sample in Runtime.own_samples(coordinates, samples)]
 
     assert share(0, 2) == ["a", "c", "e"] and share(1, 2) == ["b", "d"]
     assert share(0, 1) == ["a", "b", "c", "d", "e"]

@@ -11,11 +11,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from bindweave.data import load_hidden_states, read_meta, save_hidden_states
-from bindweave.demo_cases import write_demo_cases
+from bindweave.io.inputs import load_hidden_states, read_meta, save_hidden_states
+from bindweave.testing.demo_cases import write_demo_cases
 from bindweave.errors import BindWeaveInputError
-from bindweave.outputs import read_mp4_info
-from bindweave.pipeline import (
+from bindweave.io.outputs import read_mp4_info
+from bindweave.stages.generate import (
     ModelSettings,
     RunSettings,
     VideoSettings,
@@ -24,8 +24,8 @@ from bindweave.pipeline import (
     prepare_inputs,
     run_generation,
 )
-from bindweave.prompts import T5_NEGATIVE_PROMPT
-from bindweave.sampler import SamplerSettings, Step
+from bindweave.encoders.prompts import T5_NEGATIVE_PROMPT
+from bindweave.sampling.sampler import SamplerSettings, Step
 
 REPO = Path(__file__).resolve().parents[1]
 VIDEO = VideoSettings(height=48, width=64, num_frames=5)
@@ -79,7 +79,7 @@ def test_end_to_end_writes_valid_mp4s_and_sidecars_then_resumes(models, cases, t
         assert sidecar["models"]["dit"]["fingerprint"] and sidecar["versions"]["torch"]
     assert not [p for p in output_dir.iterdir() if ".tmp" in p.name]
 
-    import bindweave.pipeline as pipeline
+    import bindweave.stages.generate as pipeline
 
     monkeypatch.setattr(pipeline, "generate_sample", lambda *a, **k: pytest.fail("finished sample redone"))
     assert len(run(models, cases, output_dir)["skipped"]) == 3

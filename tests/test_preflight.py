@@ -15,10 +15,10 @@ import torch
 from PIL import Image
 from safetensors.torch import save_file
 
-from bindweave import data
+from bindweave.io import inputs
 from bindweave.errors import BindWeaveInputError
-from bindweave.pipeline import VideoSettings
-from bindweave.preflight import JobProblem, check_job
+from bindweave.stages.generate import VideoSettings
+from bindweave.stages.preflight import JobProblem, check_job
 from parallel_launch import plain_env  # tests/ is on sys.path
 
 SMALL_VIDEO = VideoSettings(height=32, width=32, num_frames=5)
@@ -48,7 +48,7 @@ class Job:
 
     def states(self, name: str, dim: int | None = None) -> str:
         dim = dim or self.hidden_dim
-        data.save_hidden_states(self.root / name, torch.randn(1, STATE_TOKENS, dim),
+        inputs.save_hidden_states(self.root / name, torch.randn(1, STATE_TOKENS, dim),
                                 torch.randn(1, STATE_TOKENS, dim), {})
         return name
 

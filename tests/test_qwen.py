@@ -1,4 +1,4 @@
-"""The shared Qwen2.5-VL loader and input builder (bindweave/qwen.py), SPEC §3."""
+"""The shared Qwen2.5-VL loader and input builder (bindweave/encoders/qwen.py), SPEC §3."""
 
 import json
 import shutil
@@ -10,9 +10,9 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_resize as transformers_smart_resize
 
-from bindweave.data import load_reference_image
+from bindweave.io.inputs import load_reference_image
 from bindweave.errors import BindWeaveInputError
-from bindweave.qwen import (
+from bindweave.encoders.qwen import (
     QwenSettings,
     build_inputs,
     build_messages,

@@ -1,4 +1,4 @@
-"""Stage 1: prompt refinement (bindweave/refine.py), SPEC §8, against a real loopback HTTP server."""
+"""Stage 1: prompt refinement (bindweave/stages/refine.py), SPEC §8, against a real loopback HTTP server."""
 
 import base64
 import io
@@ -15,12 +15,12 @@ import pytest
 from omegaconf import OmegaConf
 from PIL import Image
 
-from bindweave.data import load_reference_image, read_meta
-from bindweave.demo_cases import write_demo_cases
-from bindweave.config import compose_config
+from bindweave.io.inputs import load_reference_image, read_meta
+from bindweave.testing.demo_cases import write_demo_cases
+from bindweave.app.config import compose_config
 from bindweave.errors import BindWeaveInputError
-from bindweave.qwen import QwenSettings, build_inputs, load_qwen, prescale_references
-from bindweave.refine import (
+from bindweave.encoders.qwen import QwenSettings, build_inputs, load_qwen, prescale_references
+from bindweave.stages.refine import (
     EndpointRefiner,
     EndpointSettings,
     LocalQwenRefiner,
@@ -29,8 +29,8 @@ from bindweave.refine import (
     partial_meta_path,
     refine_instruction,
     refine_samples,
-    run_refine_command,
 )
+from bindweave.app.refine import run_refine_command
 
 REPO = Path(__file__).resolve().parents[1]
 KEY_ENV = "BINDWEAVE_TEST_API_KEY"

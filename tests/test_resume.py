@@ -1,4 +1,4 @@
-"""Resume that notices changes (bindweave/resume.py): a finished video is skipped only when its
+"""Resume that notices changes (bindweave/stages/resume.py): a finished video is skipped only when its
 sidecar's recipe is this run's; a changed job is refused before loading, naming what changed."""
 
 from __future__ import annotations
@@ -11,25 +11,26 @@ from pathlib import Path
 
 import pytest
 
-from bindweave.data import Sample
-from bindweave.pipeline import VideoSettings
-from bindweave.resume import changes, sample_recipe
-from bindweave.sampler import SamplerSettings
+from bindweave.stages.generate import VideoSettings
+from bindweave.stages.resume import changes, sample_recipe
+from bindweave.sampling.sampler import SamplerSettings
 from parallel_launch import REPO, plain_env
 
 TINY = ["video.height=48", "video.width=64", "video.num_frames=5", "sampler.num_steps=2"]
 
 
 def test_the_recipe_names_each_change():
-    image = Path(__file__)
-    sample = Sample("s", "a prompt", (image,), None, None, None, {})
+    inputs = {"images": ["a" * 64], "hidden_states": ["b" * 64]}
     models = {"dit": {"folder": "/a", "revision": None, "fingerprint": "f1"}}
-    base = sample_recipe(sample, 1, VideoSettings(), SamplerSettings(), models, {"dtype": "bfloat16"})
+    base = sample_recipe("a prompt", inputs, 1, VideoSettings(), SamplerSettings(), models, {"dtype": "bfloat16"})
     moved = {"dit": {"folder": "/elsewhere", "revision": None, "fingerprint": "f1"}}
-    assert changes(base, sample_recipe(sample, 1, VideoSettings(), SamplerSettings(), moved, {"dtype": "bfloat16"})) == []
-    changed = sample_recipe(Sample("s", "another prompt", (image,), None, None, None, {}), 7,
-                            VideoSettings(height=480), SamplerSettings(num_steps=4), models, {"dtype": "float32"})
-    assert changes(base, changed) == ['model_options.dtype: "bfloat16" -> "float32"', 'prompt: "a prompt" -> "another prompt"',
+    assert changes(base, sample_recipe("a prompt", inputs, 1, VideoSettings(), SamplerSettings(), moved,
+                                       {"dtype": "bfloat16"})) == []
+    changed = sample_recipe("another prompt", {**inputs, "hidden_states": ["c" * 64]}, 7, VideoSettings(height=480),
+                            SamplerSettings(num_steps=4), models, {"dtype": "float32"})
+    assert changes(base, changed) == ['hidden_states: [bbbbbbbb] -> [cccccccc]',
+                                      'model_options.dtype: "bfloat16" -> "float32"',
+                                      'prompt: "a prompt" -> "another prompt"',
                                       "sampler.num_steps: 50 -> 4", "seed: 1 -> 7", "video.height: 720 -> 480"]
 
 

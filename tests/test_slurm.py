@@ -30,7 +30,7 @@ from pathlib import Path
 
 import pytest
 
-from bindweave.outputs import read_mp4_info
+from bindweave.io.outputs import read_mp4_info
 from conftest import needs_opens2v
 from hf_cache import hf_env
 from parallel_launch import plain_env  # tests/ is on sys.path
@@ -79,10 +79,10 @@ def work(tmp_path_factory):
     """cwd of every job: `.cache/` holds the tiny models and the demo inputs (hidden states included)
     before any job starts, so no two processes ever build them at once; `meta9.json` has 9 samples
     (the 3 demo cases x 3 seeds); `reference/` is what ONE process makes of them."""
-    from bindweave.demo import demo_meta_with_hidden_states
-    from bindweave.pipeline import ModelSettings, RunSettings, VideoSettings, load_stage3_models, run_generation
-    from bindweave.sampler import SamplerSettings
-    from bindweave.tiny import write_tiny_models
+    from bindweave.testing.demo import demo_meta_with_hidden_states
+    from bindweave.stages.generate import ModelSettings, RunSettings, VideoSettings, load_stage3_models, run_generation
+    from bindweave.sampling.sampler import SamplerSettings
+    from bindweave.testing.tiny import write_tiny_models
 
     work = tmp_path_factory.mktemp("slurm-work")
     tiny = write_tiny_models(work / ".cache" / "tiny-models")

@@ -10,7 +10,7 @@ import torch
 from PIL import Image
 
 from bindweave.errors import BindWeaveInputError
-from bindweave.tiny import LOCK_NAME, MARKER_NAME, main, write_tiny_models
+from bindweave.testing.tiny import LOCK_NAME, MARKER_NAME, main, write_tiny_models
 
 SEED = 0
 PROMPT = "A man walking his dog in the park, Ünïcödé 日本 text."
@@ -176,9 +176,9 @@ def test_qwen_auto_processor(tiny):
 
 
 def test_bindweave_loads_strictly_with_the_encoders_widths(tiny):
-    from bindweave import BindWeaveTransformer
+    from bindweave.model.loading import load_bindweave_transformer
 
-    BindWeaveTransformer.from_pretrained(tiny.bindweave, torch_dtype=torch.float32)
+    load_bindweave_transformer(tiny.bindweave, dtype=torch.float32)
     dit = json.loads((tiny.bindweave / "config.json").read_text())
     t5 = json.loads((tiny.wan / "text_encoder" / "config.json").read_text())
     clip = json.loads((tiny.wan / "image_encoder" / "config.json").read_text())

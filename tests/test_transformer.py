@@ -9,8 +9,8 @@ from diffusers import WanTransformer3DModel
 from diffusers.models.transformers.transformer_wan import WanAttnProcessor
 
 from bindweave import BindWeaveTransformer
-from bindweave.attention import CrossAttnProcessor
-from bindweave.transformer import BINDWEAVE_14B_CONFIG, TINY_CONFIG
+from bindweave.model.attention import CrossAttnProcessor
+from bindweave.model.transformer import BINDWEAVE_14B_CONFIG, TINY_CONFIG
 
 WAN_KEYS = set(inspect.signature(WanTransformer3DModel.__init__).parameters) - {"self"}
 

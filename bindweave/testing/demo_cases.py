@@ -14,7 +14,7 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw
 
-from bindweave.outputs import atomic_write
+from bindweave.io.outputs import atomic_write
 
 
 def _draw_face() -> Image.Image:

@@ -16,7 +16,6 @@ import json
 from dataclasses import asdict
 from pathlib import Path
 
-from bindweave.data import Sample
 from bindweave.errors import BindWeaveInputError
 
 SHOWN_CONFLICTS = 20
@@ -30,14 +29,20 @@ def file_sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def sample_recipe(sample: Sample, seed: int, video, sampler, models: dict, model_options: dict) -> dict:
-    """What determines one sample's video. ``models``: folder fingerprints (``folder_fingerprint``);
-    only their content identity counts, so moving the weights does not invalidate videos."""
-    hidden_states = [p for p in (sample.hidden_states_path, sample.hidden_states_path_negative) if p]
+def bytes_sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def sample_recipe(prompt: str, inputs: dict[str, list[str]], seed: int, video, sampler, models: dict,
+                  model_options: dict) -> dict:
+    """What determines one sample's video. ``inputs``: the hashes of its reference images and
+    hidden states (``Stage3Job.input_hashes``). ``models``: folder fingerprints
+    (``folder_fingerprint``); only their content identity counts, so moving the weights does not
+    invalidate videos."""
     return {
-        "prompt": sample.prompt,
-        "images": [file_sha256(path) for path in sample.image_paths],
-        "hidden_states": [file_sha256(path) for path in hidden_states],
+        "prompt": prompt,
+        "images": inputs["images"],
+        "hidden_states": inputs["hidden_states"],
         "seed": seed,
         "sampler": {key: value for key, value in asdict(sampler).items() if key != "seed"},
         "video": asdict(video),

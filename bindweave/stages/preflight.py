@@ -2,7 +2,7 @@
 
 Loading the 14B models takes minutes; a bad image in sample 40 should not cost those minutes
 and then stop the job, and fixing one problem per run is slow. `check_job` runs every input check
-that stage 3 would run (the same readers from `bindweave.data`), plus the output folder and the
+that stage 3 would run (the same readers from `bindweave.io.inputs`), plus the output folder and the
 video writer, and gathers what fails into one `JobCheck`. It loads no model and writes nothing,
 except one tiny clip in a temporary folder to prove that the video writer works.
 """
@@ -20,12 +20,12 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from bindweave import data, outputs
-from bindweave.data import Sample
+from bindweave.io import inputs, outputs
+from bindweave.io.inputs import Sample
 from bindweave.errors import BindWeaveInputError
 
 if TYPE_CHECKING:  # pipeline imports the model stack; the check must stay light
-    from bindweave.pipeline import VideoSettings
+    from bindweave.stages.generate import VideoSettings
 
 MIB = 1024**2
 GIB = 1024**3
@@ -108,7 +108,7 @@ def check_job(meta_path: str | os.PathLike, image_root: str | os.PathLike | None
     """
     meta_path = Path(meta_path)
     malformed: dict[str, str] = {}
-    parsed = data.read_meta(meta_path, image_root, invalid=malformed)
+    parsed = inputs.read_meta(meta_path, image_root, invalid=malformed)
     problems = [JobProblem(sample_id, "meta", str(meta_path), message)
                 for sample_id, message in malformed.items()]
     for sample in parsed:
@@ -127,7 +127,7 @@ def check_job(meta_path: str | os.PathLike, image_root: str | os.PathLike | None
 
 def _problem_of(check: Callable[[], object], sample_id: str, field: str,
                 path: Path | None) -> list[JobProblem]:
-    """Run one of `bindweave.data`'s checks; its BindWeaveInputError becomes one problem."""
+    """Run one of `bindweave.io.inputs`'s checks; its BindWeaveInputError becomes one problem."""
     try:
         check()
     except BindWeaveInputError as error:
@@ -140,7 +140,7 @@ def _image_problems(sample: Sample) -> list[JobProblem]:
     too large), by the same loader stage 3 uses."""
     return [problem
             for index, path in enumerate(sample.image_paths)
-            for problem in _problem_of(functools.partial(data.load_reference_image, path),
+            for problem in _problem_of(functools.partial(inputs.load_reference_image, path),
                                        sample.sample_id, f"img_paths[{index}]", path)]
 
 
@@ -156,9 +156,9 @@ def _hidden_state_problems(sample: Sample, hidden_dim: int) -> list[JobProblem]:
     positive_path = sample.hidden_states_path
     negative_path = sample.hidden_states_path_negative
     if positive_path is not None and negative_path is not None:
-        return [*_problem_of(functools.partial(data.load_hidden_states, positive_path, hidden_dim=hidden_dim),
+        return [*_problem_of(functools.partial(inputs.load_hidden_states, positive_path, hidden_dim=hidden_dim),
                              sample.sample_id, "hidden_states_path", positive_path),
-                *_problem_of(functools.partial(data.load_hidden_states, negative_path, negative=True,
+                *_problem_of(functools.partial(inputs.load_hidden_states, negative_path, negative=True,
                                                hidden_dim=hidden_dim),
                              sample.sample_id, "hidden_states_path_negative", negative_path)]
     if positive_path is None:
@@ -167,7 +167,7 @@ def _hidden_state_problems(sample: Sample, hidden_dim: int) -> list[JobProblem]:
         field, path = "hidden_states_path", positive_path
     else:  # an official .pt positive needs its separate negative file
         field, path = "hidden_states_path_negative", None
-    return _problem_of(functools.partial(data.load_sample_hidden_states, sample, hidden_dim=hidden_dim),
+    return _problem_of(functools.partial(inputs.load_sample_hidden_states, sample, hidden_dim=hidden_dim),
                        sample.sample_id, field, path)
 
 

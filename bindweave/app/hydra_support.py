@@ -1,9 +1,5 @@
-"""Hydra glue shared by the entry points: a run stamp every rank agrees on, and the sweep summary.
-
-``${now:}`` is resolved by each process on its own clock, so under torchrun or srun two ranks can
-disagree about the output folder by a second. ``${run_stamp:}`` is the same on every rank of a
-launch, and a requeued Slurm job gets its old folder back (so it resumes there).
-"""
+"""Hydra glue shared by the entry points: running a command under Hydra (the check before it,
+exit codes, Ctrl-C), the per-run config and log, job results and the sweep summary."""
 
 from __future__ import annotations
 
@@ -12,7 +8,6 @@ import logging
 import os
 import signal
 import sys
-import time
 from pathlib import Path
 from typing import Callable
 
@@ -23,21 +18,6 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
 log = logging.getLogger("bindweave")
-
-
-def run_stamp() -> str:
-    if os.environ.get("BINDWEAVE_RUN_STAMP"):
-        return os.environ["BINDWEAVE_RUN_STAMP"]
-    if os.environ.get("SLURM_JOB_ID"):
-        return f"slurm-{os.environ['SLURM_JOB_ID']}"
-    if os.environ.get("TORCHELASTIC_RUN_ID"):  # shared by all ranks of one torchrun launch
-        return f"torchrun-{os.environ['TORCHELASTIC_RUN_ID']}"
-    return time.strftime("%Y-%m-%d_%H-%M-%S")
-
-
-def register_resolvers() -> None:
-    if not OmegaConf.has_resolver("run_stamp"):
-        OmegaConf.register_new_resolver("run_stamp", run_stamp, use_cache=True)
 
 
 class SweepSummary(Callback):
@@ -79,7 +59,7 @@ def job_status(job: Path) -> str:
 
 
 def save_job_result(folder: Path, data_rank: int, result: dict) -> None:
-    from bindweave.outputs import write_json
+    from bindweave.io.outputs import write_json
 
     write_json(folder / ".hydra" / f"result.data{data_rank}.json", result)
 
@@ -91,7 +71,7 @@ def record_failed_samples(folder: Path, failed: dict[str, str]) -> None:
     """The end of an on_error=skip run (every stage): one log record naming each failed sample and
     why, also written to ``<folder>/failed.json`` (id -> reason, atomically); removed when the run
     had no failures, so the file always describes the last run."""
-    from bindweave.outputs import write_json
+    from bindweave.io.outputs import write_json
 
     path = folder / FAILED_SAMPLES_NAME
     if not failed:
@@ -106,7 +86,7 @@ def record_failed_samples(folder: Path, failed: dict[str, str]) -> None:
 
 def write_failed_samples(folder: Path) -> None:
     """Stage 3: :func:`record_failed_samples` of every data group's results (``.hydra/result.*.json``)."""
-    from bindweave.outputs import video_done
+    from bindweave.io.outputs import video_done
 
     failed = {}
     for path in sorted((folder / ".hydra").glob("result.*.json")):
@@ -124,7 +104,6 @@ def job_output_dir(output_dir: str) -> Path:
     return Path(output_dir)
 
 
-CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
 
 
 def save_run_config(cfg: DictConfig, folder: Path) -> Path:
@@ -132,9 +111,11 @@ def save_run_config(cfg: DictConfig, folder: Path) -> Path:
     and ``overrides.yaml``), so a re-run into the same folder never rewrites what an earlier run
     saved. Written by the project rather than by Hydra, so an output folder that cannot be made is
     one clear error (see conf/generate.yaml). Returns the run's folder."""
-    from bindweave.outputs import atomic_write, require_writable_folder
+    from bindweave.io.outputs import atomic_write, require_writable_folder
 
     require_writable_folder(folder)
+    from bindweave.app.config import run_stamp
+
     run_folder = folder / ".hydra" / "runs" / run_stamp()
     with atomic_write(run_folder / "config.yaml") as temp_path:
         temp_path.write_text(OmegaConf.to_yaml(cfg, resolve=True))
@@ -149,7 +130,7 @@ def run_hydra_app(config_name: str, command: Callable[[DictConfig], dict | int])
 
     ``command`` returns an exit code, or a summary dict with ``exit_code`` (the sweep table shows it).
     """
-    from bindweave.config import exit_on_bad_command_line, register_schemas
+    from bindweave.app.config import CONF_DIR, exit_on_bad_command_line, register_schemas
 
     register_schemas()
     if not sys.stderr.isatty():  # the libraries' progress bars too (transformers, diffusers, the hub: tqdm)

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from bindweave.demo_cases import write_demo_cases
+from bindweave.testing.demo_cases import write_demo_cases
 from bindweave.errors import BindWeaveInputError
-from bindweave.extract import ExtractSettings, run_extract
-from bindweave.qwen import QwenSettings, load_qwen
+from bindweave.stages.extract import ExtractSettings, run_extract
+from bindweave.encoders.qwen import QwenSettings, load_qwen
 
 
 def demo_meta_with_hidden_states(folder: Path, hidden_dim: int, qwen_folder: Path) -> Path:

@@ -15,22 +15,44 @@ weight is read.
 from __future__ import annotations
 
 import difflib
+import os
 import re
 import sys
+import time
 from dataclasses import dataclass, field, fields, is_dataclass
+from pathlib import Path
 from typing import Any
 
 from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
 
 from bindweave.errors import BindWeaveInputError
-from bindweave.hydra_support import CONF_DIR, register_resolvers
-from bindweave.pipeline import ModelSettings, VideoSettings
-from bindweave.qwen import QwenSettings
-from bindweave.sampler import SamplerSettings
+from bindweave.stages.generate import ModelSettings, VideoSettings
+from bindweave.encoders.qwen import QwenSettings
+from bindweave.sampling.sampler import SamplerSettings
 from parallel.layout import ParallelSettings
 
+CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
 ON_ERROR_CHOICES = ("fail", "skip")
+
+
+# ``${now:}`` is resolved by each process on its own clock, so under torchrun or srun two ranks can
+# disagree about the output folder by a second. ``${run_stamp:}`` is the same on every rank of a
+# launch, and a requeued Slurm job gets its old folder back (so it resumes there).
+def run_stamp() -> str:
+    if os.environ.get("BINDWEAVE_RUN_STAMP"):
+        return os.environ["BINDWEAVE_RUN_STAMP"]
+    if os.environ.get("SLURM_JOB_ID"):
+        return f"slurm-{os.environ['SLURM_JOB_ID']}"
+    if os.environ.get("TORCHELASTIC_RUN_ID"):  # shared by all ranks of one torchrun launch
+        return f"torchrun-{os.environ['TORCHELASTIC_RUN_ID']}"
+    return time.strftime("%Y-%m-%d_%H-%M-%S")
+
+
+def register_resolvers() -> None:
+    if not OmegaConf.has_resolver("run_stamp"):
+        OmegaConf.register_new_resolver("run_stamp", run_stamp, use_cache=True)
+
 
 
 @dataclass(frozen=True)
@@ -51,7 +73,7 @@ class GenerateConfig:
     video: VideoSettings = field(default_factory=VideoSettings)
     data: DataSettings = field(default_factory=DataSettings)
     parallel: ParallelSettings = field(default_factory=ParallelSettings)
-    output_dir: str = "outputs/${run_stamp:}"  # videos + sidecars; one name on every rank (hydra_support.run_stamp)
+    output_dir: str = "outputs/${run_stamp:}"  # videos + sidecars; one name on every rank (run_stamp)
     overwrite: bool = False  # finished samples (MP4 + sidecar) are skipped unless true
     on_error: str = "fail"  # fail | skip (report bad samples, finish the others, exit 1)
     progress: bool = True  # progress bars (samples, steps)
@@ -98,7 +120,7 @@ class RefineConfig:
     progress: bool = True
 
     def __post_init__(self):
-        from bindweave.refine import LocalSettings
+        from bindweave.stages.refine import LocalSettings
 
         if self.on_error not in ON_ERROR_CHOICES:
             raise BindWeaveInputError(f"on_error={self.on_error}: use "
@@ -123,7 +145,7 @@ def register_schemas() -> None:
     """Put each entry point's schema (and the refiner options' schemas) in Hydra's ConfigStore."""
     from hydra.core.config_store import ConfigStore
 
-    from bindweave.refine import EndpointSettings, LocalSettings
+    from bindweave.stages.refine import EndpointSettings, LocalSettings
 
     register_resolvers()
     store = ConfigStore.instance()

@@ -4,19 +4,17 @@ Every module is diffusers' own (so the published checkpoint loads with diffusers
 BindWeave adds ``condition_embedder.text_projector`` and changes three things in the forward:
 4 zero reference frames prepended on the time axis (and dropped after the head), Qwen2.5-VL
 tokens projected and placed BEFORE the 512 T5 tokens, and the cross-attention split at 257
-(:class:`~bindweave.attention.CrossAttnProcessor`).
+(:class:`~bindweave.model.attention.CrossAttnProcessor`).
 """
 
 from __future__ import annotations
-
-from pathlib import Path
 
 import torch
 from diffusers.configuration_utils import register_to_config
 from diffusers.models.transformers.transformer_wan import WanTransformer3DModel
 from torch import nn
 
-from bindweave.attention import AttentionHook, CrossAttnProcessor, SelfAttnProcessor
+from bindweave.model.attention import AttentionHook, CrossAttnProcessor, SelfAttnProcessor
 
 # The published 14B checkpoint's config (diffusers' Wan2.1-I2V-14B plus BindWeave's three keys).
 BINDWEAVE_14B_CONFIG = dict(
@@ -130,13 +128,6 @@ class BindWeaveTransformer(WanTransformer3DModel):
         for block in self.blocks:
             block.attn1.processor.hook = hook
 
-    @classmethod
-    def from_pretrained(cls, path_or_repo_id, torch_dtype=torch.bfloat16, device="cpu", **kwargs):
-        """Strict load of a local folder or HF repo id (see :mod:`bindweave.checkpoint`)."""
-        from bindweave.checkpoint import load_bindweave_transformer
-
-        return load_bindweave_transformer(path_or_repo_id, dtype=torch_dtype, device=device, **kwargs)
-
     def build_context(self, t5_embeds: torch.Tensor, qwen_states: torch.Tensor) -> torch.Tensor:
         """Text context before Wan's text_embedder: projected Qwen tokens FIRST, then the 512 T5 tokens."""
         qwen_tokens = self.condition_embedder.text_projector(qwen_states.to(t5_embeds.dtype))
@@ -184,10 +175,3 @@ class BindWeaveTransformer(WanTransformer3DModel):
         output = tokens.reshape(batch, *grid, p_t, p_h, p_w, -1)
         output = output.permute(0, 7, 1, 4, 2, 5, 3, 6).flatten(6, 7).flatten(4, 5).flatten(2, 3)
         return output[:, :, references:]
-
-
-def write_tiny_bindweave(folder: Path, seed: int = 0) -> None:
-    """Write a tiny seeded BindWeave DiT as a real checkpoint folder (config.json + safetensors)."""
-    torch.manual_seed(seed)
-    model = BindWeaveTransformer(**TINY_CONFIG)
-    model.save_pretrained(folder, safe_serialization=True)

@@ -8,7 +8,7 @@ second on a CPU once torch, diffusers and transformers are imported). Tokenizers
 from fixed vocabularies, so nothing is downloaded. The outputs are noise; only shapes, dtypes,
 files and the loading paths are real.
 
-    python -m bindweave.tiny ROOT [--seed N]
+    python -m bindweave.testing.tiny ROOT [--seed N]
 """
 
 from __future__ import annotations
@@ -39,8 +39,9 @@ from transformers import (
 )
 from transformers.convert_slow_tokenizer import bytes_to_unicode
 
-from bindweave.sampler import SamplerSettings, unipc_config
+from bindweave.sampling.sampler import SamplerSettings, unipc_config
 from bindweave.errors import BindWeaveInputError
+from bindweave.model.transformer import TINY_CONFIG, BindWeaveTransformer
 
 WAN_DIR = "Wan2.1-I2V-14B-720P-Diffusers"
 BINDWEAVE_DIR = "BindWeave"
@@ -286,7 +287,7 @@ def _refuse_foreign_folders(paths: TinyModelPaths) -> None:
     for folder in (paths.wan, paths.bindweave, paths.qwen):
         if folder.exists():
             raise BindWeaveInputError(
-                f"{folder} exists but is not a tiny model set written by bindweave.tiny (no "
+                f"{folder} exists but is not a tiny model set written by bindweave.testing.tiny (no "
                 f"{MARKER_NAME} file beside it); remove it or choose another root folder."
             )
 
@@ -299,12 +300,18 @@ def _write_atomically(path: Path, text: str) -> None:
 
 def _write_bindweave(folder: Path, seed: int) -> None:
     # The DiT's class and tiny config live with the model code.
-    from bindweave.transformer import write_tiny_bindweave
 
     write_tiny_bindweave(folder, seed)
 
 
 # ---- Wan --------------------------------------------------------------------------------------
+
+
+def write_tiny_bindweave(folder: Path, seed: int = 0) -> None:
+    """Write a tiny seeded BindWeave DiT as a real checkpoint folder (config.json + safetensors)."""
+    torch.manual_seed(seed)
+    model = BindWeaveTransformer(**TINY_CONFIG)
+    model.save_pretrained(folder, safe_serialization=True)
 
 
 def _write_wan(folder: Path, seed: int) -> None:
@@ -420,7 +427,7 @@ def _qwen_tokenizer() -> Qwen2Tokenizer:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m bindweave.tiny", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m bindweave.testing.tiny", description=__doc__.splitlines()[0])
     parser.add_argument("root", type=Path, help="folder to write the three model folders into")
     parser.add_argument("--seed", type=int, default=0, help="seed of the random weights")
     args = parser.parse_args(argv)

@@ -1,8 +1,10 @@
-"""Stage 3: meta JSON + images + Qwen hidden states -> one MP4 (+ JSON sidecar) per sample.
+"""Stage 3: a job (a prompt, reference images, Qwen hidden states) -> one MP4 (+ JSON sidecar).
 
-Read top to bottom: settings, loading the models once, per-sample conditioning, the denoising
-loop, decoding and writing. Parallelism (sequence/CFG/data) is applied from outside by
-``parallel.runtime``, which hands this module a :class:`~parallel.runtime.Runtime`.
+Read top to bottom: settings, loading the models once, a job and its phases (validate,
+condition, denoise, decode, write: :func:`generate_sample`), and the meta-JSON loop
+(:func:`run_generation`). ``bindweave.stages.engine`` holds the loaded models and runs jobs.
+Parallelism (sequence/CFG/data) is applied from outside: this module sees only a
+:class:`~bindweave.stages.coordinator.Coordinator` (``parallel.runtime.Runtime`` under torchrun/srun).
 """
 
 from __future__ import annotations
@@ -12,15 +14,18 @@ import platform
 import re
 import sys
 import resource
+import threading
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
+from PIL import Image
 from tqdm import tqdm
 
-from bindweave.checkpoint import folder_fingerprint, resolve_folder
-from bindweave.conditioning import (
+from bindweave.io.checkpoint import folder_fingerprint, resolve_folder
+from bindweave.encoders.conditioning import (
     ClipImageEncoder,
     T5TextEncoder,
     VideoConditionCache,
@@ -28,17 +33,17 @@ from bindweave.conditioning import (
     assemble_condition,
     reference_condition,
 )
-from bindweave.data import Sample, load_reference_image, load_sample_hidden_states, read_meta
+from bindweave.io.inputs import (Sample, as_hidden_states, load_reference_image, load_sample_hidden_states,
+                                 read_meta, to_rgb)
 from bindweave.errors import BindWeaveInputError
-from bindweave.fast import ATTENTION_CHOICES, SpeedOptions, apply_speed_options
-from bindweave.outputs import video_done, write_json, write_mp4
-from bindweave.prompts import T5_NEGATIVE_PROMPT
-from bindweave.resume import sample_recipe
-from bindweave.sampler import SamplerSettings, Step, denoise, initial_noise, make_scheduler
-from bindweave.transformer import BindWeaveTransformer
-from parallel.cfg import parallel_guided_velocity
-from parallel.parallelize import own_samples
-from parallel.runtime import Runtime
+from bindweave.model.speed import ATTENTION_CHOICES, SpeedOptions, apply_speed_options
+from bindweave.io.outputs import video_done, write_json, write_mp4
+from bindweave.encoders.prompts import T5_NEGATIVE_PROMPT
+from bindweave.stages.resume import bytes_sha256, file_sha256, sample_recipe
+from bindweave.sampling.sampler import SamplerSettings, Step, denoise, initial_noise, make_scheduler
+from bindweave.model.loading import load_bindweave_transformer
+from bindweave.model.transformer import BindWeaveTransformer
+from bindweave.stages.coordinator import Coordinator, SingleProcess
 
 log = logging.getLogger("bindweave")
 MODEL_DTYPES = ("bfloat16", "float16", "float32")
@@ -84,7 +89,7 @@ class ModelSettings:
     cache_dir: str = ".cache/bindweave"
     vae_tiling: bool = False
     offload_encoders: bool = False  # move T5 + CLIP to the CPU after each sample's conditioning
-    # Speed options of the DiT (bindweave/fast.py; same function, measured in docs/PERFORMANCE.md).
+    # Speed options of the DiT (bindweave/model/speed.py; same function, measured in docs/PERFORMANCE.md).
     attention_kernel: str = "auto"  # self-attention: auto | fa4 | cudnn | flash | efficient | default (fast.py)
     fuse_projections: bool = False  # one GEMM for q/k/v (weights held once)
     compile: bool = False  # torch.compile each block (one graph for all 40; ~20 s once per process)
@@ -158,7 +163,7 @@ class Stage3Models:
 def model_folders(settings: ModelSettings) -> tuple[Path, Path]:
     """The DiT folder and the Wan folder (HF repo ids resolved through the local cache first)."""
     if settings.tiny_root:
-        from bindweave.tiny import write_tiny_models
+        from bindweave.testing.tiny import write_tiny_models
 
         tiny = write_tiny_models(Path(settings.tiny_root))
         return tiny.bindweave, tiny.wan
@@ -175,31 +180,32 @@ def recipe_options(settings: ModelSettings) -> dict:
             "fuse_projections": settings.fuse_projections, "compile": settings.compile}
 
 
-def load_stage3_models(settings: ModelSettings, runtime: Runtime | None = None) -> Stage3Models:
-    """Every stage-3 model, once per process. With ``parallel.fsdp`` the DiT is built on the meta
-    device and each rank reads only its shards; a sharded T5 is sharded after loading."""
+def load_stage3_models(settings: ModelSettings, build_dit: Callable | None = None,
+                       shard_t5: Callable | None = None) -> Stage3Models:
+    """Every stage-3 model, once per process, with the DiT's speed options (bindweave.model.speed).
+
+    ``build_dit(folder, dtype, device)`` replaces the DiT loader and ``shard_t5(module)`` shards T5
+    after loading: the app passes parallel/fsdp.py's for FSDP (the DiT built on the meta device,
+    each rank reading only its shards). Fused projections and compiled blocks cannot apply to a
+    sharded DiT: the app refuses them before loading; here they are an error.
+    """
     started = time.perf_counter()
     dit_folder, wan_folder = model_folders(settings)
     device, dtype = settings.resolved_device(), settings.torch_dtype
-    sharded = set(runtime.layout.fsdp) if runtime is not None and runtime.fsdp_mesh is not None else set()
-    if "dit" in sharded:
-        from parallel.fsdp import load_sharded_bindweave
-
-        if settings.fuse_projections or settings.compile:  # refused with the reason before loading (entry.py)
+    if build_dit is not None:
+        if settings.fuse_projections or settings.compile:
             raise BindWeaveInputError("model.fuse_projections / model.compile cannot apply with parallel.fsdp=[dit]")
-        transformer, _ = load_sharded_bindweave(dit_folder, runtime.fsdp_mesh, dtype, device)
+        transformer = build_dit(dit_folder, dtype, device)
     else:
-        transformer = BindWeaveTransformer.from_pretrained(dit_folder, torch_dtype=dtype, device=device)
+        transformer = load_bindweave_transformer(dit_folder, dtype=dtype, device=device)
     apply_speed_options(transformer, SpeedOptions(settings.attention_kernel, settings.fuse_projections,
                                                   settings.compile))
-    offload_encoders = settings.offload_encoders and "t5" not in sharded
+    offload_encoders = settings.offload_encoders and shard_t5 is None
     # Offloaded encoders start on the CPU: they come to the GPU only while a sample is conditioned.
     encoder_device = torch.device("cpu") if offload_encoders else device
     text_encoder = T5TextEncoder.from_folder(wan_folder, dtype=dtype, device=encoder_device)
-    if "t5" in sharded:
-        from parallel.fsdp import shard_t5
-
-        shard_t5(text_encoder.model, runtime.fsdp_mesh)
+    if shard_t5 is not None:
+        shard_t5(text_encoder.model)
     return Stage3Models(
         transformer=transformer,
         vae=WanVae.from_folder(wan_folder, dtype=torch.float32 if device.type == "cpu" else dtype, device=device,
@@ -215,6 +221,93 @@ def load_stage3_models(settings: ModelSettings, runtime: Runtime | None = None) 
     )
 
 
+@dataclass(frozen=True)
+class Stage3Job:
+    """One video to make: an in-memory request. ``sample`` names it and carries the prompt, the
+    reference image paths, the hidden-state paths and the sample's own seed (a meta JSON entry, or
+    one built by :meth:`from_request`); ``images`` / ``hidden_states`` given here replace the files.
+    ``output_path``: the MP4 (its sidecar beside it); None: nothing is written, the frames are returned."""
+
+    sample: Sample
+    video: VideoSettings
+    sampler: SamplerSettings
+    output_path: Path | None
+    images: tuple[Image.Image, ...] | None = None
+    hidden_states: tuple[torch.Tensor, torch.Tensor] | None = None  # positive, negative: [1, L, mllm_dim]
+
+    @classmethod
+    def from_request(cls, sample_id: str, prompt: str, video: VideoSettings, sampler: SamplerSettings,
+                     output_path: Path | None, images: list = (), hidden_states: tuple | None = None,
+                     seed: int | None = None) -> Stage3Job:
+        """A job from values: ``images`` are paths or PIL images (all of one kind); ``hidden_states``
+        a (positive, negative) pair of paths or of tensors."""
+        in_memory_images = bool(images) and not isinstance(images[0], (str, Path))
+        in_memory_states = hidden_states is not None and isinstance(hidden_states[0], torch.Tensor)
+        sample = Sample(
+            sample_id=sample_id, prompt=prompt,
+            image_paths=() if in_memory_images else tuple(Path(p) for p in images),
+            hidden_states_path=None if in_memory_states or hidden_states is None else Path(hidden_states[0]),
+            hidden_states_path_negative=None if in_memory_states or hidden_states is None else Path(hidden_states[1]),
+            seed=seed, fields={})
+        return cls(sample, video, sampler, output_path, images=tuple(images) if in_memory_images else None,
+                   hidden_states=tuple(hidden_states) if in_memory_states else None)
+
+    @property
+    def sample_id(self) -> str:
+        return self.sample.sample_id
+
+    def input_hashes(self) -> dict[str, list[str]]:
+        """sha256 of each reference image and hidden-states input (files, or in-memory content):
+        what resume compares (bindweave.stages.resume)."""
+        if self.images is not None:
+            images = [bytes_sha256(to_rgb(image).tobytes()) for image in self.images]
+        else:
+            images = [file_sha256(path) for path in self.sample.image_paths]
+        if self.hidden_states is not None:
+            states = [bytes_sha256(state.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+                      for state in self.hidden_states]
+        else:
+            states = [file_sha256(path) for path in (self.sample.hidden_states_path,
+                                                     self.sample.hidden_states_path_negative) if path]
+        return {"images": images, "hidden_states": states}
+
+    def reference_images(self) -> list[Image.Image]:
+        if self.images is not None:
+            return [to_rgb(image) for image in self.images]
+        return [load_reference_image(path) for path in self.sample.image_paths]
+
+    def qwen_states(self, hidden_dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.hidden_states is not None:
+            return tuple(as_hidden_states(state, f"job {self.sample_id!r}: hidden_states[{side}]", hidden_dim)
+                         for side, state in enumerate(self.hidden_states))
+        return load_sample_hidden_states(self.sample, hidden_dim=hidden_dim)
+
+
+@dataclass(frozen=True)
+class JobProgress:
+    """Where a job is: its phase (validate, condition, denoise, decode, write, done) and, while
+    denoising, step ``step`` of ``num_steps`` done."""
+
+    sample_id: str
+    phase: str
+    step: int = 0
+    num_steps: int = 0
+
+    @property
+    def percent(self) -> float:
+        """Of the whole job, counting denoising as all of it (it is ~97 % of the time at 720P)."""
+        if self.phase in ("decode", "write", "done"):
+            return 100.0 if self.phase == "done" else 99.0
+        return 100.0 * self.step / self.num_steps if self.num_steps else 0.0
+
+
+class JobCancelled(Exception):
+    """The job's cancel event was set; it stopped between two steps, nothing written."""
+
+
+ProgressFn = Callable[[JobProgress], None]
+
+
 @dataclass
 class SampleInputs:
     """The DiT's inputs for one sample; text inputs per CFG side."""
@@ -225,25 +318,31 @@ class SampleInputs:
     condition: torch.Tensor
 
 
+def job_of(source: Sample | Stage3Job, video: VideoSettings) -> Stage3Job:
+    """A meta-JSON sample as a job (inputs read from its files)."""
+    return source if isinstance(source, Stage3Job) else Stage3Job(source, video, SamplerSettings(), None)
+
+
 @torch.no_grad()
-def prepare_inputs(models: Stage3Models, sample: Sample, video: VideoSettings) -> SampleInputs:
-    """SPEC §5: T5 (positive + cached negative), Qwen states from disk, reference canvases -> CLIP
-    tokens and VAE latents, the cached all-zero video condition."""
+def prepare_inputs(models: Stage3Models, source: Sample | Stage3Job, video: VideoSettings) -> SampleInputs:
+    """SPEC §5: T5 (positive + cached negative), the Qwen states, reference canvases -> CLIP tokens
+    and VAE latents, the cached all-zero video condition. ``source``: a meta-JSON sample or a job."""
+    job = job_of(source, video)
     device, dtype = models.device, models.transformer.dtype
     # First, while T5 and CLIP may still be on the CPU: the 81-frame VAE encode is the largest
     # activation of conditioning (8 GiB at 720P), and it is computed once per resolution.
     video_condition = models.video_conditions.get(models.vae, video.num_frames, video.height, video.width)
     models.encoders_to(device)
     try:
-        return _encode_inputs(models, sample, video, video_condition, device, dtype)
+        return _encode_inputs(models, job, video, video_condition, device, dtype)
     finally:
         models.encoders_to(torch.device("cpu"))
 
 
-def _encode_inputs(models: Stage3Models, sample: Sample, video: VideoSettings, video_condition: torch.Tensor,
+def _encode_inputs(models: Stage3Models, job: Stage3Job, video: VideoSettings, video_condition: torch.Tensor,
                    device: torch.device, dtype: torch.dtype) -> SampleInputs:
-    images = [load_reference_image(path) for path in sample.image_paths]
-    qwen_positive, qwen_negative = load_sample_hidden_states(sample, hidden_dim=models.hidden_dim)
+    images = job.reference_images()
+    qwen_positive, qwen_negative = job.qwen_states(models.hidden_dim)
     if models.negative_t5 is None:
         models.negative_t5 = models.text_encoder.encode([T5_NEGATIVE_PROMPT])
     clip_embeds, reference_latents = reference_condition(
@@ -252,7 +351,7 @@ def _encode_inputs(models: Stage3Models, sample: Sample, video: VideoSettings, v
     )
     condition = assemble_condition(reference_latents.to(video_condition.device), video_condition)
     return SampleInputs(
-        t5={"positive": models.text_encoder.encode([sample.prompt]).to(device, dtype),
+        t5={"positive": models.text_encoder.encode([job.sample.prompt]).to(device, dtype),
             "negative": models.negative_t5.to(device, dtype)},
         qwen={"positive": qwen_positive.to(device, dtype), "negative": qwen_negative.to(device, dtype)},
         clip_embeds=clip_embeds.to(device, dtype),
@@ -316,30 +415,38 @@ def versions() -> dict:
             "transformers": transformers.__version__}
 
 
-def generate_sample(models: Stage3Models, sample: Sample, video: VideoSettings, sampler: SamplerSettings,
-                    output_path: Path, progress: bool = True, runtime: Runtime | None = None,
+def generate_sample(models: Stage3Models, job: Stage3Job, progress: bool = True, runtime: Coordinator | None = None,
+                    on_progress: ProgressFn | None = None, cancel: threading.Event | None = None,
                     write_video=write_mp4) -> dict | None:
-    """Condition, denoise, decode and write one sample; returns its sidecar record.
+    """Make one video in phases (condition, denoise, decode, write); returns its sidecar record.
 
     Under a parallel ``runtime`` every rank of the sample's group conditions and denoises (its
-    share of the tokens / its CFG side); only the group's writer decodes and writes, and the
-    others return None.
+    share of the tokens / its CFG side); the group's writer decodes and writes, and the others
+    return None. ``on_progress`` hears each phase and each finished step; a set ``cancel`` stops the
+    job between two steps (:class:`JobCancelled`), before anything is written. With
+    ``job.output_path`` None nothing is written and the record holds the frames (``"frames"``).
     """
-    runtime = runtime or Runtime.single_process(models.device)
+    runtime = runtime or SingleProcess()
+    sample, video, sampler = job.sample, job.video, job.sampler
+    report = on_progress or (lambda update: None)
     timings, memory = {}, {}
     started = time.perf_counter()
-    inputs = prepare_inputs(models, sample, video)
+    report(JobProgress(sample.sample_id, "condition", 0, sampler.num_steps))
+    inputs = prepare_inputs(models, job, video)
     timings["conditioning_s"] = time.perf_counter() - started
     memory["conditioning"] = memory_snapshot(models.device)
 
     seed = sample_seed(sample, sampler)
     noise = initial_noise(video.latent_shape, seed).to(models.device)
-    velocity = parallel_guided_velocity(dit_predictor(models.transformer, inputs), sampler.guidance_scale, runtime)
+    velocity = runtime.guided_velocity(dit_predictor(models.transformer, inputs), sampler.guidance_scale)
 
     def steps(timesteps):
         shown = progress_bar(timesteps, progress, desc=f"{sample.sample_id} steps", leave=False)
         for index, timestep in enumerate(shown):
+            if cancel is not None and cancel.is_set():
+                raise JobCancelled(f"{sample.sample_id}: cancelled after {index} of {sampler.num_steps} steps")
             yield timestep
+            report(JobProgress(sample.sample_id, "denoise", index + 1, sampler.num_steps))
             if progress and not bars_on_terminal():  # a redirected log gets one plain line per step
                 log.info("%s: step %d/%d (%.1f s)", sample.sample_id, index + 1, sampler.num_steps,
                          time.perf_counter() - mark)
@@ -354,18 +461,11 @@ def generate_sample(models: Stage3Models, sample: Sample, video: VideoSettings, 
     if not runtime.is_writer:
         return None
 
+    report(JobProgress(sample.sample_id, "decode", sampler.num_steps, sampler.num_steps))
     mark = time.perf_counter()
     frames = models.vae.decode_to_frames(latents)
     timings["decode_s"] = time.perf_counter() - mark
     memory["decode"] = memory_snapshot(models.device)
-    mark = time.perf_counter()
-    # Redone (overwrite=true): the old sidecar goes first, so an old record never sits beside a new video.
-    output_path.with_suffix(".json").unlink(missing_ok=True)
-    write_video(output_path, frames, fps=video.fps)
-    timings["write_s"] = time.perf_counter() - mark
-    timings["total_s"] = time.perf_counter() - started
-    timings["load_models_s"] = models.load_s
-
     record = {
         "sample_id": sample.sample_id, "prompt": sample.prompt, "seed": seed,
         "num_steps": sampler.num_steps, "guidance_scale": sampler.guidance_scale,
@@ -373,21 +473,36 @@ def generate_sample(models: Stage3Models, sample: Sample, video: VideoSettings, 
         "hidden_states": [str(p) for p in (sample.hidden_states_path, sample.hidden_states_path_negative) if p],
         "sample_fields": sample.fields, "models": models.provenance, "timings": timings,
         "memory": memory, "peak_memory_gib": peak_of(memory),
-        "versions": versions(), "parallel": asdict(runtime.layout), "attention_kernels": models.attention_kernels,
-        "recipe": sample_recipe(sample, seed, video, sampler, models.provenance, models.recipe_options),
+        "versions": versions(), "parallel": runtime.layout_record(), "attention_kernels": models.attention_kernels,
+        "recipe": sample_recipe(sample.prompt, job.input_hashes(), seed, video, sampler, models.provenance,
+                                models.recipe_options),
     }
+    if job.output_path is None:
+        timings["total_s"] = time.perf_counter() - started
+        report(JobProgress(sample.sample_id, "done", sampler.num_steps, sampler.num_steps))
+        return {**record, "frames": frames}
+
+    report(JobProgress(sample.sample_id, "write", sampler.num_steps, sampler.num_steps))
+    mark = time.perf_counter()
+    # Redone (overwrite=true): the old sidecar goes first, so an old record never sits beside a new video.
+    job.output_path.with_suffix(".json").unlink(missing_ok=True)
+    write_video(job.output_path, frames, fps=video.fps)
+    timings["write_s"] = time.perf_counter() - mark
+    timings["total_s"] = time.perf_counter() - started
+    timings["load_models_s"] = models.load_s
     # The sidecar is written last: its presence marks the sample as finished (resume).
-    write_json(output_path.with_suffix(".json"), record)
+    write_json(job.output_path.with_suffix(".json"), record)
+    report(JobProgress(sample.sample_id, "done", sampler.num_steps, sampler.num_steps))
     return record
 
 
 def run_generation(models: Stage3Models, run: RunSettings, video: VideoSettings, sampler: SamplerSettings,
-                   runtime: Runtime | None = None, known_bad: dict[str, str] | None = None) -> dict:
+                   runtime: Coordinator | None = None, known_bad: dict[str, str] | None = None) -> dict:
     """All samples of the meta JSON in sorted order (under a ``runtime``, this data group's share of
     them); finished ones are skipped unless overwrite. ``known_bad`` (sample id -> reason; found by
     the check before loading, on_error=skip) are counted as failed and not run."""
     known_bad = known_bad or {}
-    runtime = runtime or Runtime.single_process(models.device)
+    runtime = runtime or SingleProcess()
 
     def output_path_of(sample: Sample) -> Path:
         return run.output_dir / f"{sample.sample_id}.mp4"
@@ -406,7 +521,7 @@ def run_generation(models: Stage3Models, run: RunSettings, video: VideoSettings,
     samples, finished, invalid = runtime.from_rank0(plan)
     run.output_dir.mkdir(parents=True, exist_ok=True)
     summary = {"done": [], "skipped": [], "failed": {**invalid, **known_bad}}
-    for sample in progress_bar(own_samples(samples, runtime), run.progress, desc="samples"):
+    for sample in progress_bar(runtime.own_samples(samples), run.progress, desc="samples"):
         output_path = output_path_of(sample)
         if sample.sample_id in finished and not run.overwrite:
             if runtime.is_writer:
@@ -414,7 +529,7 @@ def run_generation(models: Stage3Models, run: RunSettings, video: VideoSettings,
             summary["skipped"].append(sample.sample_id)
             continue
         try:
-            record = generate_sample(models, sample, video, sampler, output_path, progress=run.progress,
+            record = generate_sample(models, Stage3Job(sample, video, sampler, output_path), progress=run.progress,
                                      runtime=runtime)
         except BindWeaveInputError as error:
             if run.on_error != "skip":

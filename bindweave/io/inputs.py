@@ -23,7 +23,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from bindweave.errors import BindWeaveInputError
-from bindweave.outputs import atomic_write
+from bindweave.io.outputs import atomic_write
 
 MAX_REFERENCES = 4
 QWEN_HIDDEN_DIM = 3584
@@ -289,7 +289,7 @@ def load_reference_image(path: str | os.PathLike,
                     raise _image_too_large(path, f"{width}x{height}", max_pixels)
                 # load() decodes the whole file here, so truncation is caught here too.
                 image.load()
-                return _to_rgb(image)
+                return to_rgb(image)
     except Image.DecompressionBombError as exc:
         raise _image_too_large(path, str(exc), max_pixels) from None
     except UnidentifiedImageError:
@@ -311,7 +311,7 @@ def _image_too_large(path: Path, size: str, max_pixels: int) -> BindWeaveInputEr
     )
 
 
-def _to_rgb(image: Image.Image) -> Image.Image:
+def to_rgb(image: Image.Image) -> Image.Image:
     if image.mode in _SIXTEEN_BIT_MODES:
         # PIL's convert clips 16-bit samples at 255 (a white image); scale them to 8 bits.
         samples = np.asarray(image, dtype=np.float64)
@@ -343,7 +343,7 @@ def load_hidden_states(path: str | os.PathLike, *, negative: bool = False,
         value = _read_safetensors_tensor(path, "negative" if negative else "positive")
     else:
         value = _read_torch_tensor(path)
-    return _as_hidden_states(value, f"Hidden-states file {path}", hidden_dim)
+    return as_hidden_states(value, f"Hidden-states file {path}", hidden_dim)
 
 
 def _read_safetensors_tensor(path: Path, key: str) -> torch.Tensor:
@@ -387,7 +387,7 @@ def _weights_only_reason(exc: pickle.UnpicklingError) -> str:
     return next((line.strip() for line in detail.splitlines() if line.strip()), "unreadable")
 
 
-def _as_hidden_states(value: object, where: str, hidden_dim: int) -> torch.Tensor:
+def as_hidden_states(value: object, where: str, hidden_dim: int) -> torch.Tensor:
     """Check one hidden-states tensor and return it as `[1, L, hidden_dim]`."""
     if not isinstance(value, torch.Tensor):
         raise BindWeaveInputError(f"{where} holds a {type(value).__name__}, not a tensor: it must "
@@ -455,7 +455,7 @@ def save_hidden_states(path: str | os.PathLike, positive: torch.Tensor, negative
     path = Path(path)
     hidden_dim = positive.shape[-1]
     tensors = {
-        name: _as_hidden_states(tensor, f"Hidden states {name!r} for {path}", hidden_dim)
+        name: as_hidden_states(tensor, f"Hidden states {name!r} for {path}", hidden_dim)
         .detach().cpu().contiguous()
         for name, tensor in (("positive", positive), ("negative", negative))
     }

@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from bindweave.checkpoint import keeps_fp32
+from bindweave.io.checkpoint import keeps_fp32
 
 # The released configs, written out (nothing is downloaded).
 WAN_VAE_CONFIG = dict(base_dim=96, z_dim=16, dim_mult=[1, 2, 4, 4], num_res_blocks=2, attn_scales=[],
@@ -98,8 +98,8 @@ def write_fullsize_models(root: Path, device: torch.device, seed: int = 0) -> tu
     from diffusers import AutoencoderKLWan
     from transformers import CLIPVisionConfig, CLIPVisionModel, UMT5Config, UMT5EncoderModel
 
-    from bindweave.tiny import write_tiny_models
-    from bindweave.transformer import BINDWEAVE_14B_CONFIG, BindWeaveTransformer
+    from bindweave.testing.tiny import write_tiny_models
+    from bindweave.model.transformer import BINDWEAVE_14B_CONFIG, BindWeaveTransformer
 
     dit, wan = root / "BindWeave", root / "Wan2.1-I2V-14B-720P-Diffusers"
     if not (dit / "config.json").exists():

@@ -25,24 +25,22 @@ import json
 import logging
 import os
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
 
 import torch
-from omegaconf import DictConfig
 from safetensors import SafetensorError, safe_open
 from tqdm import tqdm
 
-from bindweave.data import Sample, load_hidden_states, load_reference_image, read_meta, save_hidden_states
-from bindweave.errors import BindWeaveInputError, exits_2_on_input_error
-from bindweave.outputs import atomic_write, write_json
-from bindweave.prompts import QWEN_NEGATIVE_PROMPT
-from bindweave.qwen import (
+from bindweave.io.inputs import Sample, load_hidden_states, load_reference_image, read_meta, save_hidden_states
+from bindweave.errors import BindWeaveInputError
+from bindweave.io.outputs import atomic_write, write_json
+from bindweave.encoders.prompts import QWEN_NEGATIVE_PROMPT
+from bindweave.encoders.qwen import (
     QwenVL,
     build_inputs,
     image_token_counts,
-    load_qwen,
     prefill_hidden_states,
     prescale_references,
 )
@@ -224,7 +222,7 @@ def check_output_paths(meta_path: Path, samples: list[Sample], settings: Extract
 
     `read_meta` already refuses unsafe ids; this checks again for samples built any other way.
     """
-    from bindweave.data import require_safe_sample_id  # the one rule for ids as file names
+    from bindweave.io.inputs import require_safe_sample_id  # the one rule for ids as file names
 
     if settings.meta_path.resolve() == meta_path.resolve():
         raise BindWeaveInputError(f"output_meta {settings.meta_path} is the input meta file: stage 2 never "
@@ -269,86 +267,3 @@ def run_extract(qwen: QwenVL, meta_path: Path, image_root: Path | None, settings
         settings.meta_path.unlink(missing_ok=True)
         return None
     return write_meta_with_features(extracted, settings)
-
-
-# ---- command line (launch/extract.py) ---------------------------------------------------------
-
-
-@exits_2_on_input_error
-def run_extract_command(cfg: DictConfig) -> int:
-    """Exit code: 0 done; 1 some samples failed (on_error=skip: the others are done, and
-    <output_dir>/failed.json names each failed one and why); 2 bad input/config, or with
-    on_error=fail the first bad sample (one clear message).
-
-    The resolved config goes to <output_dir>/.hydra/ (written here, not by Hydra, so an output
-    folder that cannot be made is one clear error). In a ``-m`` sweep output_dir is the job's own
-    folder (multirun/<stamp>/<job>/), as in stage 3.
-    """
-    from bindweave.demo_cases import write_demo_cases
-    from bindweave.hydra_support import (FAILED_SAMPLES_NAME, job_output_dir, log_to_file, record_failed_samples,
-                                         save_job_result, save_run_config)
-    from bindweave.outputs import require_writable_folder
-    from parallel.distributed import detect_processes, rank_device, start_process_group, stop_process_group
-
-    from bindweave.config import settings_of
-
-    job = settings_of(cfg)  # the schema's own checks (bindweave/config.py)
-    processes = detect_processes()
-    settings = ExtractSettings(
-        output_dir=job_output_dir(job.output_dir),
-        output_meta=Path(job.output_meta) if job.output_meta else None,
-        write_official_pt=job.write_official_pt,
-        progress=job.progress,
-    )
-    if processes.rank == 0:
-        log_to_file(save_run_config(cfg, settings.output_dir))  # checks the output folder first
-        (settings.output_dir / FAILED_SAMPLES_NAME).unlink(missing_ok=True)  # an older run's: it describes the last run
-    else:  # the same check, so that every rank stops alike
-        require_writable_folder(settings.output_dir)
-    if job.data.meta_path is None:
-        meta_path, image_root = write_demo_cases(Path(job.data.demo_dir)), Path(job.data.demo_dir)
-        log.info("demo: built-in cases at %s with the tiny random Qwen2.5-VL (the states are noise)", meta_path)
-    else:
-        meta_path = Path(job.data.meta_path)
-        image_root = Path(job.data.image_root) if job.data.image_root else None
-    qwen_settings = job.qwen
-    device_type = qwen_settings.device_type()
-    # For a barrier and the gathering of each rank's summary only, before rank 0 writes the meta JSON:
-    # ranks may finish hours apart.
-    start_process_group(processes, device_type, timeout_s=BARRIER_TIMEOUT.total_seconds())
-    summary: dict = {}
-    try:
-        if processes.world_size > 1:  # one process per GPU: rank r computes on GPU LOCAL_RANK
-            qwen_settings = replace(qwen_settings, device=str(rank_device(processes, device_type)))
-        barrier = torch.distributed.barrier if processes.world_size > 1 else lambda: None
-        written = run_extract(load_qwen(qwen_settings), meta_path, image_root, settings, processes.rank,
-                              processes.world_size, barrier, job.on_error, _gather(processes.world_size), summary)
-        exit_code = 1 if summary["failed"] else 0  # the same on every rank
-        if processes.rank == 0:  # reports the run
-            record_failed_samples(settings.output_dir, summary["failed"])
-            save_job_result(settings.output_dir, 0, {**summary, "exit_code": exit_code})  # for a sweep's table
-            if written is not None:
-                root = (image_root or meta_path.parent).resolve()
-                log.info("wrote %s; stage 3: python launch/generate.py data.meta_path=%s data.image_root=%s",
-                         written, written, root)
-            else:
-                log.error("no sample was extracted: %s not written", settings.meta_path)
-        # No rank leaves before rank 0 has written everything: with exit code 1 a launcher (torchrun,
-        # srun) ends the other processes as soon as one exits.
-        barrier()
-    finally:
-        stop_process_group()
-    return exit_code
-
-
-def _gather(world_size: int):
-    """One value from every rank, in rank order, on every rank (each rank's summary)."""
-    if world_size == 1:
-        return lambda value: [value]
-
-    def gather(value):
-        values = [None] * world_size
-        torch.distributed.all_gather_object(values, value)
-        return values
-
-    return gather

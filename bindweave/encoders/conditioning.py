@@ -31,9 +31,9 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from transformers import AutoTokenizer, CLIPVisionModel, UMT5EncoderModel
 
-from bindweave.checkpoint import resolve_folder
+from bindweave.io.checkpoint import resolve_folder
 from bindweave.errors import BindWeaveInputError
-from bindweave.outputs import atomic_write
+from bindweave.io.outputs import atomic_write
 
 try:  # transformers 5: the torchvision-free class (CLIPImageProcessor warns and falls back to it)
     from transformers import CLIPImageProcessorPil as ClipImageProcessor

@@ -30,8 +30,8 @@ import torch
 from PIL import Image
 from transformers import AutoTokenizer, Qwen2_5_VLForConditionalGeneration, Qwen2VLImageProcessorPil
 
-from bindweave.checkpoint import folder_fingerprint, resolve_folder
-from bindweave.data import MAX_REFERENCES
+from bindweave.io.checkpoint import folder_fingerprint, resolve_folder
+from bindweave.io.inputs import MAX_REFERENCES
 from bindweave.errors import BindWeaveInputError
 
 # SPEC §3 pre-scale: references over 720P area shrink to 30 %, the others to 75 %.
@@ -120,7 +120,7 @@ class QwenVL:
 def qwen_folder(settings: QwenSettings) -> Path:
     """The model folder: the tiny set under `tiny_root`, else `path` (a folder or HF repo id)."""
     if settings.tiny_root:
-        from bindweave.tiny import write_tiny_models
+        from bindweave.testing.tiny import write_tiny_models
 
         return write_tiny_models(Path(settings.tiny_root)).qwen
     if not settings.path:

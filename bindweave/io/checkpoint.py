@@ -178,38 +178,6 @@ def load_strict(model: torch.nn.Module, folder: Path, dtype: torch.dtype, device
     model.load_state_dict(state, strict=True, assign=True)
 
 
-def meta_bindweave_transformer(folder: Path):
-    """The DiT of ``folder``'s config (14B defaults for a bare safetensors folder), on the meta device."""
-    from bindweave.transformer import BINDWEAVE_14B_CONFIG, BindWeaveTransformer
-
-    config = read_config(folder, BindWeaveTransformer, BINDWEAVE_14B_CONFIG)
-    with torch.device("meta"):
-        return BindWeaveTransformer(**config)
-
-
-def finish_loading(model, device: torch.device | str):
-    """Rebuild the RoPE tables (non-persistent buffers: computed from the config, never stored)."""
-    from diffusers.models.transformers.transformer_wan import WanRotaryPosEmbed
-
-    config = model.config
-    model.rope = WanRotaryPosEmbed(config.attention_head_dim, config.patch_size, config.rope_max_seq_len).to(device)
-    return model.eval().requires_grad_(False)
-
-
-def load_bindweave_transformer(
-    path_or_repo_id,
-    dtype: torch.dtype = torch.bfloat16,
-    device: torch.device | str = "cpu",
-    subfolder: str | None = None,
-    revision: str | None = None,
-):
-    """Build the DiT on the meta device and load it strictly, tensor by tensor."""
-    folder = resolve_folder(path_or_repo_id, subfolder, revision)
-    model = meta_bindweave_transformer(folder)
-    load_strict(model, folder, dtype, device)
-    return finish_loading(model, device)
-
-
 def folder_fingerprint(folder: Path) -> dict:
     """Cheap identity of a model folder: HF snapshot revision when cached, else a hash of its
     configs and weight-file names/sizes (hashing 33 GB of weights per run is not cheap)."""

@@ -23,7 +23,7 @@ import torch
 from diffusers.models.transformers.transformer_wan import WanAttention
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from bindweave.attention import AttentionHook, sdpa
+from bindweave.model.attention import AttentionHook, sdpa
 
 log = logging.getLogger("bindweave")
 

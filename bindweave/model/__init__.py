@@ -1,0 +1,1 @@
+"""The BindWeave DiT: diffusers' Wan modules + BindWeave's deltas, attention processors and kernels, speed options, FLOP count. Plain single-device PyTorch: imports no loader, no I/O, no parallel/, no test support."""

@@ -1,0 +1,1 @@
+"""UniPC with the reference's sigma grid, the noise, the step context and the one CFG formula (SPEC §6)."""

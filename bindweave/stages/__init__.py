@@ -1,0 +1,1 @@
+"""What each stage does, without Hydra: the stage-3 engine (validate, condition, denoise, decode, write), stages 1 and 2, the job checks and resume. Never imports parallel/ (the engine talks to a coordinator)."""
