@@ -127,7 +127,6 @@ def build_models(model_settings, runtime: Runtime, device_type: str):
     options (kernel, fused projections, compiled blocks: bindweave.model.speed), then the sequence
     sharding around the chosen kernel (parallel/parallelize.py). What the layout cannot honour was
     refused before (``refuse_inapplicable_speed_options``)."""
-    from bindweave.model.speed import resolve_attention
     from bindweave.stages.generate import load_stage3_models
     from parallel.fsdp import load_sharded_bindweave, shard_t5
     from parallel.parallelize import attention_call_sites, parallelize
@@ -137,10 +136,9 @@ def build_models(model_settings, runtime: Runtime, device_type: str):
         if "dit" in sharded else None
     sharder = (lambda module: shard_t5(module, runtime.fsdp_mesh)) if "t5" in sharded else None
     models = load_stage3_models(model_settings, build_dit=build_dit, shard_t5=sharder)
+    chosen_kernel = models.transformer.attention_hook.kernel  # `auto` settled by bindweave.model.speed
     parallelize(models.transformer, runtime)
-    models.attention_kernels = attention_call_sites(
-        resolve_attention(model_settings.attention_kernel, models.device), runtime.layout, device_type,
-        model_settings.dtype)
+    models.attention_kernels = attention_call_sites(chosen_kernel, runtime.layout, device_type, model_settings.dtype)
     if runtime.rank == 0:
         log.info("attention kernels: %s", "; ".join(f"{site}: {kernel}" for site, kernel in
                                                      models.attention_kernels.items()))
