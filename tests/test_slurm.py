@@ -192,6 +192,21 @@ def test_scancel_mid_run_leaves_no_partial_output(slurm, work):
 
 
 @pytest.mark.timeout(300)
+def test_a_bad_setting_ends_the_job_with_its_error_last_and_exit_code_2(slurm, work):
+    """Through torchrun (which exits 1 whatever its ranks' codes and prints its own summary after
+    them), the job still ends with rank 0's one error line and exit code 2."""
+    job = slurm.sbatch("--cpus-per-task=2", *CPU_JOB, "--output=logs/%x-%j.out",
+                       str(REPO / "launch/slurm/generate_1node.sbatch"), "model.attention_kernal=fa4", cwd=work,
+                       env=job_env(work, BINDWEAVE_PROCS_PER_NODE="2", BINDWEAVE_OUTPUT="out-bad-setting"))
+    state = slurm.wait_finished(job, timeout=240)
+    log = log_of(work, job)
+    assert state == "FAILED" and slurm.job(job)["ExitCode"] == "2:0", log[-3000:]
+    assert log.strip().splitlines()[-1] == ("error: unknown setting model.attention_kernal (command-line override "
+                                            "model.attention_kernal=fa4): did you mean model.attention_kernel?")
+    assert not list(work.glob(".bindweave-status-*")) and not (work / "out-bad-setting").exists()
+
+
+@pytest.mark.timeout(300)
 def test_requeue_of_a_running_job_finishes_only_the_missing_samples(slurm, work):
     """The 1-node script's default path (srun -> torchrun, c10d rendezvous; 2 gloo processes here)."""
     output = work / "out-requeue"

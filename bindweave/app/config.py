@@ -17,7 +17,6 @@ from __future__ import annotations
 import difflib
 import os
 import re
-import sys
 import time
 from dataclasses import dataclass, field, fields, is_dataclass
 from pathlib import Path
@@ -333,16 +332,3 @@ def _did_you_mean_key(key: str, known: list[str]) -> str:
 def _did_you_mean(name: str, options: list[str]) -> str:
     close = difflib.get_close_matches(name, options, n=1, cutoff=0.6)
     return f" (did you mean {close[0]}?)" if close else ""
-
-
-def exit_on_bad_command_line(config_name: str, argv: list[str] | None = None) -> None:
-    """:func:`check_command_line` for an entry point: a problem is one ``error:`` line (rank 0 only)
-    and exit code 2."""
-    import os
-
-    try:
-        check_command_line(config_name, sys.argv[1:] if argv is None else argv)
-    except BindWeaveInputError as error:
-        if os.environ.get("RANK", "0") == "0" and os.environ.get("SLURM_PROCID", "0") == "0":
-            print(f"error: {error}", file=sys.stderr)  # logging is not set up yet: Hydra does that
-        sys.exit(2)

@@ -17,6 +17,8 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
+from bindweave.errors import BindWeaveInputError
+
 log = logging.getLogger("bindweave")
 
 
@@ -128,18 +130,25 @@ def save_run_config(cfg: DictConfig, folder: Path) -> Path:
 def run_hydra_app(config_name: str, command: Callable[[DictConfig], dict | int]) -> None:
     """Run ``command`` under Hydra (single run or ``-m`` multirun) and exit with the worst job's code.
 
-    ``command`` returns an exit code, or a summary dict with ``exit_code`` (the sweep table shows it).
+    ``command`` returns an exit code, or a summary dict with ``exit_code`` (and ``error``: the sweep
+    table and the launcher status show them). Every job of the command line is checked first
+    (bindweave/app/config.py): a problem is one ``error:`` line (rank 0) and exit code 2.
     """
-    from bindweave.app.config import CONF_DIR, exit_on_bad_command_line, register_schemas
+    from bindweave.app.config import CONF_DIR, check_command_line, register_schemas
 
     register_schemas()
     if not sys.stderr.isatty():  # the libraries' progress bars too (transformers, diffusers, the hub: tqdm)
         os.environ.setdefault("TQDM_DISABLE", "1")
-    exit_on_bad_command_line(config_name)  # every job of the command line, before Hydra runs any
+    try:
+        check_command_line(config_name, sys.argv[1:])
+    except BindWeaveInputError as error:
+        if is_rank0():
+            print(f"error: {error}", file=sys.stderr)  # logging is not set up yet: Hydra does that
+        finish(2, str(error))
     logging.captureWarnings(True)
     # scancel, preemption and torchrun's teardown send SIGTERM: unwind, so temp files are removed.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
-    exit_codes: list[int] = []
+    results: list[dict] = []
 
     @hydra.main(config_path=str(CONF_DIR), config_name=config_name, version_base="1.3")
     def main(cfg: DictConfig):
@@ -147,15 +156,31 @@ def run_hydra_app(config_name: str, command: Callable[[DictConfig], dict | int])
             result = command(cfg)
         finally:  # each job of a multirun logs to its own folder
             close_run_log_files()
-        exit_codes.append(result["exit_code"] if isinstance(result, dict) else int(result))
+        results.append(result if isinstance(result, dict) else {"exit_code": int(result)})
         return result
 
     try:
         main()
     except KeyboardInterrupt:  # Ctrl-C: one line, not a traceback; temp files were removed on the way out
         print("interrupted; re-run the same command to resume (finished samples are kept)", file=sys.stderr)
-        sys.exit(130)
-    sys.exit(max(exit_codes, default=0))
+        finish(130, "interrupted")
+    worst = max(results, key=lambda result: result["exit_code"], default={"exit_code": 0})
+    finish(worst["exit_code"], worst.get("error"))
+
+
+def is_rank0() -> bool:
+    return os.environ.get("RANK", "0") == "0" and os.environ.get("SLURM_PROCID", "0") == "0"
+
+
+def finish(exit_code: int, error: str | None) -> None:
+    """Exit; under a launcher that wants it (``BINDWEAVE_STATUS_FILE``, set by launch/slurm/common.sh),
+    rank 0 first leaves its exit code and error there: torchrun exits 1 whatever its ranks' codes,
+    and prints its own summary after them, so the job script re-prints the error last and exits
+    with the real code."""
+    status_file = os.environ.get("BINDWEAVE_STATUS_FILE")
+    if status_file and is_rank0():
+        Path(status_file).write_text(f"{exit_code}\n{(error or '').splitlines()[0] if error else ''}\n")
+    sys.exit(exit_code)
 
 
 class FileOnly(logging.Filter):

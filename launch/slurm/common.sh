@@ -109,6 +109,12 @@ bw_launch() {
   [[ -n ${SLURM_CPUS_PER_TASK:-} ]] && srun_common+=(--cpus-per-task="$SLURM_CPUS_PER_TASK")
   bw_log "job ${SLURM_JOB_ID:-?} restart ${SLURM_RESTART_COUNT:-0} on ${SLURM_JOB_NODELIST:-?}" \
          "($nodes node(s)); launcher $launcher; output_dir=$output; cwd $PWD"
+  # Rank 0 leaves its exit code and error here (bindweave/app/hydra_support.py finish): the
+  # launchers print their own summaries after the ranks and torchrun exits 1 whatever the ranks'
+  # codes, so the job ends by repeating the error and exiting with the real code.
+  export BINDWEAVE_STATUS_FILE=$PWD/.bindweave-status-${SLURM_JOB_ID:-local}-${SLURM_RESTART_COUNT:-0}
+  rm -f "$BINDWEAVE_STATUS_FILE"
+  local status=0
 
   case $launcher in
     torchrun)
@@ -125,7 +131,7 @@ bw_launch() {
         --rdzv-id="${SLURM_JOB_ID:-bindweave}-${SLURM_RESTART_COUNT:-0}" \
         --rdzv-conf="join_timeout=${BINDWEAVE_RDZV_TIMEOUT:-900}" \
         --max-restarts=0 \
-        "$BINDWEAVE_ROOT/$entry" "${overrides[@]}"
+        "$BINDWEAVE_ROOT/$entry" "${overrides[@]}" || status=$?
       ;;
     srun)
       # One process per Slurm task: parallel/ reads SLURM_PROCID / SLURM_NTASKS / SLURM_LOCALID.
@@ -134,10 +140,24 @@ bw_launch() {
       bw_setup_env "$cpus"
       bw_setup_rendezvous
       bw_log "srun: ${SLURM_NTASKS:-$nodes} processes, rendezvous $MASTER_ADDR:$MASTER_PORT"
-      srun "${srun_common[@]}" "$BINDWEAVE_PYTHON" "$BINDWEAVE_ROOT/$entry" "${overrides[@]}"
+      srun "${srun_common[@]}" "$BINDWEAVE_PYTHON" "$BINDWEAVE_ROOT/$entry" "${overrides[@]}" || status=$?
       ;;
     *)
       bw_die "BINDWEAVE_LAUNCHER=$launcher: use torchrun or srun"
       ;;
   esac
+  bw_finish "$status"
+}
+
+# Exit with rank 0's own code, its error line last (see bw_launch); the launcher's code otherwise.
+bw_finish() {
+  local status=$1 code message
+  if [[ -s $BINDWEAVE_STATUS_FILE ]]; then
+    code=$(head -n 1 "$BINDWEAVE_STATUS_FILE")
+    message=$(sed -n 2p "$BINDWEAVE_STATUS_FILE")
+    rm -f "$BINDWEAVE_STATUS_FILE"
+    [[ -n $message && $code != 0 ]] && echo "error: $message" >&2
+    [[ $code =~ ^[0-9]+$ ]] && exit "$code"
+  fi
+  exit "$status"
 }
