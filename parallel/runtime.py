@@ -84,7 +84,7 @@ class Runtime:
 
     @property
     def is_writer(self) -> bool:
-        """One rank per data group decodes and writes each of its samples."""
+        """One rank per data group writes each of its samples."""
         return self.sequence_rank == 0 and self.cfg_rank == 0
 
     def from_rank0(self, compute: Callable[[], T]) -> T:

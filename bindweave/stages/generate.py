@@ -421,7 +421,7 @@ def generate_sample(models: Stage3Models, job: Stage3Job, progress: bool = True,
     """Make one video in phases (condition, denoise, decode, write); returns its sidecar record.
 
     Under a parallel ``runtime`` every rank of the sample's group conditions and denoises (its
-    share of the tokens / its CFG side); the group's writer decodes and writes, and the others
+    share of the tokens / its CFG side) and decodes; the group's writer writes, and the others
     return None. ``on_progress`` hears each phase and each finished step; a set ``cancel`` stops the
     job between two steps (:class:`JobCancelled`), before anything is written. With
     ``job.output_path`` None nothing is written and the record holds the frames (``"frames"``).
@@ -458,14 +458,16 @@ def generate_sample(models: Stage3Models, job: Stage3Job, progress: bool = True,
     latents = denoise(noise, make_scheduler(sampler), velocity, progress=steps)
     timings["denoise_s"] = time.perf_counter() - mark
     memory["denoise"] = memory_snapshot(models.device)
-    if not runtime.is_writer:
-        return None
 
+    # Every rank of the group decodes (the phase a later parallel decode splits); the writer check
+    # comes after it.
     report(JobProgress(sample.sample_id, "decode", sampler.num_steps, sampler.num_steps))
     mark = time.perf_counter()
     frames = models.vae.decode_to_frames(latents)
     timings["decode_s"] = time.perf_counter() - mark
     memory["decode"] = memory_snapshot(models.device)
+    if not runtime.is_writer:
+        return None
     record = {
         "sample_id": sample.sample_id, "prompt": sample.prompt, "seed": seed,
         "num_steps": sampler.num_steps, "guidance_scale": sampler.guidance_scale,
