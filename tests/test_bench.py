@@ -80,7 +80,7 @@ def test_fa4_without_the_package_fails_before_anything_runs(monkeypatch):
 @pytest.fixture
 def fa4_recorder(monkeypatch):
     """flash_attn.cute.interface with plain SDPA in FA4's place (the real kernel needs a Hopper GPU:
-    tests/test_fast_gpu.py): checks the glue, i.e. the layout FA4 is given and that the compiled
+    tests/test_speed_gpu.py): checks the glue, i.e. the layout FA4 is given and that the compiled
     blocks keep the op as one opaque call."""
     calls = []
 
