@@ -264,3 +264,32 @@ def test_readme_real_run_with_the_presets_repo_ids_from_the_hf_cache_offline(tin
                                       folders[MODEL_PRESET[name]]) for name in ("dit", "wan")})
     check_real_preset(videos, [*generate, *CPU_GENERATE])
     assert not (work / ".cache" / "tiny-models").exists(), "a tiny preset was used"
+
+
+def readme_fresh_machine() -> list[list[str]]:
+    """The README's opening block: the two commands for a fresh machine, each `setup && python ...`."""
+    block = re.search(r"^```bash\n(.*?)^```", README.read_text(), re.M | re.S)
+    assert block, f"{README} does not open with a ```bash block"
+    lines = [line for line in block.group(1).splitlines() if line.strip()]
+    assert len(lines) == 2, lines  # the demo, then the tests
+    return [shlex.split(line, comments=True) for line in lines]
+
+
+@pytest.mark.timeout(400)
+def test_readme_fresh_machine_demo(tmp_path):
+    """The first command as written, after its `bash launch/setup.sh &&` (CI runs that setup itself):
+    the tiny CPU demo makes real MP4s of the built-in cases in `outputs/<run stamp>/`. The second
+    command, the test suite, is what CI runs."""
+    demo, tests = readme_fresh_machine()
+    assert demo[:3] == ["bash", "launch/setup.sh", "&&"] and tests[:3] == ["bash", "launch/setup.sh", "&&"]
+    assert tests[3:] == [".venv/bin/python", "-m", "pytest", "-q"]
+    command = demo[3:]
+    assert command == [".venv/bin/python", "launch/generate.py"], command
+    (tmp_path / "launch").symlink_to(REPO / "launch", target_is_directory=True)
+    result = subprocess.run([sys.executable, *command[1:], "video.num_frames=5", "sampler.num_steps=2"],
+                            cwd=tmp_path, env=plain_env(), capture_output=True, text=True, timeout=STAGE_TIMEOUT)
+    assert result.returncode == 0, result.stderr[-3000:]
+    (outputs,) = (tmp_path / "outputs").iterdir()  # one run, one stamped folder
+    videos = sorted(outputs.glob("*.mp4"))
+    assert len(videos) == 3 and all(read_mp4_info(video)["frames"] == 5 for video in videos)
+    assert f"videos in {outputs.resolve()}" in result.stderr  # where the MP4s are, as the README says
