@@ -104,3 +104,9 @@ def test_the_model_files_import_no_loader_and_no_io():
     for name in ("bindweave.model.transformer", "bindweave.model.attention", "bindweave.model.speed"):
         assert not {t for t in import_graph()[name] if t.startswith(("bindweave.io", "bindweave.testing",
                                                                     "bindweave.model.loading"))}, name
+
+
+def test_parallel_never_imports_the_stages_or_the_app():
+    offenders = {name: sorted(t for t in targets if t.startswith(("bindweave.app", "bindweave.stages")))
+                 for name, targets in import_graph().items() if name.startswith("parallel")}
+    assert {name: targets for name, targets in offenders.items() if targets} == {}
