@@ -48,9 +48,14 @@ def sequence_local_kernel(backend: str, chosen: str, dtype_name: str) -> str:
 
 
 def refuse_inapplicable_speed_options(attention_kernel: str, fuse_projections: bool, compile_blocks: bool,
-                                      layout: ParallelLayout, device_type: str, dtype_name: str) -> None:
-    """Speed options the layout cannot honour end the job before loading, saying why (never dropped)."""
+                                      layout: ParallelLayout, device_type: str, dtype_name: str,
+                                      offload_encoders: bool = False) -> None:
+    """Speed and memory options the layout cannot honour end the job before loading, saying why
+    (never dropped)."""
     problems = []
+    if "t5" in layout.fsdp and offload_encoders:
+        problems.append("model.offload_encoders=true cannot apply with parallel.fsdp=[t5]: a sharded T5 stays "
+                        "spread over the GPUs of its group; choose one (sharding already saves most of T5's memory)")
     if "dit" in layout.fsdp and (fuse_projections or compile_blocks):
         chosen = " ".join(f"model.{name}=true" for name, on in
                           (("fuse_projections", fuse_projections), ("compile", compile_blocks)) if on)

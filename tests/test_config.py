@@ -178,6 +178,9 @@ def test_options_a_layout_cannot_honour_are_refused_with_the_reason():
     with pytest.raises(BindWeaveInputError, match="model.fuse_projections=true model.compile=true cannot apply with "
                                                   "parallel.fsdp=\\[dit\\]"):
         refuse_inapplicable_speed_options("auto", True, True, ParallelLayout(fsdp=("dit",)), "cuda", "bfloat16")
+    with pytest.raises(BindWeaveInputError, match=r"model.offload_encoders=true cannot apply with parallel.fsdp=\[t5\]"):
+        refuse_inapplicable_speed_options("auto", False, False, ParallelLayout(fsdp=("t5",)), "cuda", "bfloat16",
+                                          offload_encoders=True)
     # What the layout does run, or auto, passes; FSDP of T5 alone leaves the DiT's options alone.
     refuse_inapplicable_speed_options("auto", True, True, ParallelLayout(ulysses=2), "cuda", "bfloat16")
     refuse_inapplicable_speed_options("cudnn", True, True, ParallelLayout(ulysses=2), "cuda", "bfloat16")

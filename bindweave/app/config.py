@@ -62,6 +62,15 @@ class DataSettings:
     image_root: str | None = None  # img_paths are relative to this (official BASE_IMG_DIR); null: the meta file's folder
     demo_dir: str = ".cache/demo-cases"  # where the built-in demo cases are drawn
 
+    def meta_and_image_root(self) -> tuple[Path, Path | None]:
+        """Stages 1 and 2: the meta JSON and its image root; with ``meta_path`` null the built-in demo
+        cases (drawn on first use; their images sit beside their meta file)."""
+        if self.meta_path is None:
+            from bindweave.testing.demo_cases import write_demo_cases
+
+            return write_demo_cases(Path(self.demo_dir)), Path(self.demo_dir)
+        return Path(self.meta_path), Path(self.image_root) if self.image_root else None
+
 
 @dataclass(frozen=True)
 class GenerateConfig:

@@ -26,15 +26,12 @@ def run_extract_command(cfg: DictConfig) -> int:
     folder that cannot be made is one clear error). In a ``-m`` sweep output_dir is the job's own
     folder (multirun/<stamp>/<job>/), as in stage 3.
     """
-    from bindweave.testing.demo_cases import write_demo_cases
-    from bindweave.app.hydra_support import (FAILED_SAMPLES_NAME, job_output_dir, log_to_file, record_failed_samples,
-                                         save_job_result, save_run_config)
+    from bindweave.app.config import settings_of
+    from bindweave.app.hydra_support import begin_run, job_output_dir, record_failed_samples, save_job_result
     from bindweave.io.outputs import require_writable_folder
     from parallel.distributed import detect_processes, rank_device, start_process_group, stop_process_group
 
-    from bindweave.app.config import settings_of
-
-    job = settings_of(cfg)  # the schema's own checks (bindweave/config.py)
+    job = settings_of(cfg)  # the schema's own checks (bindweave/app/config.py)
     processes = detect_processes()
     settings = ExtractSettings(
         output_dir=job_output_dir(job.output_dir),
@@ -43,16 +40,12 @@ def run_extract_command(cfg: DictConfig) -> int:
         progress=job.progress,
     )
     if processes.rank == 0:
-        log_to_file(save_run_config(cfg, settings.output_dir))  # checks the output folder first
-        (settings.output_dir / FAILED_SAMPLES_NAME).unlink(missing_ok=True)  # an older run's: it describes the last run
+        begin_run(cfg, settings.output_dir)  # checks the output folder first
     else:  # the same check, so that every rank stops alike
         require_writable_folder(settings.output_dir)
+    meta_path, image_root = job.data.meta_and_image_root()
     if job.data.meta_path is None:
-        meta_path, image_root = write_demo_cases(Path(job.data.demo_dir)), Path(job.data.demo_dir)
         log.info("demo: built-in cases at %s with the tiny random Qwen2.5-VL (the states are noise)", meta_path)
-    else:
-        meta_path = Path(job.data.meta_path)
-        image_root = Path(job.data.image_root) if job.data.image_root else None
     qwen_settings = job.qwen
     device_type = qwen_settings.device_type()
     # For a barrier and the gathering of each rank's summary only, before rank 0 writes the meta JSON:

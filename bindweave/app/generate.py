@@ -72,7 +72,8 @@ class GenerateCommand:
         layout = layout_from_config(job.parallel, processes.world_size,
                                     _dit_config(model_settings)["num_attention_heads"], device_type)
         refuse_inapplicable_speed_options(model_settings.attention_kernel, model_settings.fuse_projections,
-                                          model_settings.compile, layout, device_type, model_settings.dtype)
+                                          model_settings.compile, layout, device_type, model_settings.dtype,
+                                          model_settings.offload_encoders)
         if not dist.is_initialized():  # once per process, also across the jobs of a multirun
             start_process_group(processes, device_type, job.parallel.timeout_s)
             atexit.register(stop_process_group)
@@ -231,10 +232,10 @@ def _refuse_changed_finished_samples(job: GenerateConfig, samples, finished: set
                                      sample_seed(sample, job.sampler), job.video, job.sampler, provenance, options)
         except OSError:  # an input of a finished video is gone: nothing to compare, the video is kept
             continue
-        if recorded is None:
-            conflicts[sample.sample_id] = ["its sidecar records no recipe (an older or damaged sidecar)"]
-        elif changes(recorded, expected):
-            conflicts[sample.sample_id] = changes(recorded, expected)
+        changed = ["its sidecar records no recipe (an older or damaged sidecar)"] if recorded is None \
+            else changes(recorded, expected)
+        if changed:
+            conflicts[sample.sample_id] = changed
     refuse_changed_samples(conflicts, output_dir)
 
 

@@ -97,6 +97,16 @@ def write_failed_samples(folder: Path) -> None:
                                    if not video_done(folder / f"{sample_id}.mp4")})
 
 
+def begin_run(cfg: DictConfig, folder: Path) -> Path:
+    """The start of a stage-1/2 run in its output folder (rank 0): the folder checked, the resolved
+    config saved and the run's log opened in ``.hydra/runs/<stamp>/``, an older ``failed.json``
+    removed (it describes the last run). Returns the run's folder."""
+    run_folder = save_run_config(cfg, folder)
+    log_to_file(run_folder)
+    (folder / FAILED_SAMPLES_NAME).unlink(missing_ok=True)
+    return run_folder
+
+
 def job_output_dir(output_dir: str) -> Path:
     """``output_dir``, or in a multirun the job's own folder (Hydra's sweep subdir, config saved there)."""
     from hydra.types import RunMode

@@ -34,21 +34,15 @@ def run_refine_command(cfg: DictConfig) -> int:
     folder (multirun/<stamp>/<job>/), as in stage 3.
     """
     from bindweave.app.config import settings_of
-    from bindweave.testing.demo_cases import write_demo_cases
-    from bindweave.app.hydra_support import (FAILED_SAMPLES_NAME, job_output_dir, log_to_file, record_failed_samples,
-                                         save_job_result, save_run_config)
+    from bindweave.app.hydra_support import begin_run, job_output_dir, record_failed_samples, save_job_result
     from bindweave.io.outputs import require_writable_folder
 
-    job = settings_of(cfg)  # the schema's own checks (bindweave/config.py)
+    job = settings_of(cfg)  # the schema's own checks (bindweave/app/config.py)
     output_dir = job_output_dir(job.output_dir)
-    log_to_file(save_run_config(cfg, output_dir))  # checks the output folder first
-    (output_dir / FAILED_SAMPLES_NAME).unlink(missing_ok=True)  # an older run's: failed.json describes the last run
+    begin_run(cfg, output_dir)  # checks the output folder first
+    meta_path, image_root = job.data.meta_and_image_root()
     if job.data.meta_path is None:
-        meta_path, image_root = write_demo_cases(Path(job.data.demo_dir)), Path(job.data.demo_dir)
         log.info("demo: built-in cases at %s with the tiny random Qwen2.5-VL (the prompts are gibberish)", meta_path)
-    else:
-        meta_path = Path(job.data.meta_path)
-        image_root = Path(job.data.image_root) if job.data.image_root else None
     output_meta = Path(job.output_meta) if job.output_meta else output_dir / REFINED_META_NAME
     if meta_path.resolve() in (output_meta.resolve(), partial_meta_path(output_meta).resolve()):
         raise BindWeaveInputError(f"output_meta {output_meta} (or its progress file {partial_meta_path(output_meta).name}) "

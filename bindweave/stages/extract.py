@@ -33,7 +33,8 @@ import torch
 from safetensors import SafetensorError, safe_open
 from tqdm import tqdm
 
-from bindweave.io.inputs import Sample, load_hidden_states, load_reference_image, read_meta, save_hidden_states
+from bindweave.io.inputs import (Sample, load_hidden_states, load_reference_image, read_meta, require_safe_sample_id,
+                                 save_hidden_states)
 from bindweave.errors import BindWeaveInputError
 from bindweave.io.outputs import atomic_write, write_json
 from bindweave.encoders.prompts import QWEN_NEGATIVE_PROMPT
@@ -222,8 +223,6 @@ def check_output_paths(meta_path: Path, samples: list[Sample], settings: Extract
 
     `read_meta` already refuses unsafe ids; this checks again for samples built any other way.
     """
-    from bindweave.io.inputs import require_safe_sample_id  # the one rule for ids as file names
-
     if settings.meta_path.resolve() == meta_path.resolve():
         raise BindWeaveInputError(f"output_meta {settings.meta_path} is the input meta file: stage 2 never "
                                   f"rewrites its input; choose another output_meta or output_dir.")

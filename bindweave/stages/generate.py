@@ -200,7 +200,9 @@ def load_stage3_models(settings: ModelSettings, build_dit: Callable | None = Non
         transformer = load_bindweave_transformer(dit_folder, dtype=dtype, device=device)
     apply_speed_options(transformer, SpeedOptions(settings.attention_kernel, settings.fuse_projections,
                                                   settings.compile))
-    offload_encoders = settings.offload_encoders and shard_t5 is None
+    if settings.offload_encoders and shard_t5 is not None:  # refused with the reason before loading (app)
+        raise BindWeaveInputError("model.offload_encoders cannot apply with parallel.fsdp=[t5]")
+    offload_encoders = settings.offload_encoders
     # Offloaded encoders start on the CPU: they come to the GPU only while a sample is conditioned.
     encoder_device = torch.device("cpu") if offload_encoders else device
     text_encoder = T5TextEncoder.from_folder(wan_folder, dtype=dtype, device=encoder_device)
@@ -476,6 +478,7 @@ def generate_sample(models: Stage3Models, job: Stage3Job, progress: bool = True,
         "sample_fields": sample.fields, "models": models.provenance, "timings": timings,
         "memory": memory, "peak_memory_gib": peak_of(memory),
         "versions": versions(), "parallel": runtime.layout_record(), "attention_kernels": models.attention_kernels,
+        "memory_options": {"offload_encoders": models.offload_encoders, "vae_tiling": models.vae.model.use_tiling},
         "recipe": sample_recipe(sample.prompt, job.input_hashes(), seed, video, sampler, models.provenance,
                                 models.recipe_options),
     }
