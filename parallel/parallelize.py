@@ -10,6 +10,7 @@ from parallel.sequence import SequenceParallelHook
 # What the single-device kernel choices run (bindweave/model/speed.py), in words for logs and sidecars.
 KERNEL_NAMES = {
     "fa4": "FlashAttention-4 (flash-attn-4)",
+    "sage2": "SageAttention 2 (8-bit: INT8 QK, FP8 PV)",
     "cudnn": "SDPA, cuDNN first",
     "flash": "SDPA, flash first",
     "efficient": "SDPA, memory-efficient first",
@@ -49,7 +50,7 @@ def sequence_local_kernel(backend: str, chosen: str, dtype_name: str) -> str:
 
 def refuse_inapplicable_speed_options(attention_kernel: str, fuse_projections: bool, compile_blocks: bool,
                                       layout: ParallelLayout, device_type: str, dtype_name: str,
-                                      offload_encoders: bool = False) -> None:
+                                      offload_encoders: bool = False, linear_precision: str = "dtype") -> None:
     """Speed and memory options the layout cannot honour end the job before loading, saying why
     (never dropped)."""
     problems = []
@@ -63,10 +64,15 @@ def refuse_inapplicable_speed_options(attention_kernel: str, fuse_projections: b
                         "q/k/v weights slices of one tensor, which FSDP2 shards apart, and compiled blocks are not "
                         "built over sharded parameters yet; add model.fuse_projections=false model.compile=false "
                         "(the attention kernel still applies)")
+    if "dit" in layout.fsdp and linear_precision == "fp8":
+        problems.append("model.linear_precision=fp8 cannot apply with parallel.fsdp=[dit]: FP8 weights are not "
+                        "sharded by FSDP2 here; FP8 already halves the DiT's memory, so use it instead of FSDP "
+                        "(parallel.fsdp=[]), or keep FSDP with model.linear_precision=dtype (auto_fp8 stays in "
+                        "the model's dtype under FSDP)")
     if layout.sequence > 1:
         backend = layout.attention_backend(device_type)
         local = sequence_local_kernel(backend, attention_kernel, dtype_name)
-        if attention_kernel not in ("auto", local):
+        if attention_kernel not in ("auto", "auto_8bit", local):
             problems.append(f"model.attention_kernel={attention_kernel} cannot run under sequence parallel "
                             f"(ring={layout.ring} x ulysses={layout.ulysses}) yet: the {backend} backend runs its own "
                             f"rank-local kernel ({KERNEL_NAMES[local]}); use model.attention_kernel=auto (or {local})")

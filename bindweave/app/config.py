@@ -29,6 +29,7 @@ from bindweave.errors import BindWeaveInputError
 from bindweave.stages.generate import ModelSettings, VideoSettings
 from bindweave.encoders.qwen import QwenSettings
 from bindweave.sampling.sampler import SamplerSettings
+from bindweave.sampling.step_cache import CacheSettings
 from parallel.layout import ParallelSettings
 
 CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
@@ -81,6 +82,7 @@ class GenerateConfig:
     video: VideoSettings = field(default_factory=VideoSettings)
     data: DataSettings = field(default_factory=DataSettings)
     parallel: ParallelSettings = field(default_factory=ParallelSettings)
+    cache: CacheSettings = field(default_factory=CacheSettings)  # step caching (conf/speed/fastest.yaml turns it on)
     output_dir: str = "outputs/${run_stamp:}"  # videos + sidecars; one name on every rank (run_stamp)
     overwrite: bool = False  # finished samples (MP4 + sidecar) are skipped unless true
     on_error: str = "fail"  # fail | skip (report bad samples, finish the others, exit 1)
@@ -89,6 +91,31 @@ class GenerateConfig:
     def __post_init__(self):
         if self.on_error not in ON_ERROR_CHOICES:
             raise BindWeaveInputError(f"on_error={self.on_error}: use on_error=fail or on_error=skip")
+        self.model.require_weights()
+        if self.data.meta_path is None and not self.model.tiny_root:
+            raise BindWeaveInputError("data.meta_path is not set: pass data.meta_path=META_JSON "
+                                      "data.image_root=IMAGE_DIR (the built-in demo cases need model=tiny)")
+
+
+@dataclass(frozen=True)
+class CalibrateConfig:
+    """Step-cache calibration (``launch/calibrate.py``): exact jobs of the size and step count the
+    cached runs will use."""
+
+    model: ModelSettings = field(default_factory=ModelSettings)
+    sampler: SamplerSettings = field(default_factory=SamplerSettings)
+    video: VideoSettings = field(default_factory=VideoSettings)
+    data: DataSettings = field(default_factory=DataSettings)
+    output: str = "calibration/step_cache.json"  # the calibration JSON (cache.calibration=... reads it)
+    samples: int = 2  # the first N samples of the meta JSON (sorted by id); their statistics are averaged
+    progress: bool = True
+
+    def __post_init__(self):
+        if self.samples < 1:
+            raise BindWeaveInputError(f"samples={self.samples} must be >= 1")
+        if self.sampler.num_steps < 3:
+            raise BindWeaveInputError(f"sampler.num_steps={self.sampler.num_steps}: calibration needs >= 3 steps "
+                                      "(use the step count of the runs it is for)")
         self.model.require_weights()
         if self.data.meta_path is None and not self.model.tiny_root:
             raise BindWeaveInputError("data.meta_path is not set: pass data.meta_path=META_JSON "
@@ -158,7 +185,7 @@ def register_schemas() -> None:
     register_resolvers()
     store = ConfigStore.instance()
     for name, schema in (("generate_schema", GenerateConfig), ("extract_schema", ExtractConfig),
-                         ("refine_schema", RefineConfig)):
+                         ("refine_schema", RefineConfig), ("calibrate_schema", CalibrateConfig)):
         store.store(name=name, node=_writable(OmegaConf.structured(schema)))
     store.store(group="refiner", name="openai_schema", node=_writable(OmegaConf.structured(EndpointSettings)))
     store.store(group="refiner", name="local_schema", node=_writable(OmegaConf.structured(LocalSettings)))

@@ -64,21 +64,25 @@ class GenerateCommand:
         from bindweave.testing.demo import demo_meta_with_hidden_states
         from parallel.distributed import rank_device, start_process_group, stop_process_group
         from parallel.layout import layout_from_config
+        from bindweave.model.speed import check_speed_support
+        from bindweave.sampling.calibration import load_calibration
         from parallel.parallelize import refuse_inapplicable_speed_options
 
         job = settings_of(cfg)  # the schema's own checks (bindweave/app/config.py); the command line passed them already
         model_settings, video, sampler = job.model, job.video, job.sampler
         device_type = _device_type(model_settings.device)
         layout = layout_from_config(job.parallel, processes.world_size,
-                                    _dit_config(model_settings)["num_attention_heads"], device_type)
+                                    dit_config(model_settings)["num_attention_heads"], device_type)
         refuse_inapplicable_speed_options(model_settings.attention_kernel, model_settings.fuse_projections,
                                           model_settings.compile, layout, device_type, model_settings.dtype,
-                                          model_settings.offload_encoders)
+                                          model_settings.offload_encoders, model_settings.linear_precision)
+        load_calibration(job.cache.calibration)  # a wrong calibration file fails before anything loads
         if not dist.is_initialized():  # once per process, also across the jobs of a multirun
             start_process_group(processes, device_type, job.parallel.timeout_s)
             atexit.register(stop_process_group)
         if processes.world_size > 1:  # one process per GPU: rank r computes on GPU LOCAL_RANK
             model_settings = replace(model_settings, device=str(rank_device(processes, device_type)))
+        check_speed_support(model_settings.speed_options(), model_settings.resolved_device())
 
         known_bad = _check_job_first(job, processes.rank) if job.data.meta_path is not None else {}
         loaded = self._engine_for(model_settings, layout, processes, device_type)
@@ -105,7 +109,7 @@ class GenerateCommand:
         )
         run_folder = runtime.from_rank0(lambda: save_run_config(cfg, run.output_dir))
         log_path = log_to_file(run_folder, runtime.rank)
-        return _generate_samples(loaded, run, video, sampler, known_bad, log_path)
+        return _generate_samples(loaded, run, video, sampler, job.cache, known_bad, log_path)
 
     def _engine_for(self, model_settings, layout, processes: Processes, device_type: str) -> LoadedEngine:
         """The engine for these model settings and this layout: the one already loaded, or a new one."""
@@ -146,13 +150,14 @@ def build_models(model_settings, runtime: Runtime, device_type: str):
     return models
 
 
-def _generate_samples(loaded: LoadedEngine, run, video, sampler, known_bad: dict[str, str], log_path: Path) -> dict:
+def _generate_samples(loaded: LoadedEngine, run, video, sampler, cache, known_bad: dict[str, str],
+                      log_path: Path) -> dict:
     from bindweave.app.hydra_support import save_job_result, write_failed_samples
     from parallel.runtime import RaisedOnRank0
 
     runtime = loaded.runtime
     try:
-        summary = loaded.engine.run_meta(run, video, sampler, known_bad=known_bad)
+        summary = loaded.engine.run_meta(run, video, sampler, known_bad=known_bad, cache=cache)
     except BindWeaveInputError as error:
         # A sample's inputs are read by every rank of its group, and they fail alike: its writer reports.
         if runtime.is_writer and not isinstance(error, RaisedOnRank0):
@@ -202,7 +207,7 @@ def _check_job_first(job: GenerateConfig, rank: int) -> dict[str, str]:
     output_dir = job_output_dir(job.output_dir)
     finished = set() if job.overwrite else {
         path.stem for path in output_dir.glob("*.mp4") if video_done(path)} if output_dir.is_dir() else set()
-    check = check_job(job.data.meta_path, job.data.image_root, hidden_dim=_dit_config(job.model)["mllm_dim"],
+    check = check_job(job.data.meta_path, job.data.image_root, hidden_dim=dit_config(job.model)["mllm_dim"],
                       output_dir=output_dir, video=job.video, finished=finished)
     if check.job_problems or (check.problems and job.on_error != "skip"):
         raise check.error()
@@ -217,13 +222,15 @@ def _check_job_first(job: GenerateConfig, rank: int) -> dict[str, str]:
 
 def _refuse_changed_finished_samples(job: GenerateConfig, samples, finished: set[str], output_dir: Path) -> None:
     """A finished video is skipped only if its sidecar's recipe is this run's (bindweave/stages/resume.py)."""
-    from bindweave.stages.generate import Stage3Job, model_folders, model_provenance, recipe_options, sample_seed
+    from bindweave.stages.generate import (Stage3Job, job_recipe_options, model_folders, model_provenance,
+                                           recipe_options, sample_seed)
     from bindweave.stages.resume import changes, recorded_recipe, refuse_changed_samples, sample_recipe
 
     done = [sample for sample in samples if sample.sample_id in finished]
     if not done:
         return
-    provenance, options = model_provenance(*model_folders(job.model)), recipe_options(job.model)
+    provenance = model_provenance(*model_folders(job.model))
+    options = job_recipe_options(recipe_options(job.model), job.cache)
     conflicts = {}
     for sample in done:
         recorded = recorded_recipe(output_dir / f"{sample.sample_id}.json")
@@ -255,7 +262,7 @@ def _device_type(device: str) -> str:
     return chosen.type
 
 
-def _dit_config(settings) -> dict:
+def dit_config(settings) -> dict:
     """The DiT's config.json alone (heads for the layout, hidden size for the inputs): read before any weight."""
     from bindweave.io.checkpoint import read_config
     from bindweave.stages.generate import model_folders

@@ -8,22 +8,28 @@ activations (norms and modulation in fp32 as diffusers/Wan do them, RoPE in floa
 does): each eager op is a separate pass over 1-4 GB, and regional ``torch.compile`` fuses each
 chain into one pass without changing what is computed. ``attention="fa4"`` goes further on Hopper
 and Blackwell: FlashAttention-4 (the ``flash-attn-4`` package: CuTe-DSL kernels compiled on first
-use, cached on disk) runs self-attention instead of an SDPA kernel. docs/PERFORMANCE.md has the
-measurements.
+use, cached on disk) runs self-attention instead of an SDPA kernel. The fast modes change the
+computed function within a measured error: ``attention="sage2"`` (SageAttention 2: INT8 QK, FP8 PV)
+and FP8 linear layers (bindweave.model.fp8). docs/PERFORMANCE.md has the measurements.
 
     apply_speed_options(model, SpeedOptions())   # cuDNN self-attention, fused QKV, compiled blocks
+
+The order is fixed: fused projections, then FP8 linears (they quantize the fused weights), then the
+attention hook, then compile (it traces the quantized layers and the chosen kernel).
 """
 
 import logging
 import os
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from diffusers.models.transformers.transformer_wan import WanAttention
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from bindweave.model.attention import AttentionHook, sdpa
+from bindweave.errors import BindWeaveInputError
+from bindweave.model.fp8 import LINEAR_PRECISIONS, note, quantize_linears_fp8, resolve_linear_precision
 
 log = logging.getLogger("bindweave")
 
@@ -34,8 +40,13 @@ SDPA_PRIORITIES = {
     "flash": [SDPBackend.FLASH_ATTENTION, SDPBackend.CUDNN_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH],
     "efficient": [SDPBackend.EFFICIENT_ATTENTION, SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.MATH],
 }
-ATTENTION_CHOICES = (*SDPA_PRIORITIES, "fa4", "default", "auto")
+ATTENTION_CHOICES = (*SDPA_PRIORITIES, "fa4", "sage2", "default", "auto", "auto_8bit")
+# The kernels that are not SDPA run on CUDA GPUs only, from their own packages.
+CUDA_ONLY_KERNELS = ("fa4", "sage2")
 FA4_INSTALL_HINT = "pip install 'flash-attn-4[cu13]' (cu12 for CUDA 12), or choose attention=cudnn"
+SAGE2_INSTALL_HINT = ("SageAttention 2 is built from source: git clone https://github.com/thu-ml/SageAttention && "
+                      "cd SageAttention && TORCH_CUDA_ARCH_LIST=9.0 pip install --no-build-isolation . (9.0: Hopper; "
+                      "8.0/8.6/8.9/12.0 for other GPUs; ~3 min; docs/PERFORMANCE.md), or choose attention=auto")
 
 
 def import_fa4():
@@ -54,6 +65,17 @@ def import_fa4():
     return flash_attn_func
 
 
+def import_sage2():
+    """SageAttention 2's ``sageattn`` (it picks its kernel for the GPU: on Hopper INT8 Q.K^T and FP8
+    P.V with fp32 accumulation)."""
+    try:
+        from sageattention import sageattn
+    except ImportError as error:
+        raise RuntimeError(f"attention=sage2 needs SageAttention 2, which does not import ({error}): "
+                           f"{SAGE2_INSTALL_HINT}") from error
+    return sageattn
+
+
 # An opaque op for torch.compile: FA4 launches JIT-compiled kernels from Python, which dynamo
 # cannot trace. It takes the hook's [B, L, H, D] layout as it is (no transposes).
 @torch.library.custom_op("bindweave::fa4_attention", mutates_args=())
@@ -70,24 +92,60 @@ def _(query, key, value):
     return torch.empty_like(query)
 
 
+# The same for SageAttention's CUDA kernels; it also takes the [B, L, H, D] ("NHD") layout.
+@torch.library.custom_op("bindweave::sage2_attention", mutates_args=())
+def sage2_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+    from sageattention import sageattn
+
+    return sageattn(query, key, value, tensor_layout="NHD", is_causal=False)
+
+
+@sage2_attention.register_fake
+def _(query, key, value):
+    return torch.empty_like(query)
+
+
 @dataclass(frozen=True)
 class SpeedOptions:
     """``attention``: the SDPA kernel tried first for self-attention (``default``: PyTorch's own
-    order; ``fa4``: FlashAttention-4, not SDPA; ``auto``: see ``resolve_attention``); ``fuse_projections``: one GEMM for q/k/v (and for each cross-attention K/V pair);
-    ``compile``: ``torch.compile`` each transformer block (one graph, reused by all 40 blocks)."""
+    order; ``fa4``: FlashAttention-4, not SDPA; ``sage2``: SageAttention 2, 8-bit; ``auto`` /
+    ``auto_8bit``: see ``resolve_attention``); ``fuse_projections``: one GEMM for q/k/v (and for
+    each cross-attention K/V pair); ``linear_precision``: ``dtype`` (the model's), ``fp8`` or
+    ``auto_fp8`` (bindweave.model.fp8); ``compile``: ``torch.compile`` each transformer block (one
+    graph, reused by all 40 blocks)."""
 
     attention: str = "cudnn"
     fuse_projections: bool = True
     compile: bool = True
+    linear_precision: str = "dtype"
 
     def __post_init__(self):
         if self.attention not in ATTENTION_CHOICES:
             raise ValueError(f"attention={self.attention!r}: choose one of {', '.join(ATTENTION_CHOICES)}")
+        if self.linear_precision not in LINEAR_PRECISIONS:
+            raise ValueError(f"linear_precision={self.linear_precision!r}: choose one of {', '.join(LINEAR_PRECISIONS)}")
 
 
-def resolve_attention(choice: str, device: torch.device) -> str:
+def resolve_attention(choice: str, device: torch.device, notes: list[str] | None = None) -> str:
     """``auto``: FA4 where it runs and is installed (CUDA, compute capability 9.x or 10.x, i.e.
-    Hopper or datacenter Blackwell), cuDNN SDPA otherwise. Other choices are returned as they are."""
+    Hopper or datacenter Blackwell), cuDNN SDPA otherwise. ``auto_8bit``: SageAttention 2 where it
+    runs and is installed (CUDA, compute capability 8.0 or newer), else what ``auto`` picks. Other
+    choices are returned as they are (FA4 and sage2 need a CUDA device: an error otherwise).
+    Each fallback is logged, or added to ``notes`` when given."""
+    if choice in CUDA_ONLY_KERNELS and device.type != "cuda":
+        raise RuntimeError(f"attention={choice} runs on CUDA GPUs only and the model is on {device}: "
+                           "choose attention=auto (or a speed preset: it falls back where a kernel cannot run)")
+    if choice == "auto_8bit":
+        if device.type == "cuda" and torch.cuda.get_device_capability(device) >= (8, 0):
+            try:
+                import_sage2()
+                return "sage2"
+            except RuntimeError as error:
+                note(notes, f"attention=auto_8bit: not SageAttention 2 ({error})")
+        else:
+            note(notes, f"attention=auto_8bit: SageAttention 2 needs a CUDA GPU of compute capability 8.0+; "
+                        f"falling back to attention=auto on {device}")
+        choice = "auto"
     if choice != "auto":
         return choice
     if device.type == "cuda" and torch.cuda.get_device_capability(device)[0] in (9, 10):
@@ -95,16 +153,40 @@ def resolve_attention(choice: str, device: torch.device) -> str:
             import_fa4()
             return "fa4"
         except RuntimeError as error:
-            log.info("attention=auto: cuDNN SDPA (%s)", error)
+            note(notes, f"attention=auto: cuDNN SDPA ({error})")
     return "cudnn"
 
 
+def resolve_speed_options(options: SpeedOptions, device: torch.device,
+                          notes: list[str] | None = None) -> SpeedOptions:
+    """``options`` with the ``auto`` choices settled for ``device`` (and the packages installed);
+    an explicit choice that cannot run here is a RuntimeError that names the fix."""
+    attention = resolve_attention(options.attention, device, notes)
+    if attention == "fa4":
+        import_fa4()
+    if attention == "sage2":
+        import_sage2()
+    use_fp8 = resolve_linear_precision(options.linear_precision, device, notes)
+    return replace(options, attention=attention, linear_precision="fp8" if use_fp8 else "dtype")
+
+
+def check_speed_support(options: SpeedOptions, device: torch.device) -> None:
+    """Before any weight is read: the chosen kernel and FP8 can run on ``device``."""
+    try:
+        resolve_speed_options(options, device, notes=[])
+    except RuntimeError as error:
+        raise BindWeaveInputError(f"model: {error}") from error
+
+
 class PreferredKernelAttention(AttentionHook):
-    """Single-device self-attention with an SDPA kernel tried first (``SDPA_PRIORITIES``), or FA4."""
+    """Single-device self-attention with an SDPA kernel tried first (``SDPA_PRIORITIES``), or FA4,
+    or SageAttention 2."""
 
     def __init__(self, kernel: str):
         if kernel == "fa4":
             import_fa4()  # a missing package fails here, before any weight is loaded or step run
+        if kernel == "sage2":
+            import_sage2()
         self.kernel = kernel
 
     def self_attention(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
@@ -112,6 +194,8 @@ class PreferredKernelAttention(AttentionHook):
             return sdpa(query, key, value)
         if self.kernel == "fa4":
             return fa4_attention(query, key, value)
+        if self.kernel == "sage2":
+            return sage2_attention(query, key, value)
         # torch.compile records this context in the graph, so the compiled block keeps the choice.
         with sdpa_kernel(SDPA_PRIORITIES[self.kernel], set_priority=True):
             return sdpa(query, key, value)
@@ -144,16 +228,19 @@ def fuse_projections(model: torch.nn.Module) -> None:
 
 
 def apply_speed_options(model: torch.nn.Module, options: SpeedOptions) -> torch.nn.Module:
-    """Apply ``options`` to a single-device ``BindWeaveTransformer`` in place and return it.
+    """Apply ``options`` to a single-device ``BindWeaveTransformer`` in place, in the module
+    docstring's order, and return it (``fp8.fp8_layer_names`` lists the layers in FP8).
 
     Multi-GPU runs install their own attention hook (``parallel/``) after this; the fused
-    projections and the compiled blocks stay.
+    projections, the FP8 layers and the compiled blocks stay.
     """
-    attention = resolve_attention(options.attention, next(model.parameters()).device)
-    log.debug("single-device self-attention kernel: %s", attention)  # the job logs what runs under its layout
-    model.set_attention_hook(PreferredKernelAttention(attention))
+    options = resolve_speed_options(options, next(model.parameters()).device)  # fails before the work
+    log.debug("single-device self-attention kernel: %s", options.attention)  # the job logs what runs under its layout
     if options.fuse_projections:
         fuse_projections(model)
+    if options.linear_precision == "fp8":
+        quantize_linears_fp8(model)
+    model.set_attention_hook(PreferredKernelAttention(options.attention))
     if options.compile:
         model.compile_repeated_blocks()  # regional compile: diffusers' API, every block in place
     return model

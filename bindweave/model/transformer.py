@@ -9,6 +9,8 @@ tokens projected and placed BEFORE the 512 T5 tokens, and the cross-attention sp
 
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 from diffusers.configuration_utils import register_to_config
 from diffusers.models.transformers.transformer_wan import WanTransformer3DModel
@@ -142,7 +144,10 @@ class BindWeaveTransformer(WanTransformer3DModel):
         qwen_states: torch.Tensor,
         clip_embeds: torch.Tensor,
         condition: torch.Tensor,
+        block_cache: Callable | None = None,
     ) -> torch.Tensor:
+        """``block_cache(run_blocks, tokens, timestep_proj) -> tokens`` stands in for the 40 blocks
+        when given (a step cache: bindweave.sampling.step_cache); it may skip them."""
         references = self.config.max_references
         batch, _, frames, height, width = latents.shape
         expected_condition = (batch, condition.shape[1], references + frames, height, width)
@@ -165,8 +170,12 @@ class BindWeaveTransformer(WanTransformer3DModel):
         timestep_proj = timestep_proj.unflatten(1, (6, -1))
         context = torch.cat([image_context, text_context], dim=1)
 
-        for block in self.blocks:
-            tokens = block(tokens, context, timestep_proj, rope)
+        def run_blocks(tokens: torch.Tensor) -> torch.Tensor:
+            for block in self.blocks:
+                tokens = block(tokens, context, timestep_proj, rope)
+            return tokens
+
+        tokens = run_blocks(tokens) if block_cache is None else block_cache(run_blocks, tokens, timestep_proj)
 
         shift, scale = (self.scale_shift_table + temb.unsqueeze(1)).chunk(2, dim=1)
         tokens = (self.norm_out(tokens.float()) * (1 + scale) + shift).type_as(tokens)

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 
 from bindweave.errors import BindWeaveInputError
 from bindweave.sampling.sampler import SamplerSettings
+from bindweave.sampling.step_cache import CacheSettings
 from bindweave.stages.coordinator import Coordinator, SingleProcess
 from bindweave.stages.generate import (
     JobCancelled,
@@ -66,6 +67,6 @@ class Stage3Engine:
         return JobResult(job.sample_id, "done", record=record, frames=frames)
 
     def run_meta(self, run: RunSettings, video: VideoSettings, sampler: SamplerSettings,
-                 known_bad: dict[str, str] | None = None) -> dict:
+                 known_bad: dict[str, str] | None = None, cache: CacheSettings = CacheSettings()) -> dict:
         """Every sample of a meta JSON (this data group's share), resumable; see ``run_generation``."""
-        return run_generation(self.models, run, video, sampler, self.coordinator, known_bad=known_bad)
+        return run_generation(self.models, run, video, sampler, self.coordinator, known_bad=known_bad, cache=cache)

@@ -17,7 +17,7 @@ import resource
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -36,11 +36,13 @@ from bindweave.encoders.conditioning import (
 from bindweave.io.inputs import (Sample, as_hidden_states, load_reference_image, load_sample_hidden_states,
                                  read_meta, to_rgb)
 from bindweave.errors import BindWeaveInputError
+from bindweave.model.fp8 import LINEAR_PRECISIONS, fp8_layer_names, layer_patterns
 from bindweave.model.speed import ATTENTION_CHOICES, SpeedOptions, apply_speed_options
 from bindweave.io.outputs import video_done, write_json, write_mp4
 from bindweave.encoders.prompts import T5_NEGATIVE_PROMPT
 from bindweave.stages.resume import bytes_sha256, file_sha256, sample_recipe
 from bindweave.sampling.sampler import SamplerSettings, Step, denoise, initial_noise, make_scheduler
+from bindweave.sampling.step_cache import BlockCache, CacheSettings, build_step_cache
 from bindweave.model.loading import load_bindweave_transformer
 from bindweave.model.transformer import BindWeaveTransformer
 from bindweave.stages.coordinator import Coordinator, SingleProcess
@@ -90,9 +92,11 @@ class ModelSettings:
     vae_tiling: bool = False
     offload_encoders: bool = False  # move T5 + CLIP to the CPU after each sample's conditioning
     # Speed options of the DiT (bindweave/model/speed.py; same function, measured in docs/PERFORMANCE.md).
-    attention_kernel: str = "auto"  # self-attention: auto | fa4 | cudnn | flash | efficient | default (fast.py)
+    # self-attention: auto | auto_8bit | fa4 | sage2 | cudnn | flash | efficient | default (speed.py)
+    attention_kernel: str = "auto"
     fuse_projections: bool = False  # one GEMM for q/k/v (weights held once)
     compile: bool = False  # torch.compile each block (one graph for all 40; ~20 s once per process)
+    linear_precision: str = "dtype"  # dtype | fp8 | auto_fp8: the blocks' linears in FP8 (bindweave/model/fp8.py)
 
     def __post_init__(self):
         problems = []
@@ -102,12 +106,17 @@ class ModelSettings:
             problems.append(f"model.device={self.device} is not auto, cpu, cuda or cuda:N")
         if self.attention_kernel not in ATTENTION_CHOICES:
             problems.append(f"model.attention_kernel={self.attention_kernel} is not one of {', '.join(ATTENTION_CHOICES)}")
+        if self.linear_precision not in LINEAR_PRECISIONS:
+            problems.append(f"model.linear_precision={self.linear_precision} is not one of {', '.join(LINEAR_PRECISIONS)}")
         if problems:
             raise BindWeaveInputError("; ".join(problems))
 
     @property
     def torch_dtype(self) -> torch.dtype:
         return getattr(torch, self.dtype)
+
+    def speed_options(self) -> SpeedOptions:
+        return SpeedOptions(self.attention_kernel, self.fuse_projections, self.compile, self.linear_precision)
 
     def require_weights(self) -> None:
         """The job needs weights: a tiny set, or both the DiT and the Wan folders."""
@@ -149,6 +158,7 @@ class Stage3Models:
     attention_kernels: dict = field(default_factory=dict)
     load_s: float = 0.0  # seconds this process spent loading them (sidecars: once per process, reused after)
     recipe_options: dict = field(default_factory=dict)  # the settings that change the pixels (resume.py)
+    fp8_layers: list = field(default_factory=list)  # the DiT's linear layers stored and run in FP8
 
     def encoders_to(self, device: torch.device) -> None:
         if self.offload_encoders:
@@ -175,9 +185,18 @@ def model_provenance(dit_folder: Path, wan_folder: Path) -> dict:
 
 
 def recipe_options(settings: ModelSettings) -> dict:
-    """The model settings that change a video's pixels (resume compares them; resume.py)."""
-    return {"dtype": settings.dtype, "attention_kernel": settings.attention_kernel,
-            "fuse_projections": settings.fuse_projections, "compile": settings.compile}
+    """The model settings that change a video's pixels (resume compares them; resume.py). FP8 is
+    listed only when on, so the videos of exact runs made before it existed still resume."""
+    options = {"dtype": settings.dtype, "attention_kernel": settings.attention_kernel,
+               "fuse_projections": settings.fuse_projections, "compile": settings.compile}
+    if settings.linear_precision != "dtype":
+        options["linear_precision"] = settings.linear_precision
+    return options
+
+
+def job_recipe_options(model_options: dict, cache: CacheSettings) -> dict:
+    """The model's recipe options plus the job's step cache (listed only when on, as above)."""
+    return model_options if cache.kind == "none" else {**model_options, "cache": cache.recipe()}
 
 
 def load_stage3_models(settings: ModelSettings, build_dit: Callable | None = None,
@@ -193,13 +212,15 @@ def load_stage3_models(settings: ModelSettings, build_dit: Callable | None = Non
     dit_folder, wan_folder = model_folders(settings)
     device, dtype = settings.resolved_device(), settings.torch_dtype
     if build_dit is not None:
-        if settings.fuse_projections or settings.compile:
-            raise BindWeaveInputError("model.fuse_projections / model.compile cannot apply with parallel.fsdp=[dit]")
+        if settings.fuse_projections or settings.compile or settings.linear_precision == "fp8":
+            raise BindWeaveInputError("model.fuse_projections / model.compile / model.linear_precision=fp8 cannot "
+                                      "apply with parallel.fsdp=[dit]")
         transformer = build_dit(dit_folder, dtype, device)
+        options = replace(settings.speed_options(), linear_precision="dtype")  # auto_fp8: not over shards
     else:
         transformer = load_bindweave_transformer(dit_folder, dtype=dtype, device=device)
-    apply_speed_options(transformer, SpeedOptions(settings.attention_kernel, settings.fuse_projections,
-                                                  settings.compile))
+        options = settings.speed_options()
+    apply_speed_options(transformer, options)
     if settings.offload_encoders and shard_t5 is not None:  # refused with the reason before loading (app)
         raise BindWeaveInputError("model.offload_encoders cannot apply with parallel.fsdp=[t5]")
     offload_encoders = settings.offload_encoders
@@ -218,6 +239,7 @@ def load_stage3_models(settings: ModelSettings, build_dit: Callable | None = Non
         device=device,
         provenance=model_provenance(dit_folder, wan_folder),
         recipe_options=recipe_options(settings),
+        fp8_layers=fp8_layer_names(transformer),
         offload_encoders=offload_encoders,
         load_s=time.perf_counter() - started,
     )
@@ -236,11 +258,12 @@ class Stage3Job:
     output_path: Path | None
     images: tuple[Image.Image, ...] | None = None
     hidden_states: tuple[torch.Tensor, torch.Tensor] | None = None  # positive, negative: [1, L, mllm_dim]
+    cache: CacheSettings = CacheSettings()  # step caching (bindweave.sampling.step_cache); off by default
 
     @classmethod
     def from_request(cls, sample_id: str, prompt: str, video: VideoSettings, sampler: SamplerSettings,
                      output_path: Path | None, images: list = (), hidden_states: tuple | None = None,
-                     seed: int | None = None) -> Stage3Job:
+                     seed: int | None = None, cache: CacheSettings = CacheSettings()) -> Stage3Job:
         """A job from values: ``images`` are paths or PIL images (all of one kind); ``hidden_states``
         a (positive, negative) pair of paths or of tensors."""
         in_memory_images = bool(images) and not isinstance(images[0], (str, Path))
@@ -252,7 +275,7 @@ class Stage3Job:
             hidden_states_path_negative=None if in_memory_states or hidden_states is None else Path(hidden_states[1]),
             seed=seed, fields={})
         return cls(sample, video, sampler, output_path, images=tuple(images) if in_memory_images else None,
-                   hidden_states=tuple(hidden_states) if in_memory_states else None)
+                   hidden_states=tuple(hidden_states) if in_memory_states else None, cache=cache)
 
     @property
     def sample_id(self) -> str:
@@ -361,17 +384,29 @@ def _encode_inputs(models: Stage3Models, job: Stage3Job, video: VideoSettings, v
     )
 
 
-def dit_predictor(transformer: BindWeaveTransformer, inputs: SampleInputs):
-    """One DiT forward for one CFG side; both sides share the image conditions (SPEC §6)."""
+def dit_predictor(transformer: BindWeaveTransformer, inputs: SampleInputs, step_cache=None):
+    """One DiT forward for one CFG side; both sides share the image conditions (SPEC §6).
+    ``step_cache`` (``for_step(step)`` -> the blocks' stand-in) may skip the blocks at some steps."""
 
     @torch.no_grad()
     def predict(latents: torch.Tensor, step: Step) -> torch.Tensor:
+        block_cache: BlockCache | None = step_cache.for_step(step) if step_cache is not None else None
         return transformer(
             latents.to(transformer.dtype), step.timestep.to(latents.device), t5_embeds=inputs.t5[step.side],
             qwen_states=inputs.qwen[step.side], clip_embeds=inputs.clip_embeds, condition=inputs.condition,
+            block_cache=block_cache,
         )
 
     return predict
+
+
+def speed_record(models: Stage3Models, step_cache) -> dict:
+    """What ran, for the sidecar: the kernels per call site, the layers in FP8, the steps skipped."""
+    return {
+        "attention_kernels": models.attention_kernels,
+        "fp8_linears": {"count": len(models.fp8_layers), "layers": layer_patterns(models.fp8_layers)},
+        "step_cache": step_cache.record() if hasattr(step_cache, "record") else None,
+    }
 
 
 def bars_on_terminal() -> bool:
@@ -419,7 +454,7 @@ def versions() -> dict:
 
 def generate_sample(models: Stage3Models, job: Stage3Job, progress: bool = True, runtime: Coordinator | None = None,
                     on_progress: ProgressFn | None = None, cancel: threading.Event | None = None,
-                    write_video=write_mp4) -> dict | None:
+                    write_video=write_mp4, step_cache=None) -> dict | None:
     """Make one video in phases (condition, denoise, decode, write); returns its sidecar record.
 
     Under a parallel ``runtime`` every rank of the sample's group conditions and denoises (its
@@ -427,6 +462,7 @@ def generate_sample(models: Stage3Models, job: Stage3Job, progress: bool = True,
     return None. ``on_progress`` hears each phase and each finished step; a set ``cancel`` stops the
     job between two steps (:class:`JobCancelled`), before anything is written. With
     ``job.output_path`` None nothing is written and the record holds the frames (``"frames"``).
+    ``step_cache`` replaces the job's own (``job.cache``): calibration passes its statistics here.
     """
     runtime = runtime or SingleProcess()
     sample, video, sampler = job.sample, job.video, job.sampler
@@ -440,7 +476,8 @@ def generate_sample(models: Stage3Models, job: Stage3Job, progress: bool = True,
 
     seed = sample_seed(sample, sampler)
     noise = initial_noise(video.latent_shape, seed).to(models.device)
-    velocity = runtime.guided_velocity(dit_predictor(models.transformer, inputs), sampler.guidance_scale)
+    step_cache = step_cache if step_cache is not None else build_step_cache(job.cache, sampler.num_steps)
+    velocity = runtime.guided_velocity(dit_predictor(models.transformer, inputs, step_cache), sampler.guidance_scale)
 
     def steps(timesteps):
         shown = progress_bar(timesteps, progress, desc=f"{sample.sample_id} steps", leave=False)
@@ -460,6 +497,11 @@ def generate_sample(models: Stage3Models, job: Stage3Job, progress: bool = True,
     latents = denoise(noise, make_scheduler(sampler), velocity, progress=steps)
     timings["denoise_s"] = time.perf_counter() - mark
     memory["denoise"] = memory_snapshot(models.device)
+    speed = speed_record(models, step_cache)
+    if speed["step_cache"] is not None and runtime.is_writer:
+        cache = speed["step_cache"]
+        log.info("%s: step cache %s skipped %d of %d DiT forwards (%s)", sample.sample_id, cache["kind"],
+                 cache["forwards_skipped"], cache["forwards_skipped"] + cache["forwards_run"], cache["calibration"])
 
     # Every rank of the group decodes (the phase a later parallel decode splits); the writer check
     # comes after it.
@@ -478,9 +520,10 @@ def generate_sample(models: Stage3Models, job: Stage3Job, progress: bool = True,
         "sample_fields": sample.fields, "models": models.provenance, "timings": timings,
         "memory": memory, "peak_memory_gib": peak_of(memory),
         "versions": versions(), "parallel": runtime.layout_record(), "attention_kernels": models.attention_kernels,
+        "speed": speed,
         "memory_options": {"offload_encoders": models.offload_encoders, "vae_tiling": models.vae.model.use_tiling},
         "recipe": sample_recipe(sample.prompt, job.input_hashes(), seed, video, sampler, models.provenance,
-                                models.recipe_options),
+                                job_recipe_options(models.recipe_options, job.cache)),
     }
     if job.output_path is None:
         timings["total_s"] = time.perf_counter() - started
@@ -502,7 +545,8 @@ def generate_sample(models: Stage3Models, job: Stage3Job, progress: bool = True,
 
 
 def run_generation(models: Stage3Models, run: RunSettings, video: VideoSettings, sampler: SamplerSettings,
-                   runtime: Coordinator | None = None, known_bad: dict[str, str] | None = None) -> dict:
+                   runtime: Coordinator | None = None, known_bad: dict[str, str] | None = None,
+                   cache: CacheSettings = CacheSettings()) -> dict:
     """All samples of the meta JSON in sorted order (under a ``runtime``, this data group's share of
     them); finished ones are skipped unless overwrite. ``known_bad`` (sample id -> reason; found by
     the check before loading, on_error=skip) are counted as failed and not run."""
@@ -534,8 +578,8 @@ def run_generation(models: Stage3Models, run: RunSettings, video: VideoSettings,
             summary["skipped"].append(sample.sample_id)
             continue
         try:
-            record = generate_sample(models, Stage3Job(sample, video, sampler, output_path), progress=run.progress,
-                                     runtime=runtime)
+            record = generate_sample(models, Stage3Job(sample, video, sampler, output_path, cache=cache),
+                                     progress=run.progress, runtime=runtime)
         except BindWeaveInputError as error:
             if run.on_error != "skip":
                 raise
