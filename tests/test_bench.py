@@ -11,9 +11,11 @@ import torch
 from diffusers.models.transformers.transformer_wan import WanAttention
 
 import bindweave.testing.benchmark as bench
+from bindweave.errors import BindWeaveInputError
 from bindweave.model.attention import AttentionHook, CrossAttnProcessor
 from bindweave.model.attention import sdpa
-from bindweave.model.speed import (PreferredKernelAttention, SpeedOptions, apply_speed_options, fuse_projections,
+from bindweave.model.speed import (PreferredKernelAttention, SpeedOptions, apply_speed_options, check_speed_support,
+                                   fuse_projections,
                             resolve_attention)
 from bindweave.model.flops import ForwardTokens, dit_forward_flops, video_tokens
 from bindweave.model.transformer import TINY_CONFIG, BindWeaveTransformer
@@ -71,9 +73,11 @@ def test_compiled_blocks_match_eager_with_one_graph_for_all_blocks():
     torch._dynamo.reset()
 
 
-def test_fa4_without_the_package_fails_before_anything_runs(monkeypatch):
+def test_fa4_without_the_package_or_a_gpu_fails_before_anything_runs(monkeypatch):
     monkeypatch.setitem(sys.modules, "flash_attn", None)  # as if flash-attn-4 were not installed
-    with pytest.raises(RuntimeError, match=r"attention=fa4 needs FlashAttention-4.*flash-attn-4.*attention=cudnn"):
+    with pytest.raises(BindWeaveInputError, match=r"attention=fa4 needs FlashAttention-4.*flash-attn-4.*attention=cudnn"):
+        check_speed_support(SpeedOptions(attention="fa4"), torch.device("cuda"))
+    with pytest.raises(RuntimeError, match=r"attention=fa4 runs on CUDA GPUs only and the model is on cpu"):
         apply_speed_options(tiny_model(), SpeedOptions(attention="fa4", compile=False))
 
 
@@ -99,7 +103,9 @@ def fa4_recorder(monkeypatch):
 
 @pytest.mark.parametrize("compile", [False, True])
 @torch.no_grad()
-def test_fa4_runs_self_attention_token_major_eager_and_compiled(fa4_recorder, compile):
+def test_fa4_runs_self_attention_token_major_eager_and_compiled(fa4_recorder, monkeypatch, compile):
+    # The glue on the CPU: the device check (FA4 is CUDA-only) is what lets the recorder stand in.
+    monkeypatch.setattr("bindweave.model.speed.resolve_attention", lambda choice, device, notes=None: choice)
     x = tiny_inputs()
     expected = tiny_model()(**x)
     torch._dynamo.reset()

@@ -162,6 +162,19 @@ def require_writable_folder(folder: Path) -> None:
         )
 
 
+def write_latents(path: str | os.PathLike, latents) -> None:
+    """The final denoised latents (fp32, key ``latents``) beside a video, atomically: what
+    ``launch/compare.py`` measures a fast mode's error on, before the VAE and the MP4 codec."""
+    from safetensors.torch import save_file
+
+    with atomic_write(path) as temp_path:
+        save_file({"latents": latents.detach().float().cpu().contiguous()}, str(temp_path))
+
+
+def latents_path(video_path: Path) -> Path:
+    return video_path.with_suffix(".latents.safetensors")
+
+
 def write_json(path: str | os.PathLike, obj: object) -> None:
     """Write `obj` as indented UTF-8 JSON, atomically."""
     text = json.dumps(obj, indent=2, ensure_ascii=False) + "\n"

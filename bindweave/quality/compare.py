@@ -41,10 +41,9 @@ from safetensors import SafetensorError, safe_open
 from skimage.metrics import structural_similarity
 
 from bindweave.errors import BindWeaveInputError
-from bindweave.io.outputs import atomic_write, video_done, write_json
+from bindweave.io.outputs import atomic_write, latents_path, video_done, write_json
 
 LABEL_BAND_PX = 14  # PIL's default font is 12 px high
-LATENTS_SUFFIX = ".latents.safetensors"
 JSON_NAME, MARKDOWN_NAME, SHEET_NAME = "compare.json", "compare.md", "contact_sheet.png"
 
 
@@ -168,7 +167,7 @@ def latent_relative_error(reference_path: Path, candidate_path: Path) -> float:
 
 
 def latent_fields(sample_id: str, reference_dir: Path, candidate_dir: Path) -> dict:
-    paths = [folder / f"{sample_id}{LATENTS_SUFFIX}" for folder in (reference_dir, candidate_dir)]
+    paths = [latents_path(folder / f"{sample_id}.mp4") for folder in (reference_dir, candidate_dir)]
     missing = [str(path) for path in paths if not path.is_file()]
     if missing:
         return {"latent_rel_error": None, "latent_note": f"no latents file: {', '.join(missing)}"}

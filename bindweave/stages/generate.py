@@ -38,7 +38,7 @@ from bindweave.io.inputs import (Sample, as_hidden_states, load_reference_image,
 from bindweave.errors import BindWeaveInputError
 from bindweave.model.fp8 import LINEAR_PRECISIONS, fp8_layer_names, layer_patterns
 from bindweave.model.speed import ATTENTION_CHOICES, SpeedOptions, apply_speed_options
-from bindweave.io.outputs import video_done, write_json, write_mp4
+from bindweave.io.outputs import latents_path, video_done, write_json, write_latents, write_mp4
 from bindweave.encoders.prompts import T5_NEGATIVE_PROMPT
 from bindweave.stages.resume import bytes_sha256, file_sha256, sample_recipe
 from bindweave.sampling.sampler import SamplerSettings, Step, denoise, initial_noise, make_scheduler
@@ -532,9 +532,11 @@ def generate_sample(models: Stage3Models, job: Stage3Job, progress: bool = True,
 
     report(JobProgress(sample.sample_id, "write", sampler.num_steps, sampler.num_steps))
     mark = time.perf_counter()
-    # Redone (overwrite=true): the old sidecar goes first, so an old record never sits beside a new video.
+    # Redone (overwrite=true): the old sidecar goes first, so an old record never sits beside a new video
+    # (the latents file comes before the sidecar too: a sidecar marks all three as finished).
     job.output_path.with_suffix(".json").unlink(missing_ok=True)
     write_video(job.output_path, frames, fps=video.fps)
+    write_latents(latents_path(job.output_path), latents)
     timings["write_s"] = time.perf_counter() - mark
     timings["total_s"] = time.perf_counter() - started
     timings["load_models_s"] = models.load_s

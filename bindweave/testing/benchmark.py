@@ -47,8 +47,9 @@ from bindweave.testing.fullsize import (
     WAN_VAE_CONFIG,
     fill_random_,
 )
+from bindweave.model.fp8 import quantize_linears_fp8
 from bindweave.model.speed import (PreferredKernelAttention, SpeedOptions, fa4_attention, fuse_projections,
-                            import_fa4)
+                            import_fa4, resolve_speed_options)
 from bindweave.model.flops import ForwardTokens, dit_forward_flops, video_tokens
 from bindweave.model.transformer import BINDWEAVE_14B_CONFIG, TINY_CONFIG, BindWeaveTransformer
 
@@ -355,18 +356,20 @@ def dit_variants(cfg: DictConfig) -> list[DitVariant]:
 
 
 def kernel_available(variant: DitVariant, device: torch.device, report: Report) -> bool:
-    """FA4 variants need a CUDA GPU and the flash-attn-4 package; without them they are skipped
-    (noted in the report) and the other variants still run."""
-    if variant.options is None or variant.options.attention != "fa4":
+    """FA4 / sage2 variants need a CUDA GPU and their package, FP8 ones an FP8 GPU and torchao;
+    without them they are skipped (noted in the report) and the other variants still run."""
+    if variant.options is None:
         return True
     try:
-        if device.type != "cuda":
-            raise RuntimeError("FA4 runs on CUDA GPUs only")
-        import_fa4()
+        resolve_speed_options(variant.options, device, notes=[])
     except RuntimeError as error:
         report.skip(f"dit_{variant.name}", str(error))
         return False
     return True
+
+
+def precision_of(variant: DitVariant) -> str:
+    return variant.options.linear_precision if variant.options is not None else "dtype"
 
 
 class DitStates:
@@ -436,6 +439,8 @@ def run_dit(cfg: DictConfig, shape: dict, device: torch.device, report: Report, 
     log.info("DiT: %d of %d blocks, %d video tokens, %.3f PFLOP per full forward; variants %s", layers,
              full_layers, tokens.video, flops["total"] / 1e15, [variant.name for variant in variants])
 
+    if any(precision_of(v) == "fp8" and not v.options.fuse_projections for v in variants):
+        raise SystemExit("FP8 variants quantize the fused q/k/v layer: give them fuse_projections: true")
     start = time.perf_counter()
     model = build_dit(config, device, cfg.seed)
     clock.sync()
@@ -454,7 +459,17 @@ def run_dit(cfg: DictConfig, shape: dict, device: torch.device, report: Report, 
         if layers != full_layers:
             with first_blocks(model, 0):
                 fixed_s = measure(lambda: model(**inputs), clock, cfg.warmup, cfg.repeats)["median_s"]
-        states = DitStates(model, variants, inputs, cfg.compile_backend)
+        # FP8 variants run on a second model with the same random weights, quantized once.
+        states = {"dtype": DitStates(model, [v for v in variants if precision_of(v) == "dtype"], inputs,
+                                     cfg.compile_backend)}
+        if any(precision_of(v) == "fp8" for v in variants):
+            fp8_model = build_dit(config, device, cfg.seed)
+            fuse_projections(fp8_model)
+            quantize_linears_fp8(fp8_model)
+            states["fp8"] = DitStates(fp8_model, [v for v in variants if precision_of(v) == "fp8"], inputs,
+                                      cfg.compile_backend)
+            report.add("dit_fp8_setup", {"weights_gib_both_models": torch.cuda.memory_allocated() / GIB
+                                         if device.type == "cuda" else None})
         torch._dynamo.utils.counters.clear()
         results: dict[str, dict] = {}
         outputs: dict[str, torch.Tensor] = {}
@@ -465,7 +480,7 @@ def run_dit(cfg: DictConfig, shape: dict, device: torch.device, report: Report, 
                 continue
             result: dict = {}
             try:
-                call = states.call(variant)
+                call = states[precision_of(variant)].call(variant)
                 with peak_memory(device, result):
                     result["first_s"] = clock.wall_seconds(lambda: outputs.__setitem__(variant.name, call()))
                     for _ in range(cfg.warmup - 1):
@@ -485,7 +500,7 @@ def run_dit(cfg: DictConfig, shape: dict, device: torch.device, report: Report, 
             if not report.fits("dit_timing_round", round_estimate_s):
                 break
             for variant in timed:
-                results[variant.name]["times_s"].append(clock.seconds(states.call(variant)))
+                results[variant.name]["times_s"].append(clock.seconds(states[precision_of(variant)].call(variant)))
         for variant in timed:
             result = results[variant.name]
             if not result["times_s"]:
@@ -498,7 +513,8 @@ def run_dit(cfg: DictConfig, shape: dict, device: torch.device, report: Report, 
             if layers != full_layers:
                 result.update(fixed_s=fixed_s, scaled_from_layers=layers)
             if "profile" in cfg.parts:
-                result["profile"] = profile_variant(cfg, model, states.call(variant), device)
+                result["profile"] = profile_variant(cfg, states[precision_of(variant)].model,
+                                                    states[precision_of(variant)].call(variant), device)
             report.add(f"dit_{variant.name}", result)
         report.add("dit_compile", {"after_first_calls": graphs_after_first_calls, "at_end": _compile_stats(),
                                    "compiled_variants": sum(variant.compiled for variant in timed)})
