@@ -39,7 +39,7 @@ README = REPO / "README.md"
 FRAMES = 5
 # The only changes allowed to a documented command: a CPU-sized video, fewer steps, no compile
 # (and the cosmetic progress bar off).
-CPU_GENERATE = ["video.height=48", "video.width=64", f"video.num_frames={FRAMES}", "sampler.num_steps=2",
+CPU_GENERATE = ["video.height=48", "video.width=64", f"video.num_frames={FRAMES}", "sampler.num_steps=3",
                 "model.compile=false", "progress=false"]
 CPU_EXTRACT = ["progress=false"]
 # The repo ids of the real presets (conf/model/bindweave_14b.yaml, conf/qwen/qwen2_5_vl_7b.yaml)
@@ -54,24 +54,28 @@ STAGE_TIMEOUT = 180
 
 
 def readme_real_run() -> list[list[str]]:
-    """The commands of the ```bash block under "## A real run", continuation lines joined, the
-    `pip install` line dropped, each split as the shell would (comments removed)."""
-    text = README.read_text()
-    heading = re.search(r"^## A real run[ \t]*$", text, re.M)
-    assert heading, f'{README} has no "## A real run" section'
-    section = text[heading.end():]
-    following = re.search(r"^## ", section, re.M)
-    section = section[:following.start()] if following else section
-    block = re.search(r"^```bash\n(.*?)^```", section, re.M | re.S)
-    assert block, f'no ```bash block under "## A real run" in {README}'
-    joined = re.sub(r"\\\n[ \t]*", " ", block.group(1))
-    commands = [shlex.split(line, comments=True) for line in joined.splitlines()]
-    commands = [command for command in commands if command]
+    """The commands of the ```bash block under "## A real run", the `pip install` line dropped."""
+    commands = readme_block("A real run")
     assert [c[:2] for c in commands].count(["pip", "install"]) == 1, commands
     commands = [command for command in commands if command[:2] != ["pip", "install"]]
     assert [command[:2] for command in commands] == [["python", "launch/extract.py"],
                                                      ["python", "launch/generate.py"]], commands
     return commands
+
+
+def readme_block(heading: str) -> list[list[str]]:
+    """The commands of the first ```bash block under ``## heading``, continuation lines joined,
+    each split as the shell would (comments removed)."""
+    text = README.read_text()
+    found = re.search(rf"^## {re.escape(heading)}[ \t]*$", text, re.M)
+    assert found, f'{README} has no "## {heading}" section'
+    section = text[found.end():]
+    following = re.search(r"^## ", section, re.M)
+    section = section[:following.start()] if following else section
+    block = re.search(r"^```bash\n(.*?)^```", section, re.M | re.S)
+    assert block, f'no ```bash block under "## {heading}" in {README}'
+    joined = re.sub(r"\\\n[ \t]*", " ", block.group(1))
+    return [command for command in (shlex.split(line, comments=True) for line in joined.splitlines()) if command]
 
 
 def override(command: list[str], key: str) -> str:
@@ -239,6 +243,48 @@ def test_readme_real_run(tiny_models, tmp_path):
                                "wan": (override(generate, "model.wan"), None, tiny_models.wan)})
     check_real_preset(videos, [*generate, *CPU_GENERATE])
     assert not (work / ".cache" / "tiny-models").exists(), "a tiny preset was used"
+    check_fast_modes(work, env, videos, ids)
+
+
+def check_fast_modes(work: Path, env: dict, exact_videos: Path, ids: list[str]) -> None:
+    """README "Fast modes", as written, after the real run in the same folder: speed=fast (on the
+    CPU every fast option falls back, so its latents are the exact run's), calibration on the
+    user's weights, speed=fastest with that calibration (steps skipped, recorded), then compare."""
+    from bindweave.sampling.calibration import read_calibration
+    from safetensors.torch import load_file
+
+    fast, calibrate, fastest, compare = readme_block("Fast modes")
+    assert [command[:2] for command in (fast, calibrate, fastest, compare)] == [
+        ["python", "launch/generate.py"], ["python", "launch/calibrate.py"], ["python", "launch/generate.py"],
+        ["python", "launch/compare.py"]]
+    run_documented(fast, CPU_GENERATE, work, env)
+    fast_videos = work / override(fast, "output_dir")
+    for sample_id in ids:
+        sidecar = json.loads((fast_videos / f"{sample_id}.json").read_text())
+        assert sidecar["speed"]["fp8_linears"]["count"] == 0 and sidecar["speed"]["step_cache"] is None
+        assert load_file(fast_videos / f"{sample_id}.latents.safetensors")["latents"].equal(
+            load_file(exact_videos / f"{sample_id}.latents.safetensors")["latents"])
+
+    run_documented(calibrate, CPU_GENERATE, work, env)
+    calibration_path = work / override(calibrate, "output")
+    calibration = read_calibration(calibration_path)
+    assert calibration.bindweave_calibrated and calibration.details["num_steps"] == 3
+    assert calibration.details["samples"] == ids[:2] and len(calibration.mag_ratios["positive"]) == 3
+
+    run_documented(fastest, CPU_GENERATE, work, env)
+    fastest_videos = work / override(fastest, "output_dir")
+    skipped = 0
+    for sample_id in ids:
+        cache = json.loads((fastest_videos / f"{sample_id}.json").read_text())["speed"]["step_cache"]
+        assert cache["kind"] == "magcache" and cache["calibration"] == f"{override(fastest, 'cache.calibration')} " \
+                                                                      "(BindWeave-calibrated)"
+        skipped += cache["forwards_skipped"]
+    assert skipped > 0
+
+    result = run_documented(compare, [], work, env)
+    report = json.loads((work / compare[3] / "compare" / "compare.json").read_text())
+    assert report["summary"]["compared"] == len(ids) and report["summary"]["max_latent_rel_error"] > 0
+    assert (work / compare[3] / "compare" / "contact_sheet.png").is_file() and "PSNR" in result.stdout
 
 
 @needs_opens2v
