@@ -50,7 +50,8 @@ def sequence_local_kernel(backend: str, chosen: str, dtype_name: str) -> str:
 
 def refuse_inapplicable_speed_options(attention_kernel: str, fuse_projections: bool, compile_blocks: bool,
                                       layout: ParallelLayout, device_type: str, dtype_name: str,
-                                      offload_encoders: bool = False, linear_precision: str = "dtype") -> None:
+                                      offload_encoders: bool = False, linear_precision: str = "dtype",
+                                      memory: str = "auto") -> None:
     """Speed and memory options the layout cannot honour end the job before loading, saying why
     (never dropped)."""
     problems = []
@@ -64,6 +65,10 @@ def refuse_inapplicable_speed_options(attention_kernel: str, fuse_projections: b
                         "q/k/v weights slices of one tensor, which FSDP2 shards apart, and compiled blocks are not "
                         "built over sharded parameters yet; add model.fuse_projections=false model.compile=false "
                         "(the attention kernel still applies)")
+    if layout.fsdp and memory == "offload":
+        problems.append(f"model.memory=offload cannot apply with parallel.fsdp={list(layout.fsdp)}: a sharded model "
+                        "is already spread over the GPUs and its shards cannot also stream from the host; use "
+                        "FSDP or offload (model.memory=auto keeps an FSDP layout resident)")
     if "dit" in layout.fsdp and linear_precision == "fp8":
         problems.append("model.linear_precision=fp8 cannot apply with parallel.fsdp=[dit]: FP8 weights are not "
                         "sharded by FSDP2 here; FP8 already halves the DiT's memory, so use it instead of FSDP "

@@ -75,7 +75,8 @@ class GenerateCommand:
                                     dit_config(model_settings)["num_attention_heads"], device_type)
         refuse_inapplicable_speed_options(model_settings.attention_kernel, model_settings.fuse_projections,
                                           model_settings.compile, layout, device_type, model_settings.dtype,
-                                          model_settings.offload_encoders, model_settings.linear_precision)
+                                          model_settings.offload_encoders, model_settings.linear_precision,
+                                          model_settings.memory)
         load_calibration(job.cache.calibration)  # a wrong calibration file fails before anything loads
         if not dist.is_initialized():  # once per process, also across the jobs of a multirun
             start_process_group(processes, device_type, job.parallel.timeout_s)
@@ -83,9 +84,10 @@ class GenerateCommand:
         if processes.world_size > 1:  # one process per GPU: rank r computes on GPU LOCAL_RANK
             model_settings = replace(model_settings, device=str(rank_device(processes, device_type)))
         check_speed_support(model_settings.speed_options(), model_settings.resolved_device())
+        plan = _memory_plan(model_settings, job.video, layout, processes.rank)
 
         known_bad = _check_job_first(job, processes.rank) if job.data.meta_path is not None else {}
-        loaded = self._engine_for(model_settings, layout, processes, device_type)
+        loaded = self._engine_for(model_settings, layout, processes, device_type, plan)
         engine, runtime = loaded.engine, loaded.runtime
         meta_path = job.data.meta_path
         if meta_path is None:
@@ -111,7 +113,7 @@ class GenerateCommand:
         log_path = log_to_file(run_folder, runtime.rank)
         return _generate_samples(loaded, run, video, sampler, job.cache, known_bad, log_path)
 
-    def _engine_for(self, model_settings, layout, processes: Processes, device_type: str) -> LoadedEngine:
+    def _engine_for(self, model_settings, layout, processes: Processes, device_type: str, plan) -> LoadedEngine:
         """The engine for these model settings and this layout: the one already loaded, or a new one."""
         from parallel.distributed import finish_barrier_group
         from parallel.runtime import Runtime
@@ -121,12 +123,12 @@ class GenerateCommand:
             self.loaded = None  # the old models go before the new ones load
             runtime = Runtime.build(layout, processes, model_settings.resolved_device())
             log.info("rank %d: loading stage-3 models (%s)", runtime.rank, layout.describe())
-            engine = Stage3Engine(build_models(model_settings, runtime, device_type), runtime)
+            engine = Stage3Engine(build_models(model_settings, runtime, device_type, plan), runtime)
             self.loaded = LoadedEngine(key, engine, runtime, finish_barrier_group())
         return self.loaded
 
 
-def build_models(model_settings, runtime: Runtime, device_type: str):
+def build_models(model_settings, runtime: Runtime, device_type: str, memory_plan=None):
     """Load the stage-3 models for this layout, in one documented order: load (FSDP: the DiT built
     on the meta device, each rank reading its shards; T5 sharded after loading) with the speed
     options (kernel, fused projections, compiled blocks: bindweave.model.speed), then the sequence
@@ -140,7 +142,7 @@ def build_models(model_settings, runtime: Runtime, device_type: str):
     build_dit = (lambda folder, dtype, device: load_sharded_bindweave(folder, runtime.fsdp_mesh, dtype, device)[0]) \
         if "dit" in sharded else None
     sharder = (lambda module: shard_t5(module, runtime.fsdp_mesh)) if "t5" in sharded else None
-    models = load_stage3_models(model_settings, build_dit=build_dit, shard_t5=sharder)
+    models = load_stage3_models(model_settings, build_dit=build_dit, shard_t5=sharder, memory_plan=memory_plan)
     chosen_kernel = models.transformer.attention_hook.kernel  # `auto` settled by bindweave.model.speed
     parallelize(models.transformer, runtime)
     models.attention_kernels = attention_call_sites(chosen_kernel, runtime.layout, device_type, model_settings.dtype)
@@ -244,6 +246,21 @@ def _refuse_changed_finished_samples(job: GenerateConfig, samples, finished: set
         if changed:
             conflicts[sample.sample_id] = changed
     refuse_changed_samples(conflicts, output_dir)
+
+
+def _memory_plan(model_settings, video, layout, rank: int):
+    """``model.memory`` settled for this rank's GPU and its share of the job's tokens (logged by
+    rank 0). Under FSDP the shards are the memory lever: ``auto`` keeps everything resident there
+    (``offload`` with FSDP was refused with the other combinations)."""
+    from bindweave.stages.generate import job_size, memory_plan_for
+
+    settings = replace(model_settings, memory="resident") if layout.fsdp and model_settings.memory == "auto" \
+        else model_settings
+    plan = memory_plan_for(settings, job_size(settings, video, dit_config(settings), layout.sequence),
+                           settings.resolved_device())
+    if rank == 0:
+        log.info("memory=%s: %s (%s)", model_settings.memory, plan.mode, plan.reason)
+    return plan
 
 
 def _device_type(device: str) -> str:

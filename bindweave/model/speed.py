@@ -15,7 +15,8 @@ and FP8 linear layers (bindweave.model.fp8). docs/PERFORMANCE.md has the measure
     apply_speed_options(model, SpeedOptions())   # cuDNN self-attention, fused QKV, compiled blocks
 
 The order is fixed: fused projections, then FP8 linears (they quantize the fused weights), then the
-attention hook, then compile (it traces the quantized layers and the chosen kernel).
+attention hook, then the block offload hooks (bindweave.model.offload: memory=offload), then
+compile (it traces the quantized layers and the chosen kernel inside the offloaded blocks).
 """
 
 import logging
@@ -30,6 +31,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from bindweave.model.attention import AttentionHook, sdpa
 from bindweave.errors import BindWeaveInputError
 from bindweave.model.fp8 import LINEAR_PRECISIONS, note, quantize_linears_fp8, resolve_linear_precision
+from bindweave.model.offload import offload_blocks
 
 log = logging.getLogger("bindweave")
 
@@ -227,20 +229,25 @@ def fuse_projections(model: torch.nn.Module) -> None:
                 rows += size
 
 
-def apply_speed_options(model: torch.nn.Module, options: SpeedOptions) -> torch.nn.Module:
+def apply_speed_options(model: torch.nn.Module, options: SpeedOptions,
+                        offload_to: torch.device | None = None) -> torch.nn.Module:
     """Apply ``options`` to a single-device ``BindWeaveTransformer`` in place, in the module
     docstring's order, and return it (``fp8.fp8_layer_names`` lists the layers in FP8).
+    ``offload_to``: the model is on the host and computes there with its blocks streamed in.
 
     Multi-GPU runs install their own attention hook (``parallel/``) after this; the fused
     projections, the FP8 layers and the compiled blocks stay.
     """
-    options = resolve_speed_options(options, next(model.parameters()).device)  # fails before the work
+    compute_device = offload_to or next(model.parameters()).device
+    options = resolve_speed_options(options, compute_device)  # fails before the work
     log.debug("single-device self-attention kernel: %s", options.attention)  # the job logs what runs under its layout
     if options.fuse_projections:
         fuse_projections(model)
     if options.linear_precision == "fp8":
         quantize_linears_fp8(model)
     model.set_attention_hook(PreferredKernelAttention(options.attention))
+    if offload_to is not None:
+        offload_blocks(model, offload_to)
     if options.compile:
         model.compile_repeated_blocks()  # regional compile: diffusers' API, every block in place
     return model

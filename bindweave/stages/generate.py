@@ -40,6 +40,7 @@ from bindweave.model.fp8 import LINEAR_PRECISIONS, fp8_layer_names, layer_patter
 from bindweave.model.speed import ATTENTION_CHOICES, SpeedOptions, apply_speed_options
 from bindweave.io.outputs import latents_path, video_done, write_json, write_latents, write_mp4
 from bindweave.encoders.prompts import T5_NEGATIVE_PROMPT
+from bindweave.stages.memory import MEMORY_MODES, JobSize, MemoryPlan, plan_memory
 from bindweave.stages.resume import bytes_sha256, file_sha256, sample_recipe
 from bindweave.sampling.sampler import SamplerSettings, Step, denoise, initial_noise, make_scheduler
 from bindweave.sampling.step_cache import BlockCache, CacheSettings, build_step_cache
@@ -97,6 +98,7 @@ class ModelSettings:
     fuse_projections: bool = False  # one GEMM for q/k/v (weights held once)
     compile: bool = False  # torch.compile each block (one graph for all 40; ~20 s once per process)
     linear_precision: str = "dtype"  # dtype | fp8 | auto_fp8: the blocks' linears in FP8 (bindweave/model/fp8.py)
+    memory: str = "auto"  # auto | resident | offload: the DiT's blocks on the GPU or streamed in (stages/memory.py)
 
     def __post_init__(self):
         problems = []
@@ -106,6 +108,8 @@ class ModelSettings:
             problems.append(f"model.device={self.device} is not auto, cpu, cuda or cuda:N")
         if self.attention_kernel not in ATTENTION_CHOICES:
             problems.append(f"model.attention_kernel={self.attention_kernel} is not one of {', '.join(ATTENTION_CHOICES)}")
+        if self.memory not in MEMORY_MODES:
+            problems.append(f"model.memory={self.memory} is not one of {', '.join(MEMORY_MODES)}")
         if self.linear_precision not in LINEAR_PRECISIONS:
             problems.append(f"model.linear_precision={self.linear_precision} is not one of {', '.join(LINEAR_PRECISIONS)}")
         if problems:
@@ -159,6 +163,7 @@ class Stage3Models:
     load_s: float = 0.0  # seconds this process spent loading them (sidecars: once per process, reused after)
     recipe_options: dict = field(default_factory=dict)  # the settings that change the pixels (resume.py)
     fp8_layers: list = field(default_factory=list)  # the DiT's linear layers stored and run in FP8
+    memory_plan: MemoryPlan | None = None  # how the DiT is held (resident, or its blocks streamed in)
 
     def encoders_to(self, device: torch.device) -> None:
         if self.offload_encoders:
@@ -199,18 +204,42 @@ def job_recipe_options(model_options: dict, cache: CacheSettings) -> dict:
     return model_options if cache.kind == "none" else {**model_options, "cache": cache.recipe()}
 
 
+def job_size(settings: ModelSettings, video: VideoSettings, dit_config: dict, sequence_ranks: int = 1) -> JobSize:
+    """The memory-deciding size of a job of ``video`` on one rank (its share of the tokens)."""
+    from bindweave.model.flops import video_tokens
+
+    _, _, frames, height, width = video.latent_shape
+    tokens = video_tokens(dit_config, frames, height, width)
+    return JobSize(video_tokens=-(-tokens // sequence_ranks), num_layers=dit_config["num_layers"],
+                   fp8=settings.linear_precision != "dtype")
+
+
+def memory_plan_for(settings: ModelSettings, size: JobSize, device: torch.device) -> MemoryPlan:
+    """``model.memory`` settled for this device's free memory (logged once by the caller); a job
+    that cannot fit is a BindWeaveInputError before anything loads."""
+    free_gib = torch.cuda.mem_get_info(device)[0] / 2**30 if device.type == "cuda" else None
+    try:
+        return plan_memory(settings.memory, free_gib, size, settings.offload_encoders, settings.vae_tiling)
+    except MemoryError as error:
+        raise BindWeaveInputError(f"model.memory={settings.memory}: {error}") from None
+
+
 def load_stage3_models(settings: ModelSettings, build_dit: Callable | None = None,
-                       shard_t5: Callable | None = None) -> Stage3Models:
+                       shard_t5: Callable | None = None, memory_plan: MemoryPlan | None = None) -> Stage3Models:
     """Every stage-3 model, once per process, with the DiT's speed options (bindweave.model.speed).
 
     ``build_dit(folder, dtype, device)`` replaces the DiT loader and ``shard_t5(module)`` shards T5
     after loading: the app passes parallel/fsdp.py's for FSDP (the DiT built on the meta device,
     each rank reading only its shards). Fused projections and compiled blocks cannot apply to a
-    sharded DiT: the app refuses them before loading; here they are an error.
+    sharded DiT: the app refuses them before loading; here they are an error. ``memory_plan``
+    (bindweave.stages.memory; None: all resident as the settings say) may offload the DiT's blocks,
+    the encoders and tile the decode.
     """
     started = time.perf_counter()
     dit_folder, wan_folder = model_folders(settings)
     device, dtype = settings.resolved_device(), settings.torch_dtype
+    plan = memory_plan or MemoryPlan("resident", settings.offload_encoders, settings.vae_tiling, 0.0, "as set")
+    offload_dit = plan.mode == "offload" and build_dit is None  # FSDP + offload is refused before loading
     if build_dit is not None:
         if settings.fuse_projections or settings.compile or settings.linear_precision == "fp8":
             raise BindWeaveInputError("model.fuse_projections / model.compile / model.linear_precision=fp8 cannot "
@@ -218,12 +247,13 @@ def load_stage3_models(settings: ModelSettings, build_dit: Callable | None = Non
         transformer = build_dit(dit_folder, dtype, device)
         options = replace(settings.speed_options(), linear_precision="dtype")  # auto_fp8: not over shards
     else:
-        transformer = load_bindweave_transformer(dit_folder, dtype=dtype, device=device)
+        # Offloaded, the DiT stays on the host; its blocks stream to the GPU when they run.
+        transformer = load_bindweave_transformer(dit_folder, dtype=dtype, device="cpu" if offload_dit else device)
         options = settings.speed_options()
-    apply_speed_options(transformer, options)
-    if settings.offload_encoders and shard_t5 is not None:  # refused with the reason before loading (app)
+    apply_speed_options(transformer, options, offload_to=device if offload_dit else None)
+    offload_encoders = settings.offload_encoders or plan.offload_encoders
+    if offload_encoders and shard_t5 is not None:  # refused with the reason before loading (app)
         raise BindWeaveInputError("model.offload_encoders cannot apply with parallel.fsdp=[t5]")
-    offload_encoders = settings.offload_encoders
     # Offloaded encoders start on the CPU: they come to the GPU only while a sample is conditioned.
     encoder_device = torch.device("cpu") if offload_encoders else device
     text_encoder = T5TextEncoder.from_folder(wan_folder, dtype=dtype, device=encoder_device)
@@ -232,7 +262,7 @@ def load_stage3_models(settings: ModelSettings, build_dit: Callable | None = Non
     return Stage3Models(
         transformer=transformer,
         vae=WanVae.from_folder(wan_folder, dtype=torch.float32 if device.type == "cpu" else dtype, device=device,
-                               tiled=settings.vae_tiling),
+                               tiled=settings.vae_tiling or plan.vae_tiling),
         text_encoder=text_encoder,
         image_encoder=ClipImageEncoder.from_folder(wan_folder, dtype=dtype, device=encoder_device),
         video_conditions=VideoConditionCache(Path(settings.cache_dir) / "video_condition"),
@@ -240,6 +270,7 @@ def load_stage3_models(settings: ModelSettings, build_dit: Callable | None = Non
         provenance=model_provenance(dit_folder, wan_folder),
         recipe_options=recipe_options(settings),
         fp8_layers=fp8_layer_names(transformer),
+        memory_plan=plan,
         offload_encoders=offload_encoders,
         load_s=time.perf_counter() - started,
     )
@@ -390,11 +421,11 @@ def dit_predictor(transformer: BindWeaveTransformer, inputs: SampleInputs, step_
 
     @torch.no_grad()
     def predict(latents: torch.Tensor, step: Step) -> torch.Tensor:
-        block_cache: BlockCache | None = step_cache.for_step(step) if step_cache is not None else None
+        cached: dict[str, BlockCache] = {} if step_cache is None else {"block_cache": step_cache.for_step(step)}
         return transformer(
             latents.to(transformer.dtype), step.timestep.to(latents.device), t5_embeds=inputs.t5[step.side],
             qwen_states=inputs.qwen[step.side], clip_embeds=inputs.clip_embeds, condition=inputs.condition,
-            block_cache=block_cache,
+            **cached,
         )
 
     return predict
@@ -521,7 +552,8 @@ def generate_sample(models: Stage3Models, job: Stage3Job, progress: bool = True,
         "memory": memory, "peak_memory_gib": peak_of(memory),
         "versions": versions(), "parallel": runtime.layout_record(), "attention_kernels": models.attention_kernels,
         "speed": speed,
-        "memory_options": {"offload_encoders": models.offload_encoders, "vae_tiling": models.vae.model.use_tiling},
+        "memory_options": {"offload_encoders": models.offload_encoders, "vae_tiling": models.vae.model.use_tiling,
+                           "dit": models.memory_plan.record() if models.memory_plan else None},
         "recipe": sample_recipe(sample.prompt, job.input_hashes(), seed, video, sampler, models.provenance,
                                 job_recipe_options(models.recipe_options, job.cache)),
     }

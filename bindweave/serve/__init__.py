@@ -1,0 +1,16 @@
+"""A resident BindWeave server with the OpenAI-style Videos API (docs/SERVING.md).
+
+    BINDWEAVE_API_KEYS=sk-local-123456 python launch/serve.py serve.port=8000
+
+The models load once; each request is stage 2 (Qwen2.5-VL hidden states, in memory) and stage 3
+(``Stage3Engine.run``) on the worker thread. One module per job:
+
+- ``settings.py``   ``serve.*`` and the entry point's schema (``ServeConfig``, ``serve_schema``)
+- ``command.py``    config -> keys, port, job table, models, worker, app -> uvicorn
+- ``api.py``        the HTTP routes (FastAPI) and the OpenAI video object
+- ``job_request.py``  a request's fields and uploads checked, the job queued
+- ``store.py``      the SQLite job table and each job's folder
+- ``worker.py``     the engine's thread: queue order, progress, cancel, shutdown
+- ``hidden_states.py``  stage 2 for one request, in memory
+- ``auth.py``, ``metrics.py``, ``errors.py``   bearer keys, Prometheus text, the API's error shape
+"""

@@ -1,0 +1,94 @@
+"""The server's settings: ``serve.*`` (:class:`ServeSettings`) and the whole schema of
+``launch/serve.py`` (:class:`ServeConfig`: the stage-3 model, sampler, video and step-cache
+settings of ``launch/generate.py``, the Qwen settings of ``launch/extract.py``, and ``serve``).
+
+``conf/serve.yaml`` lists ``serve_schema`` first in its defaults and only overrides it, as the
+other entry points do with theirs (bindweave/app/config.py), so a typo in a ``serve.*`` override is
+one ``error:`` line naming the nearest key, before anything is loaded::
+
+    register_serve_schema()          # before run_hydra_app("serve", ...)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from bindweave.encoders.qwen import QwenSettings
+from bindweave.errors import BindWeaveInputError
+from bindweave.sampling.sampler import SamplerSettings
+from bindweave.sampling.step_cache import CacheSettings
+from bindweave.stages.generate import ModelSettings, VideoSettings
+
+AUTH_CHOICES = ("api_keys", "none")
+INTERRUPTED_CHOICES = ("requeue", "fail")
+# auth=none is allowed only where no other machine can connect.
+LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
+
+
+@dataclass(frozen=True)
+class ServeSettings:
+    """``serve.*``: where the server listens, who may call it, where it keeps its jobs, its limits."""
+
+    host: str = "127.0.0.1"
+    port: int = 8000
+    state_dir: str = "outputs/serve"  # jobs.sqlite3 + jobs/<id>/ (uploads, video, sidecar, thumbnail)
+    auth: str = "api_keys"  # api_keys: a bearer token from the file or the variable below | none (loopback host only)
+    api_keys_file: str | None = None  # one key per line; blank lines and '#' comments ignored
+    api_keys_env: str = "BINDWEAVE_API_KEYS"  # the variable holding comma-separated keys
+    model_name: str = "bindweave"  # the one model id of /v1/models, and what requests may name
+    max_queue: int = 16  # queued jobs (the running one not counted); more: 429
+    max_upload_bytes: int = 20 * 2**20  # per reference image
+    max_image_pixels: int = 4096 * 4096  # per reference image, read from its header before decoding
+    max_video_pixels: int = 1280 * 720  # width x height of a requested video
+    max_frames: int = 81
+    max_steps: int = 100
+    on_interrupted: str = "requeue"  # a job running when the server died: requeue (same seed, same video) | fail
+    max_attempts: int = 2  # starts of one job after which an interrupted job fails instead (a crash loop)
+    poll_after_ms: int = 1000  # the openai client's poll interval (openai-poll-after-ms header)
+
+    def __post_init__(self):
+        problems = []
+        if self.auth not in AUTH_CHOICES:
+            problems.append(f"serve.auth={self.auth} is not one of {', '.join(AUTH_CHOICES)}")
+        elif self.auth == "none" and self.host not in LOOPBACK_HOSTS:
+            problems.append(f"serve.auth=none with serve.host={self.host}: without API keys the server may only "
+                            f"listen on this machine ({', '.join(LOOPBACK_HOSTS)}); set serve.auth=api_keys and give "
+                            f"keys ({self.api_keys_env}=KEY or serve.api_keys_file=FILE), or serve.host=127.0.0.1")
+        if self.on_interrupted not in INTERRUPTED_CHOICES:
+            problems.append(f"serve.on_interrupted={self.on_interrupted} is not one of {', '.join(INTERRUPTED_CHOICES)}")
+        if not 1 <= self.port <= 65535:
+            problems.append(f"serve.port={self.port} must be 1..65535")
+        for name in ("max_queue", "max_upload_bytes", "max_image_pixels", "max_video_pixels", "max_frames",
+                     "max_steps", "max_attempts", "poll_after_ms"):
+            if getattr(self, name) < 1:
+                problems.append(f"serve.{name}={getattr(self, name)} must be >= 1")
+        if problems:
+            raise BindWeaveInputError("; ".join(problems))
+
+
+@dataclass(frozen=True)
+class ServeConfig:
+    """``launch/serve.py``: the models loaded once, the per-job defaults (video, sampler, cache) and
+    ``serve``. A request may change size, frames, steps, guidance, seed and the step cache."""
+
+    model: ModelSettings = field(default_factory=ModelSettings)
+    sampler: SamplerSettings = field(default_factory=SamplerSettings)
+    video: VideoSettings = field(default_factory=VideoSettings)
+    cache: CacheSettings = field(default_factory=CacheSettings)  # the default step cache (conf/speed/)
+    qwen: QwenSettings = field(default_factory=QwenSettings)  # stage 2, run per request in memory
+    serve: ServeSettings = field(default_factory=ServeSettings)
+
+    def __post_init__(self):
+        self.model.require_weights()
+        self.qwen.require_weights()
+
+
+def register_serve_schema() -> None:
+    """Put ``serve_schema`` in Hydra's ConfigStore, the way ``register_schemas`` does for the others."""
+    from hydra.core.config_store import ConfigStore
+    from omegaconf import OmegaConf
+
+    from bindweave.app.config import _writable, register_resolvers
+
+    register_resolvers()
+    ConfigStore.instance().store(name="serve_schema", node=_writable(OmegaConf.structured(ServeConfig)))

@@ -1,0 +1,112 @@
+"""How a stage-3 job holds its models on one GPU: ``model.memory=auto|resident|offload``.
+
+- ``resident``: everything stays on the GPU (the fastest; ~55 GiB at 720P x 81 in bf16).
+- ``offload``: the DiT's blocks live on the host in pinned memory and are streamed in one block
+  ahead of use on a side stream (diffusers' group offloading, block level), T5 and CLIP come to the
+  GPU only while a sample is conditioned, and the VAE decodes in tiles. The GPU holds ~2 blocks, the
+  small modules and the activations.
+- ``auto``: from the free GPU memory and the job's size, the first of these that fits (logged
+  with the numbers): resident; resident DiT with the encoders offloaded; offload. A job that does
+  not fit even offloaded is refused before loading, with what it needs.
+
+The sizes are measured, not guessed (NVIDIA H200, 2026-12-01, docs/PERFORMANCE.md): the 14B DiT is
+31.7 GiB in bf16 and ~20.3 GiB with FP8 linears (0.79 / 0.50 GiB per block), UMT5-XXL + CLIP ViT-H
+11.8 GiB, the VAE 0.25 GiB, and denoising needs ~0.10 GiB per thousand video tokens (9 GiB at
+90,000 tokens); an untiled 720P x 81 decode adds ~2.2 GiB over that, a tiled one a few hundred MiB.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+MEMORY_MODES = ("auto", "resident", "offload")
+GIB = 2**30
+
+BLOCK_GIB = {"dtype": 0.79, "fp8": 0.50}  # one of the 40 blocks, bf16 / FP8 linears
+DIT_OTHER_GIB = 0.3  # embedders, patch embedding, head
+ENCODERS_GIB = 11.8  # UMT5-XXL encoder + CLIP ViT-H, bf16
+VAE_GIB = 0.25
+ACTIVATION_GIB_PER_1K_TOKENS = 0.10  # denoising, both CFG sides in turn
+UNTILED_DECODE_GIB_PER_1K_TOKENS = 0.025  # the decode's extra over denoising (2.2 GiB at 90,000 tokens)
+MARGIN_GIB = 1.5  # allocator fragmentation, CUDA context
+PREFETCHED_BLOCKS = 2  # offload: the block in use and the one streaming in
+
+
+@dataclass(frozen=True)
+class JobSize:
+    """What decides a stage-3 job's memory: its video tokens, the DiT's depth and precision."""
+
+    video_tokens: int
+    num_layers: int = 40
+    fp8: bool = False
+
+    @property
+    def dit_gib(self) -> float:
+        return self.num_layers * BLOCK_GIB["fp8" if self.fp8 else "dtype"] + DIT_OTHER_GIB
+
+    @property
+    def activations_gib(self) -> float:
+        return self.video_tokens / 1000 * ACTIVATION_GIB_PER_1K_TOKENS
+
+    @property
+    def untiled_decode_gib(self) -> float:
+        return self.video_tokens / 1000 * UNTILED_DECODE_GIB_PER_1K_TOKENS
+
+
+@dataclass(frozen=True)
+class MemoryPlan:
+    """What a job does with its models, and the numbers that chose it (logged, in sidecars)."""
+
+    mode: str  # resident | offload (what runs)
+    offload_encoders: bool
+    vae_tiling: bool
+    need_gib: float  # the estimated peak on the GPU with this plan
+    reason: str
+
+    def record(self) -> dict:
+        return {"mode": self.mode, "offload_encoders": self.offload_encoders, "vae_tiling": self.vae_tiling,
+                "estimated_peak_gib": round(self.need_gib, 1), "reason": self.reason}
+
+
+def resident_need(job: JobSize, offload_encoders: bool, vae_tiling: bool) -> float:
+    decode = 0.0 if vae_tiling else job.untiled_decode_gib
+    encoders = 0.0 if offload_encoders else ENCODERS_GIB
+    return job.dit_gib + encoders + VAE_GIB + job.activations_gib + decode + MARGIN_GIB
+
+
+def offload_need(job: JobSize) -> float:
+    """Offloaded: two blocks, the small modules, the VAE (tiled) and the activations. The encoders
+    visit the GPU alone, while no block is there: their 11.8 GiB count only if they are the peak."""
+    streamed = PREFETCHED_BLOCKS * BLOCK_GIB["fp8" if job.fp8 else "dtype"] + DIT_OTHER_GIB
+    return max(streamed + VAE_GIB + job.activations_gib, ENCODERS_GIB + VAE_GIB) + MARGIN_GIB
+
+
+def plan_memory(mode: str, free_gib: float | None, job: JobSize, offload_encoders: bool = False,
+                vae_tiling: bool = False) -> MemoryPlan:
+    """The plan for ``mode`` (``auto`` chooses; ``free_gib`` None: no GPU, everything resident).
+    ``offload_encoders`` / ``vae_tiling`` asked for by the user stay on in every plan."""
+    if mode not in MEMORY_MODES:
+        raise ValueError(f"memory mode {mode!r}: choose one of {', '.join(MEMORY_MODES)}")
+    if mode == "resident" or (mode == "auto" and free_gib is None):
+        need = resident_need(job, offload_encoders, vae_tiling)
+        why = "asked for" if mode == "resident" else "no GPU: the host holds everything"
+        return MemoryPlan("resident", offload_encoders, vae_tiling, need, why)
+    if mode == "offload":
+        return MemoryPlan("offload", True, True, offload_need(job), "asked for")
+    for encoders_off in sorted({offload_encoders, True}):
+        need = resident_need(job, encoders_off, vae_tiling)
+        if need <= free_gib:
+            how = "everything on the GPU" if not encoders_off else "the DiT on the GPU, T5 and CLIP offloaded"
+            return MemoryPlan("resident", encoders_off, vae_tiling, need,
+                              f"{how}: needs ~{need:.1f} GiB of {free_gib:.1f} GiB free")
+    need = offload_need(job)
+    if need > free_gib:
+        raise MemoryError(
+            f"this job needs ~{need:.1f} GiB on the GPU even with the DiT's blocks offloaded and "
+            f"{free_gib:.1f} GiB are free ({job.video_tokens:,} video tokens: activations "
+            f"~{job.activations_gib:.1f} GiB); lower video.height/width/num_frames, use model.linear_precision=fp8, "
+            f"or split the tokens over GPUs (parallel=ulysses2)")
+    return MemoryPlan("offload", True, True, need,
+                      f"resident needs ~{resident_need(job, True, vae_tiling):.1f} GiB (DiT {job.dit_gib:.1f} GiB + "
+                      f"activations {job.activations_gib:.1f} GiB) but {free_gib:.1f} GiB are free: the DiT's "
+                      f"blocks stream from pinned host memory (~{need:.1f} GiB on the GPU)")

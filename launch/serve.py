@@ -1,0 +1,18 @@
+"""The resident server: `python launch/serve.py [overrides]` (OpenAI-style Videos API, docs/SERVING.md).
+
+Loads stage 3 and the Qwen2.5-VL once and serves until Ctrl-C. With no arguments it serves the tiny
+CPU models on 127.0.0.1:8000 and wants an API key (`BINDWEAVE_API_KEYS=KEY`).
+"""
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bindweave.app.hydra_support import run_hydra_app  # noqa: E402
+from bindweave.serve.command import ServeCommand  # noqa: E402
+from bindweave.serve.settings import register_serve_schema  # noqa: E402
+
+if __name__ == "__main__":
+    register_serve_schema()
+    run_hydra_app("serve", ServeCommand())

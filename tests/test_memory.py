@@ -1,0 +1,95 @@
+"""Memory modes (bindweave/stages/memory.py, bindweave/model/offload.py): ``model.memory=auto``
+picks as documented from the free GPU memory and the job's size; offload installs diffusers' group
+offloading on every block and computes what the resident model computes; what cannot combine is
+refused before loading. The GPU checks (streamed blocks, weights on the host between uses) are in
+tests/test_memory_gpu.py."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from bindweave.errors import BindWeaveInputError
+from bindweave.model.offload import offloaded_blocks
+from bindweave.stages.generate import (ModelSettings, VideoSettings, job_size, load_stage3_models,
+                                       memory_plan_for)
+from bindweave.model.transformer import BINDWEAVE_14B_CONFIG, TINY_CONFIG
+from bindweave.stages.memory import JobSize, MemoryPlan, plan_memory
+from parallel.layout import ParallelLayout
+from parallel.parallelize import refuse_inapplicable_speed_options
+from test_transformer import inputs as tiny_inputs
+
+P720 = JobSize(video_tokens=90_000)  # 720P x 81 frames
+P480 = JobSize(video_tokens=39_000)  # 832 x 480 x 81 frames
+
+
+@pytest.mark.parametrize("free, size, mode, offload_encoders", [
+    (139.0, P720, "resident", False),                     # H200: everything on the GPU
+    (79.0, P720, "resident", False),                      # H100 80 GB
+    (48.0, P720, "resident", True),                       # L40S / A6000: the DiT stays, T5 + CLIP move
+    (46.0, JobSize(90_000, fp8=True), "resident", False),  # FP8 weights: all of it fits in 46 GiB
+    (32.0, P720, "offload", True),                        # RTX 5090
+    (24.0, P720, "offload", True),                        # RTX 4090 / 3090
+    (24.0, P480, "offload", True),
+    (None, P720, "resident", False),                      # no GPU: the host holds everything
+])
+def test_auto_picks_the_first_plan_that_fits(free, size, mode, offload_encoders):
+    plan = plan_memory("auto", free, size)
+    assert (plan.mode, plan.offload_encoders) == (mode, offload_encoders), plan
+    if free is not None:
+        assert plan.need_gib <= free and f"{free:.1f} GiB" in plan.reason
+    assert plan.vae_tiling == (mode == "offload")
+
+
+def test_a_job_that_does_not_fit_even_offloaded_is_refused_with_what_it_needs():
+    with pytest.raises(MemoryError, match=r"needs ~13\.6 GiB on the GPU even with the DiT's blocks offloaded and "
+                                          r"12\.0 GiB are free \(90,000 video tokens"):
+        plan_memory("auto", 12.0, P720)
+
+
+def test_explicit_modes_and_the_users_own_options_stay():
+    assert plan_memory("resident", 24.0, P720).mode == "resident"  # asked for: not second-guessed
+    offload = plan_memory("offload", 139.0, P720)
+    assert (offload.mode, offload.offload_encoders, offload.vae_tiling) == ("offload", True, True)
+    kept = plan_memory("auto", 139.0, P720, offload_encoders=True, vae_tiling=True)
+    assert (kept.mode, kept.offload_encoders, kept.vae_tiling) == ("resident", True, True)
+
+
+def test_the_job_size_is_the_ranks_share_of_the_real_token_count():
+    settings = ModelSettings(dit="d", wan="w")
+    assert job_size(settings, VideoSettings(), BINDWEAVE_14B_CONFIG).video_tokens == 90_000
+    assert job_size(settings, VideoSettings(), BINDWEAVE_14B_CONFIG, sequence_ranks=4).video_tokens == 22_500
+    assert job_size(ModelSettings(dit="d", wan="w", linear_precision="auto_fp8"), VideoSettings(),
+                    BINDWEAVE_14B_CONFIG).fp8
+    assert memory_plan_for(settings, P720, torch.device("cpu")).mode == "resident"
+
+
+def test_offloaded_dit_has_every_block_hooked_and_computes_the_same(tiny_models, tmp_path):
+    settings = ModelSettings(tiny_root=str(tiny_models.bindweave.parent), dtype="float32", device="cpu",
+                             cache_dir=str(tmp_path), memory="offload")
+    plan = plan_memory("offload", None, JobSize(video_tokens=100, num_layers=TINY_CONFIG["num_layers"]))
+    offloaded = load_stage3_models(settings, memory_plan=plan)
+    resident = load_stage3_models(settings, memory_plan=None)
+    assert offloaded_blocks(offloaded.transformer) == list(range(TINY_CONFIG["num_layers"]))
+    assert offloaded_blocks(resident.transformer) == []
+    # Applied after the attention hook: every block's self-attention still runs the chosen kernel's hook.
+    assert all(block.attn1.processor.hook is offloaded.transformer.attention_hook
+               for block in offloaded.transformer.blocks)
+    assert offloaded.offload_encoders and offloaded.vae.model.use_tiling and offloaded.memory_plan is plan
+    x = tiny_inputs()
+    with torch.no_grad():
+        assert torch.equal(offloaded.transformer(**x), resident.transformer(**x))
+
+
+def test_offload_with_fsdp_is_refused_before_loading():
+    with pytest.raises(BindWeaveInputError, match=r"model.memory=offload cannot apply with parallel.fsdp=\['dit'\]"):
+        refuse_inapplicable_speed_options("auto", False, False, ParallelLayout(fsdp=("dit",)), "cuda", "bfloat16",
+                                          memory="offload")
+    refuse_inapplicable_speed_options("auto", False, False, ParallelLayout(ulysses=2), "cuda", "bfloat16",
+                                      memory="offload")  # sequence parallel + offload: each rank streams its own
+
+
+def test_a_bad_memory_mode_names_the_choices():
+    with pytest.raises(BindWeaveInputError, match="model.memory=small is not one of auto, resident, offload"):
+        ModelSettings(memory="small")
+    assert isinstance(plan_memory("auto", 100.0, P720), MemoryPlan)
