@@ -10,7 +10,10 @@ the latent size; the DiT sees ``(4 + F) * H/2 * W/2`` tokens (1x4x8: 40, 1x6x6: 
 ``--device cuda`` runs on GPU LOCAL_RANK (NCCL), ``--dtype bfloat16`` in the DiT's real precision,
 ``--backend`` picks the sequence-parallel backend (default auto: xfuser on CUDA, deepspeed on CPU).
 ``--kernel NAME`` installs that single-device kernel (bindweave.model.speed) before the layout is applied and
-writes how often it ran on each rank to ``OUT_DIR/kernel_calls.rank{R}.txt``.
+writes how often it ran on each rank to ``OUT_DIR/kernel_calls.rank{R}.txt``. ``--offload`` keeps
+the blocks on the host and streams them in (bindweave.model.offload); ``--cache magcache`` runs a
+step cache (published ratios, a threshold that skips) and writes each rank's skipped steps to
+``OUT_DIR/skipped.{grid}.rank{R}.txt``.
 """
 
 from __future__ import annotations
@@ -23,7 +26,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bindweave.model.offload import offload_blocks  # noqa: E402
 from bindweave.model.speed import PreferredKernelAttention  # noqa: E402
+from bindweave.sampling.step_cache import CacheSettings, StepCache  # noqa: E402
 from bindweave.stages.generate import SampleInputs, dit_predictor  # noqa: E402
 from bindweave.sampling.sampler import SamplerSettings, denoise, initial_noise, make_scheduler  # noqa: E402
 from bindweave.model.transformer import TINY_CONFIG, BindWeaveTransformer  # noqa: E402
@@ -85,6 +90,8 @@ def main() -> None:
     parser.add_argument("--backend", default="auto")
     parser.add_argument("--fsdp", action="store_true", help="FSDP2 over all ranks, loaded shard by shard from disk")
     parser.add_argument("--kernel", help="a single-device kernel (bindweave.model.speed) to install and count")
+    parser.add_argument("--offload", action="store_true", help="the blocks on the host, streamed in per block")
+    parser.add_argument("--cache", choices=["magcache", "teacache"], help="a step cache")
     args = parser.parse_args()
 
     processes = detect_processes()
@@ -103,15 +110,22 @@ def main() -> None:
             model, _ = load_sharded_bindweave(checkpoint, runtime.fsdp_mesh, getattr(torch, args.dtype), device)
         if args.kernel:
             model.set_attention_hook(CountingKernel(args.kernel))
+        if args.offload:
+            offload_blocks(model.cpu(), device)
         parallelize(model, runtime)
         if args.attend_padding:
             model.set_attention_hook(PaddingAttendingHook(runtime.sequence_group, model.attention_hook.attention))
         for grid_text in args.grid:
             noise, inputs = sample_inputs(model, tuple(int(n) for n in grid_text.split("x")), device)
-            velocity = runtime.guided_velocity(dit_predictor(model, inputs), 5.0)
+            cache = StepCache(CacheSettings(kind=args.cache, threshold=0.5, first_exact_steps=1), STEPS) \
+                if args.cache else None
+            velocity = runtime.guided_velocity(dit_predictor(model, inputs, cache), 5.0)
             latents = denoise(noise, make_scheduler(SamplerSettings(num_steps=STEPS)), velocity)
             args.out_dir.mkdir(parents=True, exist_ok=True)
             torch.save(latents.cpu(), args.out_dir / f"{grid_text}.rank{processes.rank}.pt")
+            if cache is not None:
+                (args.out_dir / f"skipped.{grid_text}.rank{processes.rank}.txt").write_text(
+                    repr(cache.record()["skipped_steps"]))
         if args.kernel:
             (args.out_dir / f"kernel_calls.rank{processes.rank}.txt").write_text(str(CountingKernel.calls))
     finally:

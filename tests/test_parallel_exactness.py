@@ -50,6 +50,24 @@ def test_n_ranks_give_the_one_rank_latents(reference, tmp_path, processes, degre
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(400)
+def test_offloaded_blocks_and_the_step_cache_under_ulysses_give_the_one_rank_result(tmp_path):
+    """Memory and speed options that touch the blocks keep the layout exact: each rank streams its
+    own blocks from the host, and the step cache skips the same steps on every rank (its decision
+    never depends on a rank's tokens), matching the 1-process cached run."""
+    single = tmp_path / "single"
+    run_script(DENOISE, single, "--grid", PADS, "--cache", "magcache", processes=None, timeout=180)
+    run_script(DENOISE, tmp_path, "ulysses=2", "--grid", PADS, "--offload", "--cache", "magcache", processes=2,
+               timeout=300)
+    latents = rank_latents(tmp_path, PADS, 2)
+    assert torch.equal(latents[0], latents[1])
+    torch.testing.assert_close(latents[0], torch.load(single / f"{PADS}.rank0.pt"), **TOLERANCE)
+    skipped = [(tmp_path / f"skipped.{PADS}.rank{rank}.txt").read_text() for rank in range(2)]
+    assert skipped[0] == skipped[1] == (single / f"skipped.{PADS}.rank0.txt").read_text()
+    assert "[]" not in skipped[0]  # some steps were skipped on each side
+
+
+@pytest.mark.slow
 @pytest.mark.timeout(300)
 def test_under_ulysses_the_chosen_kernel_runs_the_local_attention(reference, tmp_path):
     """Kernel and sharding are separate: deepspeed's Ulysses calls the installed kernel for each
