@@ -1,10 +1,11 @@
 """FP8 linear layers for the DiT blocks: torchao's float8 dynamic-activation / float8-weight
 quantization with per-row scales (one scale per weight row, one per activation token).
 
-The weights are stored in FP8 (the 40 blocks' linears are ~96 % of the DiT's 31 GiB, so it drops to
-~17 GiB) and each GEMM runs on the FP8 tensor cores (``torch._scaled_mm``) at about twice the
-bf16 rate on Hopper. Compiled blocks fuse the activation quantization (absmax per token, scale,
-cast) into the ops before it, so it costs no extra pass over the activations.
+The weights are stored in FP8 (the DiT drops from 31.7 to ~20.3 GiB; the cross-attention K/V stay
+in bf16) and each GEMM runs on the FP8 tensor cores (``torch._scaled_mm``), about twice the bf16
+rate on Hopper. In compiled blocks inductor can fuse the activation quantization (absmax per token,
+scale, cast) with the ops before it; the speed-up of the whole forward is measured in
+docs/PERFORMANCE.md (not profiled kernel by kernel).
 
 Which layers, and why (docs/PERFORMANCE.md has the measured errors):
 
