@@ -265,8 +265,10 @@ def test_interrupted_at_any_stage_leaves_no_partial_output_and_rerun_completes_t
 
     assert finished(output) == {ids[0]}
     left = {p.name for p in output.iterdir() if not p.name.startswith(".")}
-    expected = {f"{ids[0]}.mp4", f"{ids[0]}.json"} | ({f"{ids[1]}.mp4"} if stage in ("before-sidecar",
-                                                                                        "sidecar-write") else set())
+    # A finished sample: its MP4, its latents and, last, its sidecar; interrupted before the sidecar,
+    # the next one has the first two.
+    expected = {f"{ids[0]}.mp4", f"{ids[0]}.latents.safetensors", f"{ids[0]}.json"} | (
+        {f"{ids[1]}.mp4", f"{ids[1]}.latents.safetensors"} if stage in ("before-sidecar", "sidecar-write") else set())
     assert left == expected, left
     assert assert_no_partial_output(output) == []  # and the temp files were removed on the way out
 
@@ -370,7 +372,7 @@ def test_disk_full_mid_run_names_the_video_keeps_the_finished_samples_and_the_re
     message = str(info.value)
     assert message.startswith(f"Disk full while writing {output / 's1.mp4'}: nothing was written to s1.mp4 and "
                               f"the files written before it are kept."), message
-    assert sorted(os.listdir(output)) == ["s0.json", "s0.mp4"]  # nothing partial, no temp file
+    assert sorted(os.listdir(output)) == ["s0.json", "s0.latents.safetensors", "s0.mp4"]  # nothing partial, no temp
     assert finished(output) == {"s0"} and assert_no_partial_output(output) == []
 
     monkeypatch.undo()

@@ -43,6 +43,7 @@ from bindweave.serve.store import JobRecord, JobStore, valid_job_id
 from bindweave.serve.worker import Worker
 
 MAX_TEXT_FIELD_BYTES = 64 * 1024
+FORM_TYPES = ("multipart/form-data", "application/x-www-form-urlencoded")
 MAX_LIST_LIMIT = 100
 SHUTDOWN_WAIT_S = 60.0  # for the running job's current step; after it the job is handled as interrupted
 
@@ -73,7 +74,8 @@ def create_app(store: JobStore, worker: Worker, settings: ServeSettings, keys: t
     @app.exception_handler(HTTPException)
     async def http_error(request: Request, error: HTTPException):  # no route, wrong method
         message = f"no route {request.method} {request.url.path}" if error.status_code in (404, 405) else error.detail
-        return error_response(ApiError(error.status_code, str(message), code="not_found"))
+        code = {404: "not_found", 405: "method_not_allowed"}.get(error.status_code, "invalid_request")
+        return error_response(ApiError(error.status_code, str(message), code=code))
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(request: Request, error: RequestValidationError):
@@ -169,9 +171,11 @@ def find(store: JobStore, video_id: str, param: str | None = None) -> JobRecord:
 async def read_form(request: Request, settings: ServeSettings):
     """The multipart form, its size bounded before it is read: a declared length within the limit
     (a body without one is refused), at most MAX_REFERENCES files and the known fields."""
-    if request.headers.get("content-type", "").split(";")[0].strip().lower() != "multipart/form-data":
+    # A form without files arrives url-encoded: it is read too, so that the missing image is what gets named.
+    if request.headers.get("content-type", "").split(";")[0].strip().lower() not in FORM_TYPES:
         raise ApiError(415, f"send multipart/form-data: prompt, {IMAGE_FIELD} (1 to {MAX_REFERENCES} image files), "
-                            "optional size, seconds or num_frames, steps, guidance, seed, speed", code="unsupported_media_type")
+                            "optional size, seconds or num_frames, steps, guidance, seed, speed",
+                       code="unsupported_media_type")
     limit = MAX_REFERENCES * settings.max_upload_bytes + len(TEXT_FIELDS) * MAX_TEXT_FIELD_BYTES
     declared = request.headers.get("content-length")
     if declared is None or not declared.isdigit():

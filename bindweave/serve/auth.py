@@ -35,7 +35,8 @@ def load_api_keys(settings: ServeSettings) -> tuple[bytes, ...] | None:
         keys += [line.strip() for line in lines if not line.strip().startswith("#")]
     keys = [key for key in keys if key]
     if not keys:
-        raise BindWeaveInputError(f"serve.auth=api_keys but no API key is set: export {settings.api_keys_env}=KEY[,KEY2] "
+        raise BindWeaveInputError(f"serve.auth=api_keys but no API key is set: export "
+                                  f"{settings.api_keys_env}=KEY[,KEY2] "
                                   "or pass serve.api_keys_file=FILE (one key per line); on this machine only, "
                                   "serve.auth=none serve.host=127.0.0.1")
     short = [key for key in keys if len(key) < MIN_KEY_CHARS]

@@ -2,7 +2,7 @@
 stored and checked as images, before anything is queued.
 
     request = parse_video_request(fields, references=len(uploads), defaults=defaults, limits=settings)
-    record = accept_job(store, settings, request, [data for data in uploads])  # 400 / 429, or queued
+    job_id = accept_job(store, settings, request, images)   # the uploads' bytes; 400 / 429, or queued
 
 Every refusal is an :class:`~bindweave.serve.errors.ApiError` naming the field. The fields are the
 OpenAI Videos API's (``prompt``, ``input_reference``, ``model``, ``seconds``, ``size``) plus

@@ -55,7 +55,8 @@ class ServeSettings:
                             f"listen on this machine ({', '.join(LOOPBACK_HOSTS)}); set serve.auth=api_keys and give "
                             f"keys ({self.api_keys_env}=KEY or serve.api_keys_file=FILE), or serve.host=127.0.0.1")
         if self.on_interrupted not in INTERRUPTED_CHOICES:
-            problems.append(f"serve.on_interrupted={self.on_interrupted} is not one of {', '.join(INTERRUPTED_CHOICES)}")
+            problems.append(f"serve.on_interrupted={self.on_interrupted} is not one of "
+                            f"{', '.join(INTERRUPTED_CHOICES)}")
         if not 1 <= self.port <= 65535:
             problems.append(f"serve.port={self.port} must be 1..65535")
         for name in ("max_queue", "max_upload_bytes", "max_image_pixels", "max_video_pixels", "max_frames",

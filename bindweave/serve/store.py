@@ -221,8 +221,9 @@ class JobStore:
         back in the queue, the attempt not counted). A cancel asked for meanwhile wins (checked in the
         same transaction as the change). Returns the status set."""
         with self._writing() as db:
-            if db.execute("SELECT cancel_requested FROM jobs WHERE id = ?", (job_id,)).fetchone()[0]:
-                status, error_code, error_message = "cancelled", "cancelled", "cancelled while it ran"
+            cancel_requested = db.execute("SELECT cancel_requested FROM jobs WHERE id = ?", (job_id,)).fetchone()[0]
+            if cancel_requested and status != "cancelled":  # asked for after its last step boundary
+                status, error_code, error_message = "cancelled", "cancelled", "cancelled as it finished"
             if status == "queued":
                 _requeue(db, job_id, count_attempt=False)
             else:
@@ -281,7 +282,8 @@ class JobStore:
             self._db.close()
 
 
-def _finish(db: sqlite3.Connection, job_id: str, status: str, error_code: str | None, error_message: str | None) -> None:
+def _finish(db: sqlite3.Connection, job_id: str, status: str, error_code: str | None,
+            error_message: str | None) -> None:
     db.execute("UPDATE jobs SET status = ?, finished_at = ?, error_code = ?, error_message = ?, "
                "progress = CASE WHEN ? = 'completed' THEN 100 ELSE progress END WHERE id = ?",
                (status, time.time(), error_code, error_message, status, job_id))

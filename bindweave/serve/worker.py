@@ -100,9 +100,10 @@ class Worker:
                 self.store.files(record.id).remove()
             with self._lock:
                 self._running = None
-            self.metrics.job(status, time.perf_counter() - started)
-            log.info("%s: %s in %.1f s%s", record.id, status, time.perf_counter() - started,
-                     f" ({message})" if message else "")
+            seconds = time.perf_counter() - started
+            self.metrics.job(status, seconds)
+            outcome = "back in the queue (the server is stopping)" if status == "queued" else status
+            log.info("%s: %s after %.1f s%s", record.id, outcome, seconds, f": {message}" if status == "failed" else "")
 
     def _run(self, record: JobRecord, cancel: threading.Event) -> tuple[str, str | None, str | None]:
         """Make the job's video (and thumbnail): its status, error code and error message."""

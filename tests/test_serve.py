@@ -1,0 +1,397 @@
+"""The resident server (launch/serve.py, bindweave/serve/): a real server process on 127.0.0.1 with
+the tiny models, called with the official ``openai`` client and with raw HTTP.
+
+One server serves most tests (jobs of 48x64, 5 frames and a few steps take a fraction of a second
+on the CPU); the restart test runs its own, killed with SIGKILL mid-job and started again.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import socket
+import struct
+import subprocess
+import sys
+import time
+import zlib
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx2
+import numpy as np
+import pytest
+from PIL import Image
+
+from bindweave.errors import BindWeaveInputError
+from bindweave.serve.settings import ServeSettings
+from bindweave.serve.store import JobStore, new_job_id
+from parallel_launch import plain_env  # tests/ is on sys.path
+
+REPO = Path(__file__).resolve().parents[1]
+KEY = "test-key-0123456789"
+SMALL = {"size": "64x48", "num_frames": "5"}
+MAX_QUEUE = 4
+MAX_UPLOAD = 200_000
+FINISHED = ("completed", "failed", "cancelled")
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+class Server:
+    """``python launch/serve.py`` with the tiny models, its log in a file."""
+
+    def __init__(self, tiny_root: Path, state_dir: Path, log: Path, *overrides: str):
+        self.port = free_port()
+        self.state_dir, self.log = state_dir, log
+        self.argv = [sys.executable, str(REPO / "launch" / "serve.py"), f"serve.port={self.port}",
+                     f"serve.state_dir={state_dir}", f"model.tiny_root={tiny_root}", f"qwen.tiny_root={tiny_root}",
+                     f"model.cache_dir={state_dir.parent / 'cache'}", "video.height=48", "video.width=64",
+                     "video.num_frames=5", "sampler.num_steps=2", f"serve.max_queue={MAX_QUEUE}",
+                     "serve.max_steps=1000", f"serve.max_upload_bytes={MAX_UPLOAD}", "serve.poll_after_ms=20",
+                     *overrides]
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.http = httpx2.Client(base_url=self.url, headers={"Authorization": f"Bearer {KEY}"}, timeout=30)
+        self.process: subprocess.Popen | None = None
+
+    def start(self) -> Server:
+        with open(self.log, "a") as log:
+            self.process = subprocess.Popen(self.argv, cwd=REPO, env=plain_env(BINDWEAVE_API_KEYS=KEY), stdout=log,
+                                            stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + 90
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                pytest.fail(f"the server exited {self.process.returncode}:\n{self.log.read_text()[-4000:]}")
+            try:
+                if httpx2.get(f"{self.url}/health", timeout=1).status_code == 200:
+                    return self
+            except httpx2.TransportError:
+                pass
+            time.sleep(0.1)
+        pytest.fail(f"the server did not answer within 90 s:\n{self.log.read_text()[-4000:]}")
+
+    def stop(self, sig: int = signal.SIGTERM) -> int:
+        self.process.send_signal(sig)
+        return self.process.wait(timeout=60)
+
+    def openai(self):
+        from openai import OpenAI
+
+        return OpenAI(base_url=f"{self.url}/v1", api_key=KEY, max_retries=0)
+
+    def submit(self, images: list[Path], **fields) -> httpx2.Response:
+        files = [("input_reference", (path.name, path.read_bytes(), "image/png")) for path in images]
+        return self.http.post("/v1/videos", data={"prompt": "a red ball rolls", **SMALL, **fields}, files=files)
+
+    def job(self, video_id: str) -> dict:
+        response = self.http.get(f"/v1/videos/{video_id}")
+        assert response.status_code == 200, response.text
+        return response.json()
+
+    def wait(self, video_id: str, until=lambda job: job["status"] in FINISHED, timeout: float = 60) -> dict:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            job = self.job(video_id)
+            if until(job):
+                return job
+            time.sleep(0.02)
+        pytest.fail(f"{video_id} did not get there within {timeout} s: {job}")
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory) -> list[Path]:
+    """Reference images of a few sizes, each its own colours."""
+    folder = tmp_path_factory.mktemp("references")
+    paths = []
+    for index, size in enumerate([(64, 64), (80, 48), (48, 96), (72, 72), (40, 40)]):
+        rng = np.random.default_rng(index)
+        pixels = rng.integers(0, 255, (size[1], size[0], 3), dtype=np.uint8)
+        paths.append(folder / f"reference_{index}.png")
+        Image.fromarray(pixels).save(paths[-1])
+    return paths
+
+
+@pytest.fixture(scope="module")
+def tiny_root(tiny_models) -> Path:
+    return tiny_models.bindweave.parent
+
+
+@pytest.fixture(scope="module")
+def server(tiny_root, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("server")
+    running = Server(tiny_root, folder / "state", folder / "server.log").start()
+    yield running
+    assert running.stop() in (0, 128 + signal.SIGTERM), running.log.read_text()[-4000:]
+
+
+def test_the_openai_client_makes_the_batch_runs_video(server, images, tiny_models, tmp_path):
+    """create -> poll (progress rises step by step) -> download: the MP4 of the batch path (stage 2
+    writing its file, stage 3 reading it) for the same inputs and seed, byte for byte."""
+    client = server.openai()
+    with images[0].open("rb") as reference:
+        video = client.videos.create(model="bindweave", prompt="a red ball rolls", input_reference=reference,
+                                     size="64x48", extra_body={"num_frames": 5, "steps": 40, "seed": 7})
+    assert (video.object, video.status, video.progress, video.model, video.size) == \
+        ("video", "queued", 0, "bindweave", "64x48")
+    assert video.id.startswith("video_") and abs(video.created_at - time.time()) < 60
+    progress = []
+    while video.status in ("queued", "in_progress"):
+        video = client.videos.retrieve(video.id)
+        progress.append(video.progress)
+        time.sleep(0.01)
+    assert video.status == "completed" and video.progress == 100 and video.completed_at >= video.created_at
+    assert progress == sorted(progress) and any(0 < value < 100 for value in progress), progress
+    content = client.videos.download_content(video.id).content
+    thumbnail = client.videos.download_content(video.id, variant="thumbnail").content
+    assert thumbnail[:2] == b"\xff\xd8"  # a JPEG
+    assert [listed.id for listed in client.videos.list(limit=1)][0] == video.id
+
+    assert content == batch_video(tiny_models, images[0], "a red ball rolls", seed=7, steps=40, folder=tmp_path)
+
+
+def batch_video(tiny_models, image: Path, prompt: str, seed: int, steps: int, folder: Path) -> bytes:
+    """The same job through the batch path, in this process: stage 2 on a meta JSON, then
+    ``Stage3Engine.run`` on the sample read back from stage 2's meta JSON."""
+    from bindweave.encoders.qwen import QwenSettings, load_qwen
+    from bindweave.io.inputs import read_meta
+    from bindweave.sampling.sampler import SamplerSettings
+    from bindweave.stages.engine import Stage3Engine
+    from bindweave.stages.extract import ExtractSettings, run_extract
+    from bindweave.stages.generate import ModelSettings, Stage3Job, VideoSettings, load_stage3_models
+
+    meta = folder / "meta.json"
+    meta.write_text(json.dumps({"case": {"img_paths": [str(image)], "prompt": prompt, "seed": seed}}))
+    qwen = load_qwen(QwenSettings(path=str(tiny_models.qwen), device="cpu"))
+    (sample,) = read_meta(run_extract(qwen, meta, None, ExtractSettings(output_dir=folder, progress=False)))
+    models = load_stage3_models(ModelSettings(tiny_root=str(tiny_models.bindweave.parent), dtype="float32",
+                                              device="cpu", cache_dir=str(folder / "cache")))
+    job = Stage3Job(sample, VideoSettings(height=48, width=64, num_frames=5), SamplerSettings(num_steps=steps),
+                    folder / "case.mp4")
+    assert Stage3Engine(models).run(job).status == "done"
+    return (folder / "case.mp4").read_bytes()
+
+
+def test_three_references_in_raw_multipart(server, images):
+    response = server.submit(images[:3], steps="2", seed="3")
+    assert response.status_code == 200, response.text
+    job = server.wait(response.json()["id"])
+    assert (job["status"], job["references"], job["seed"], job["error"]) == ("completed", 3, 3, None)
+    content = server.http.get(f"/v1/videos/{job['id']}/content")
+    assert content.headers["content-type"] == "video/mp4" and content.content[4:8] == b"ftyp"
+    spritesheet = server.http.get(f"/v1/videos/{job['id']}/content", params={"variant": "spritesheet"})
+    assert spritesheet.status_code == 400 and spritesheet.json()["error"]["param"] == "variant"
+
+
+def test_cancel_a_running_job_mid_denoise_and_a_queued_one(server, images):
+    long = server.submit(images[:1], steps="600").json()["id"]
+    following = server.submit(images[:1], steps="2").json()["id"]
+    queued = server.submit(images[:1], steps="2").json()["id"]
+    server.wait(long, until=lambda job: job["phase"] == "denoise" and job["step"] >= 2)
+    assert server.job(queued)["status"] == "queued" and server.job(queued)["queue_position"] == 1
+
+    deleted = server.http.delete(f"/v1/videos/{queued}").json()
+    assert deleted == {"id": queued, "object": "video.deleted", "deleted": True}
+    job = server.job(queued)  # listed as cancelled (a poller learns what happened), never started
+    assert (job["status"], job["started_at"], job["error"]["code"]) == ("cancelled", None, "cancelled")
+    assert not (server.state_dir / "jobs" / queued).exists()
+
+    assert server.http.delete(f"/v1/videos/{long}").json()["deleted"] is True
+    cancelled = server.wait(long)
+    assert cancelled["status"] == "cancelled", cancelled
+    assert 0 < cancelled["step"] < 300, cancelled  # stopped at a step boundary, more than half the steps left
+    assert f"cancelled after {cancelled['step']} of 600 steps" in cancelled["error"]["message"]
+    assert not (server.state_dir / "jobs" / long).exists()
+    done = server.wait(following)
+    # The next job started right after the cancel, long before the cancelled one would have finished.
+    assert done["status"] == "completed" and done["started_at"] - cancelled["finished_at"] < 2.0, done
+    assert server.http.get(f"/v1/videos/{long}/content").status_code == 409
+    assert server.http.delete(f"/v1/videos/{long}").status_code == 200  # a second delete removes the record
+    assert server.http.get(f"/v1/videos/{long}").status_code == 404
+
+
+def test_twenty_concurrent_submissions_complete_or_get_429(server, images):
+    def submit(index: int) -> httpx2.Response:
+        return server.submit(images[:1], steps="30", seed=str(index))
+
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        responses = list(pool.map(submit, range(20)))
+    assert {response.status_code for response in responses} <= {200, 429}
+    accepted = [response.json()["id"] for response in responses if response.status_code == 200]
+    refused = [response for response in responses if response.status_code == 429]
+    assert len(set(accepted)) == len(accepted) >= MAX_QUEUE and refused, [r.status_code for r in responses]
+    assert all("queue is full" in response.json()["error"]["message"] for response in refused)
+    assert all(server.wait(video_id)["status"] == "completed" for video_id in accepted)
+    listed = [video.id for video in server.openai().videos.list(limit=5)]  # paged, 5 at a time
+    assert sorted(video_id for video_id in listed if video_id in accepted) == sorted(accepted)
+    assert len(listed) == len(set(listed))
+    seeds = sorted(server.job(video_id)["seed"] for video_id in accepted)
+    assert len(set(seeds)) == len(seeds)  # each accepted request ran once, as sent
+
+
+def bomb_png(side: int = 10_000) -> bytes:
+    """A 12 KB PNG declaring side x side pixels (1-bit, all zero): 100 megapixels once decoded."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    row = b"\x00" * (1 + side // 8)
+    compressor = zlib.compressobj(9)
+    data = b"".join(compressor.compress(row) for _ in range(side)) + compressor.flush()
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", side, side, 1, 0, 0, 0, 0))
+            + chunk(b"IDAT", data) + chunk(b"IEND", b""))
+
+
+def test_a_catalogue_of_bad_requests_is_refused_and_the_server_keeps_serving(server, images, tmp_path):
+    png = images[0].read_bytes()
+    unknown_id = new_job_id()
+
+    def post(fields: dict | None = None, files: list | None = None, headers: dict | None = None, **options):
+        files = [("input_reference", ("a.png", png, "image/png"))] if files is None else files
+        data = {"prompt": "a red ball", **SMALL, **(fields or {})}
+        data = {key: value for key, value in data.items() if value is not None}
+        return server.http.post("/v1/videos", data=data, files=files, headers=headers or {}, **options)
+
+    def image(content: bytes, name: str = "a.png") -> list:
+        return [("input_reference", (name, content, "image/png"))]
+
+    no_auth = httpx2.Client(base_url=server.url, timeout=30)
+    cases = {
+        "no API key": (no_auth.get("/v1/videos"), 401, "missing API key", None),
+        "a wrong API key": (post(headers={"Authorization": "Bearer wrong-key-0000"}), 401, "invalid API key", None),
+        "not bearer": (no_auth.get("/v1/models", headers={"Authorization": f"Basic {KEY}"}), 401, "missing API key",
+                       None),
+        "5 images": (post(files=image(png) * 5), 400, "1 to 4 images", "input_reference"),
+        "no image": (post(files=[]), 400, "1 to 4 reference images", "input_reference"),
+        "a text file as image": (post(files=image(b"just some text\n", "notes.txt")), 400, "not an image",
+                                 "input_reference[0]"),
+        "a decompression bomb": (post(files=image(bomb_png())), 400, "too large", "input_reference[0]"),
+        "an oversize upload": (post(files=image(png + bytes(MAX_UPLOAD))), 413, "serve.max_upload_bytes",
+                               "input_reference[0]"),
+        "a path as id": (server.http.get("/v1/videos/..%2F..%2Fstate%2Fjobs.sqlite3"), 404, "", None),
+        "a dotted id": (server.http.get("/v1/videos/video_..%2Fjobs/content"), 404, "", None),
+        "a bad id": (server.http.get("/v1/videos/..."), 404, "not a video id", None),
+        "an unknown id": (server.http.delete(f"/v1/videos/{unknown_id}"), 404, "no video", None),
+        "a bad cursor": (server.http.get("/v1/videos", params={"after": "../x"}), 400, "not a video id", "after"),
+        "size not 16x": (post({"size": "65x48"}), 400, "multiples of 16", "size"),
+        "size not WxH": (post({"size": "big"}), 400, "WIDTHxHEIGHT", "size"),
+        "size too large": (post({"size": "4096x4096"}), 400, "serve.max_video_pixels", "size"),
+        "0 steps": (post({"steps": "0"}), 400, "out of range", "steps"),
+        "too many steps": (post({"steps": "5000"}), 400, "out of range", "steps"),
+        "a negative seed": (post({"seed": "-1"}), 400, "out of range", "seed"),
+        "a seed that is no integer": (post({"seed": "1e3"}), 400, "not an integer", "seed"),
+        "frames not 4k+1": (post({"num_frames": "6"}), 400, "4k+1", "num_frames"),
+        "seconds and frames": (post({"seconds": "4"}), 400, "not both", "num_frames"),
+        "guidance NaN": (post({"guidance": "nan"}), 400, "guidance", "guidance"),
+        "an unknown field": (post({"temperature": "0.7"}), 400, "unknown field 'temperature'", "temperature"),
+        "a custom negative prompt": (post({"negative_prompt": "blurry"}), 400, "fixed negative prompts",
+                                     "negative_prompt"),
+        "no prompt": (post({"prompt": " "}), 400, "prompt is required", "prompt"),
+        "another model": (post({"model": "sora-2"}), 400, "this server runs 'bindweave'", "model"),
+        "an unknown speed": (post({"speed": "ludicrous"}), 400, "not one of exact, fast, fastest", "speed"),
+        "a JSON body": (server.http.post("/v1/videos", json={"prompt": "x"}), 415, "multipart/form-data", None),
+        "a body without length": (server.http.post("/v1/videos", content=iter([b"--x--\r\n"]), headers={
+            "Content-Type": "multipart/form-data; boundary=x"}), 411, "Content-Length", None),
+        "content of an unknown id": (server.http.get(f"/v1/videos/{unknown_id}/content"), 404, "no video", None),
+    }
+    wrong = {}
+    for name, (response, status, message, param) in cases.items():
+        body = response.json()
+        if response.status_code != status or message not in body["error"]["message"] or \
+                (param is not None and body["error"]["param"] != param):
+            wrong[name] = (response.status_code, body)
+    assert wrong == {}
+    assert len(cases) >= 15
+    assert not [path for path in (server.state_dir / "jobs").iterdir()
+                if server.job(path.name)["status"] == "cancelled"]  # no refused upload left a folder behind
+    response = server.submit(images[:1], steps="2")
+    assert server.wait(response.json()["id"])["status"] == "completed"
+
+
+def test_models_health_and_metrics(server):
+    assert server.openai().models.list().data[0].id == "bindweave"
+    assert httpx2.get(f"{server.url}/health").json() == {"status": "ok"}  # no key needed
+    text = server.http.get("/metrics").text
+    assert "bindweave_queue_length 0" in text and 'bindweave_jobs{status="completed"}' in text
+    step_count = next(line for line in text.splitlines() if line.startswith("bindweave_denoise_step_seconds_count"))
+    assert int(step_count.split()[1]) > 0
+
+
+def test_a_killed_server_resumes_its_jobs_after_a_restart(tiny_root, images, tmp_path):
+    """SIGKILL with one job running and two queued: after the restart the queued ones complete and the
+    interrupted one runs again from the start (serve.on_interrupted=requeue), making the video an
+    uninterrupted run makes. Then SIGTERM mid-job: the job is back in the queue, not counted as a crash."""
+    server = Server(tiny_root, tmp_path / "state", tmp_path / "server.log").start()
+    interrupted = server.submit(images[:2], steps="150", seed="11").json()["id"]
+    queued = [server.submit(images[:1], steps="2", seed=str(seed)).json()["id"] for seed in (1, 2)]
+    server.wait(interrupted, until=lambda job: job["step"] >= 2)
+    assert server.stop(signal.SIGKILL) == -signal.SIGKILL
+
+    server.start()
+    jobs = {video_id: server.wait(video_id) for video_id in [interrupted, *queued]}
+    assert {job["status"] for job in jobs.values()} == {"completed"}, jobs
+    assert jobs[interrupted]["attempts"] == 2 and [jobs[video_id]["attempts"] for video_id in queued] == [1, 1]
+    again = server.submit(images[:2], steps="150", seed="11").json()["id"]
+    assert server.wait(again)["status"] == "completed"
+    videos = {video_id: (server.state_dir / "jobs" / video_id / "video.mp4").read_bytes()
+              for video_id in (interrupted, again)}
+    assert videos[interrupted] == videos[again]
+    listed = [video["id"] for video in server.http.get("/v1/videos", params={"limit": 100}).json()["data"]]
+    assert sorted(listed) == sorted([interrupted, *queued, again])
+    assert sorted(path.name for path in (server.state_dir / "jobs").iterdir()) == sorted(listed)
+    assert not list((server.state_dir / "jobs").glob("*/.*"))  # no temp file left
+
+    stopped = server.submit(images[:1], steps="600").json()["id"]
+    server.wait(stopped, until=lambda job: job["step"] >= 2)
+    assert server.stop(signal.SIGTERM) in (0, 128 + signal.SIGTERM)
+    record = JobStore(server.state_dir).get(stopped)
+    assert (record.status, record.attempts, record.progress) == ("queued", 0, 0)
+
+
+def test_interrupted_jobs_follow_the_policy(tmp_path):
+    """serve.on_interrupted=fail fails a job found in_progress; requeue stops after serve.max_attempts starts."""
+    store = JobStore(tmp_path / "state")
+    for index in range(2):
+        store.add(new_job_id(), {"index": index}, max_queue=10)
+    first = store.claim_next()
+    (store.jobs_dir / "orphan").mkdir()
+    assert store.recover("requeue", max_attempts=2) == {"requeued": [first.id], "failed": [], "cancelled": []}
+    assert not (store.jobs_dir / "orphan").exists()
+    assert store.claim_next().id == first.id  # back in its old place, at the head of the queue
+    assert store.recover("requeue", max_attempts=2)["failed"] == [first.id]  # a second start: a crash loop
+    assert "max_attempts" in store.get(first.id).error_message
+    second = store.claim_next()
+    assert store.recover("fail", max_attempts=2)["failed"] == [second.id]
+    assert store.get(second.id).error_code == "interrupted"
+
+
+def test_auth_is_required_off_this_machine(tmp_path):
+    with pytest.raises(BindWeaveInputError, match="may only listen on this machine"):
+        ServeSettings(auth="none", host="0.0.0.0")
+    from bindweave.serve.auth import load_api_keys
+
+    with pytest.raises(BindWeaveInputError, match="no API key is set"):
+        load_api_keys(ServeSettings(api_keys_env="BINDWEAVE_TEST_NO_SUCH_VARIABLE"))
+    keys = tmp_path / "keys"
+    keys.write_text("# ops\nkey-one-0123456789\n\n")
+    assert load_api_keys(ServeSettings(api_keys_file=str(keys), api_keys_env="BINDWEAVE_TEST_NO_SUCH_VARIABLE")) == \
+        (b"key-one-0123456789",)
+    result = subprocess.run([sys.executable, str(REPO / "launch" / "serve.py"), "serve.auth=none",
+                             "serve.host=0.0.0.0"], cwd=REPO, env=plain_env(), capture_output=True, text=True,
+                            timeout=120)
+    assert result.returncode == 2 and result.stderr.strip().splitlines()[-1].startswith(
+        "error: serve.auth=none with serve.host=0.0.0.0"), result.stderr
+
+
+def test_the_serve_config_has_the_generate_presets_and_names_typos():
+    from bindweave.app.config import check_command_line, compose_config, settings_of
+    from bindweave.serve.settings import ServeConfig, register_serve_schema
+
+    register_serve_schema()
+    config = settings_of(compose_config("serve", ["model=bindweave_14b", "qwen=qwen2_5_vl_7b", "speed=fastest"]))
+    assert isinstance(config, ServeConfig) and config.model.dit == "ByteDance/BindWeave"
+    assert (config.cache.kind, config.model.linear_precision, config.serve.auth) == ("magcache", "auto_fp8", "api_keys")
+    with pytest.raises(BindWeaveInputError, match=r"unknown setting serve.max_queu .*did you mean serve.max_queue\?"):
+        check_command_line("serve", ["serve.max_queu=3"])
