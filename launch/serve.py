@@ -10,9 +10,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bindweave.app.hydra_support import run_hydra_app  # noqa: E402
-from bindweave.serve.command import ServeCommand  # noqa: E402
-from bindweave.serve.settings import register_serve_schema  # noqa: E402
+from bindweave.app.serve import ServeCommand  # noqa: E402
 
 if __name__ == "__main__":
-    register_serve_schema()
     run_hydra_app("serve", ServeCommand())

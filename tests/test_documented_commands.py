@@ -339,3 +339,58 @@ def test_readme_fresh_machine_demo(tmp_path):
     videos = sorted(outputs.glob("*.mp4"))
     assert len(videos) == 3 and all(read_mp4_info(video)["frames"] == 5 for video in videos)
     assert f"videos in {outputs.resolve()}" in result.stderr  # where the MP4s are, as the README says
+
+
+@pytest.mark.timeout(300)
+def test_readme_serving_command(tmp_path):
+    """README "Serving" as written, in a fresh folder: the server comes up on 127.0.0.1:8000 with
+    the tiny models, the official openai client makes a (small) video with it, Ctrl-C stops it."""
+    import signal
+    import socket
+    import time
+
+    import httpx2
+    from openai import OpenAI
+
+    (command,) = readme_block("Serving")
+    environment = [arg for arg in command if re.fullmatch(r"[A-Z_][A-Z0-9_]*=.*", arg)]  # VAR=value prefixes
+    assignments = dict(arg.split("=", 1) for arg in environment)
+    argv = [arg for arg in command if arg not in environment]
+    assert argv == ["python", "launch/serve.py"] and list(assignments) == ["BINDWEAVE_API_KEYS"], command
+    with socket.socket() as probe:
+        if probe.connect_ex(("127.0.0.1", 8000)) == 0:
+            pytest.skip("port 8000 is taken here: the documented command cannot run as written")
+    (tmp_path / "launch").symlink_to(REPO / "launch", target_is_directory=True)
+    log = tmp_path / "serve.log"
+    with open(log, "w") as out:
+        server = subprocess.Popen([sys.executable, *argv[1:]], cwd=tmp_path, env=plain_env(**assignments),
+                                  stdout=out, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            assert server.poll() is None, log.read_text()[-3000:]
+            assert time.monotonic() < deadline, log.read_text()[-3000:]
+            try:
+                if httpx2.get("http://127.0.0.1:8000/health", timeout=1).status_code == 200:
+                    break
+            except httpx2.TransportError:
+                time.sleep(0.2)
+        client = OpenAI(base_url="http://127.0.0.1:8000/v1", api_key=assignments["BINDWEAVE_API_KEYS"], max_retries=0)
+        reference = tmp_path / "ref.png"
+        from PIL import Image
+
+        Image.new("RGB", (64, 64), (200, 40, 40)).save(reference)
+        with open(reference, "rb") as image:
+            video = client.videos.create(model="bindweave", prompt="a red ball", input_reference=image,
+                                         extra_body={"size": "64x48", "num_frames": 5, "steps": 2})
+        while video.status not in ("completed", "failed", "cancelled"):
+            assert time.monotonic() < deadline + 120
+            time.sleep(0.1)
+            video = client.videos.retrieve(video.id)
+        assert video.status == "completed", video
+        content = client.videos.download_content(video.id).read()
+        (tmp_path / "video.mp4").write_bytes(content)
+        assert read_mp4_info(tmp_path / "video.mp4")["frames"] == 5
+    finally:
+        server.send_signal(signal.SIGINT)  # Ctrl-C, as the README says
+        server.wait(timeout=60)

@@ -387,9 +387,10 @@ def test_auth_is_required_off_this_machine(tmp_path):
 
 def test_the_serve_config_has_the_generate_presets_and_names_typos():
     from bindweave.app.config import check_command_line, compose_config, settings_of
-    from bindweave.serve.settings import ServeConfig, register_serve_schema
+    from bindweave.app.config import register_schemas
+    from bindweave.serve.settings import ServeConfig
 
-    register_serve_schema()
+    register_schemas()
     config = settings_of(compose_config("serve", ["model=bindweave_14b", "qwen=qwen2_5_vl_7b", "speed=fastest"]))
     assert isinstance(config, ServeConfig) and config.model.dit == "ByteDance/BindWeave"
     assert (config.cache.kind, config.model.linear_precision, config.serve.auth) == ("magcache", "auto_fp8", "api_keys")

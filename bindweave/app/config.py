@@ -180,12 +180,14 @@ def register_schemas() -> None:
     """Put each entry point's schema (and the refiner options' schemas) in Hydra's ConfigStore."""
     from hydra.core.config_store import ConfigStore
 
+    from bindweave.serve.settings import ServeConfig
     from bindweave.stages.refine import EndpointSettings, LocalSettings
 
     register_resolvers()
     store = ConfigStore.instance()
     for name, schema in (("generate_schema", GenerateConfig), ("extract_schema", ExtractConfig),
-                         ("refine_schema", RefineConfig), ("calibrate_schema", CalibrateConfig)):
+                         ("refine_schema", RefineConfig), ("calibrate_schema", CalibrateConfig),
+                         ("serve_schema", ServeConfig)):
         store.store(name=name, node=_writable(OmegaConf.structured(schema)))
     store.store(group="refiner", name="openai_schema", node=_writable(OmegaConf.structured(EndpointSettings)))
     store.store(group="refiner", name="local_schema", node=_writable(OmegaConf.structured(LocalSettings)))

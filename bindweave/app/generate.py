@@ -84,7 +84,7 @@ class GenerateCommand:
         if processes.world_size > 1:  # one process per GPU: rank r computes on GPU LOCAL_RANK
             model_settings = replace(model_settings, device=str(rank_device(processes, device_type)))
         check_speed_support(model_settings.speed_options(), model_settings.resolved_device())
-        plan = _memory_plan(model_settings, job.video, layout, processes.rank)
+        plan = memory_plan(model_settings, job.video, layout, processes.rank)
 
         known_bad = _check_job_first(job, processes.rank) if job.data.meta_path is not None else {}
         loaded = self._engine_for(model_settings, layout, processes, device_type, plan)
@@ -248,7 +248,7 @@ def _refuse_changed_finished_samples(job: GenerateConfig, samples, finished: set
     refuse_changed_samples(conflicts, output_dir)
 
 
-def _memory_plan(model_settings, video, layout, rank: int):
+def memory_plan(model_settings, video, layout, rank: int):
     """``model.memory`` settled for this rank's GPU and its share of the job's tokens (logged by
     rank 0). Under FSDP the shards are the memory lever: ``auto`` keeps everything resident there
     (``offload`` with FSDP was refused with the other combinations)."""

@@ -1,8 +1,8 @@
 """Stage 2 for one request, in memory: the prompt and its references -> Qwen2.5-VL hidden states.
 
-The same steps and functions as stage 2's ``extract_sample`` (bindweave/stages/extract.py): the
-references pre-scaled once, one prefill pass with the prompt and one with the Qwen negative prompt,
-each state cast to the dtype stage 2 saves (bf16). So a job here conditions on exactly what a
+Stage 2's own function (``prompt_hidden_states`` in bindweave/stages/extract.py): the references
+pre-scaled once, one prefill pass with the prompt and one with the Qwen negative prompt, each state
+cast to the dtype stage 2 saves (bf16). So a job here conditions on exactly what a
 meta-JSON run would read back from stage 2's file, and makes the same video.
 
     encode = PromptEncoder(load_qwen(settings))      # loaded once, at start-up
@@ -14,9 +14,8 @@ from __future__ import annotations
 import torch
 from PIL import Image
 
-from bindweave.encoders.prompts import QWEN_NEGATIVE_PROMPT
-from bindweave.encoders.qwen import QwenVL, build_inputs, prefill_hidden_states, prescale_references
-from bindweave.stages.extract import SAVED_DTYPE
+from bindweave.encoders.qwen import QwenVL
+from bindweave.stages.extract import prompt_hidden_states
 
 
 class PromptEncoder:
@@ -28,7 +27,5 @@ class PromptEncoder:
         return self.qwen.hidden_size
 
     def __call__(self, prompt: str, images: list[Image.Image]) -> tuple[torch.Tensor, torch.Tensor]:
-        scaled = prescale_references(images)
-        positive, negative = (prefill_hidden_states(self.qwen.model, build_inputs(self.qwen, text, scaled))
-                              .to(SAVED_DTYPE).cpu() for text in (prompt, QWEN_NEGATIVE_PROMPT))
+        positive, negative, _ = prompt_hidden_states(self.qwen, prompt, images)
         return positive, negative

@@ -82,14 +82,3 @@ class ServeConfig:
     def __post_init__(self):
         self.model.require_weights()
         self.qwen.require_weights()
-
-
-def register_serve_schema() -> None:
-    """Put ``serve_schema`` in Hydra's ConfigStore, the way ``register_schemas`` does for the others."""
-    from hydra.core.config_store import ConfigStore
-    from omegaconf import OmegaConf
-
-    from bindweave.app.config import _writable, register_resolvers
-
-    register_resolvers()
-    ConfigStore.instance().store(name="serve_schema", node=_writable(OmegaConf.structured(ServeConfig)))

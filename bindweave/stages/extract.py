@@ -129,14 +129,21 @@ def write_official_pair(files: SampleFiles, positive: torch.Tensor, negative: to
             torch.save(tensor, temp_path)
 
 
+def prompt_hidden_states(qwen: QwenVL, prompt: str, images: list) -> tuple[torch.Tensor, torch.Tensor, dict]:
+    """Both passes for a prompt and its reference images (stage 2's, and the server's in memory):
+    the positive and negative hidden states on the CPU in the saved dtype, and the positive inputs."""
+    scaled = prescale_references(images)
+    positive_inputs = build_inputs(qwen, prompt, scaled)
+    positive = prefill_hidden_states(qwen.model, positive_inputs).to(SAVED_DTYPE).cpu()
+    negative = prefill_hidden_states(qwen.model, build_inputs(qwen, QWEN_NEGATIVE_PROMPT, scaled)).to(SAVED_DTYPE).cpu()
+    return positive, negative, positive_inputs
+
+
 def extract_sample(qwen: QwenVL, sample: Sample, files: SampleFiles, expected: dict[str, str],
                    write_official_pt: bool) -> dict[str, str]:
     """Run both passes for one sample and write its files; returns the header written."""
-    images = prescale_references([load_reference_image(path) for path in sample.image_paths])
-    positive_inputs = build_inputs(qwen, sample.prompt, images)
-    negative_inputs = build_inputs(qwen, QWEN_NEGATIVE_PROMPT, images)
-    positive = prefill_hidden_states(qwen.model, positive_inputs).to(SAVED_DTYPE).cpu()
-    negative = prefill_hidden_states(qwen.model, negative_inputs).to(SAVED_DTYPE).cpu()
+    positive, negative, positive_inputs = prompt_hidden_states(
+        qwen, sample.prompt, [load_reference_image(path) for path in sample.image_paths])
     header = {
         **expected,
         "model": str(qwen.identity["model"]),

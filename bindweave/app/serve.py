@@ -6,9 +6,10 @@ line before any weight is read), the job table opened and the jobs a dead server
 handled (serve.on_interrupted); then stage 3 and the Qwen2.5-VL loaded once, and uvicorn serves
 until Ctrl-C or SIGTERM (the running job goes back to the queue at its next step boundary).
 
-One process, one engine: ``Stage3Engine`` with the single-process coordinator. Serving from a
-torchrun launch (the engine built by bindweave/app for a parallel layout, rank 0 serving HTTP and
-handing jobs to the others) is not done yet: docs/SERVING.md says what it needs.
+One process, one engine, built as the batch command builds it (``bindweave.app.generate.build_models``:
+the memory plan, the speed options, the kernel at each call site) with the single-process runtime.
+Serving from a torchrun launch (rank 0 serving HTTP and handing jobs to the others) is not done
+yet: docs/SERVING.md says what it needs.
 """
 
 from __future__ import annotations
@@ -48,8 +49,10 @@ class ServeCommand:
         from bindweave.serve.metrics import Metrics
         from bindweave.serve.store import JobStore
         from bindweave.serve.worker import Worker
+        from bindweave.app.generate import build_models, memory_plan
         from bindweave.stages.engine import Stage3Engine
-        from bindweave.stages.generate import load_stage3_models
+        from parallel.layout import ParallelLayout
+        from parallel.runtime import Runtime
 
         if HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN:
             raise BindWeaveInputError("launch/serve.py runs one server: drop -m (a request chooses seed, steps, size)")
@@ -65,7 +68,10 @@ class ServeCommand:
             log.info("jobs the last server left running: %s",
                      "; ".join(f"{what}: {', '.join(ids)}" for what, ids in recovered.items() if ids))
 
-        engine = Stage3Engine(load_stage3_models(config.model))
+        device = config.model.resolved_device()
+        runtime = Runtime.single_process(device)
+        plan = memory_plan(config.model, config.video, ParallelLayout(), rank=0)  # for the largest default job
+        engine = Stage3Engine(build_models(config.model, runtime, device.type, plan), runtime)
         encode = PromptEncoder(load_qwen(config.qwen))
         if encode.hidden_size != engine.models.hidden_dim:
             raise BindWeaveInputError(f"the Qwen2.5-VL gives {encode.hidden_size}-wide hidden states but the DiT takes "
