@@ -16,6 +16,7 @@ from bindweave.errors import BindWeaveInputError
 BACKENDS = ("auto", "xfuser", "deepspeed")
 FSDP_MODELS = ("dit", "t5")
 FSDP_SCOPES = ("group", "sequence", "world")
+DECODES = ("single", "split")  # the VAE decode: every rank whole (exact) | rows split over the sample's ranks
 # What a sequence-parallel backend needs installed (setup.cfg extras).
 BACKEND_PACKAGES = {"xfuser": "pip install -e '.[cuda]' (xfuser, yunchang)", "deepspeed": "pip install -e '.[deepspeed]'"}
 
@@ -38,6 +39,8 @@ class ParallelLayout:
     # one data group; "sequence": one sequence group; "world": every rank, only with data=1).
     fsdp: tuple[str, ...] = ()
     fsdp_scope: str = "group"
+    # "split": the cfg x sequence ranks of a sample each decode a band of rows (parallel/decode.py).
+    decode: str = "single"
 
     def __post_init__(self):
         object.__setattr__(self, "fsdp", tuple(self.fsdp))
@@ -95,6 +98,8 @@ class ParallelLayout:
             problems.append(f"parallel.fsdp={list(self.fsdp)}: {unknown} cannot be sharded; use a subset of {list(FSDP_MODELS)}")
         if self.fsdp_scope not in FSDP_SCOPES:
             problems.append(f"parallel.fsdp_scope={self.fsdp_scope!r} is not one of {', '.join(FSDP_SCOPES)}")
+        if self.decode not in DECODES:
+            problems.append(f"parallel.decode={self.decode!r} is not one of {', '.join(DECODES)}")
         if self.fsdp and self.fsdp_scope == "world" and self.data > 1:
             problems.append(f"parallel.fsdp_scope=world with data={self.data}: data groups run different numbers of "
                             "forwards, so world-wide parameter gathers would wait forever; use fsdp_scope=group")
@@ -113,7 +118,7 @@ class ParallelLayout:
 
     @classmethod
     def auto(cls, world_size: int, num_heads: int, backend: str = "auto", fsdp: tuple[str, ...] = (),
-             fsdp_scope: str = "group") -> ParallelLayout:
+             fsdp_scope: str = "group", decode: str = "single") -> ParallelLayout:
         """A valid layout for any world size, fastest for one sample first.
 
         - cfg=2 whenever the world size is even: the two passes then cost one exchange of the
@@ -126,7 +131,8 @@ class ParallelLayout:
         cfg = 2 if world_size % 2 == 0 else 1
         rest = world_size // cfg
         ulysses = max(d for d in range(1, rest + 1) if rest % d == 0 and num_heads % d == 0)
-        return cls(data=rest // ulysses, cfg=cfg, ulysses=ulysses, backend=backend, fsdp=fsdp, fsdp_scope=fsdp_scope)
+        return cls(data=rest // ulysses, cfg=cfg, ulysses=ulysses, backend=backend, fsdp=fsdp, fsdp_scope=fsdp_scope,
+                   decode=decode)
 
 
 @dataclass(frozen=True)
@@ -142,6 +148,7 @@ class ParallelSettings:
     backend: str = "auto"  # sequence-parallel attention: auto (xfuser on CUDA, deepspeed elsewhere) | xfuser | deepspeed
     fsdp: tuple[str, ...] = ()  # FSDP2 parameter sharding of [dit] and/or [t5] (per block, bf16, sharded loading)
     fsdp_scope: str = "group"  # group (cfg x sequence ranks of a data group) | sequence | world (data=1 only)
+    decode: str = "single"  # single: every rank decodes the whole video (exact) | split: rows over the sample's ranks
     timeout_s: float = 600  # a collective waiting this long fails, so a dead rank ends the job instead of hanging it
 
     def __post_init__(self):
@@ -155,6 +162,8 @@ class ParallelSettings:
                             f"{list(FSDP_MODELS)}")
         if self.fsdp_scope not in FSDP_SCOPES:
             problems.append(f"parallel.fsdp_scope={self.fsdp_scope} is not one of {', '.join(FSDP_SCOPES)}")
+        if self.decode not in DECODES:
+            problems.append(f"parallel.decode={self.decode} is not one of {', '.join(DECODES)}")
         if self.timeout_s <= 0:
             problems.append(f"parallel.timeout_s={self.timeout_s} must be > 0 seconds")
         if problems:
@@ -175,7 +184,8 @@ def layout_from_config(parallel: ParallelSettings, world_size: int, num_heads: i
                 f"parallel=auto chooses the degrees itself, but {settings} was given: start from an explicit "
                 f"layout instead, e.g. parallel=single {settings}")
         layout = ParallelLayout.auto(world_size, num_heads, backend=degrees.get("backend", "auto"),
-                                     fsdp=tuple(degrees.get("fsdp", ())), fsdp_scope=degrees.get("fsdp_scope", "group"))
+                                     fsdp=tuple(degrees.get("fsdp", ())), fsdp_scope=degrees.get("fsdp_scope", "group"),
+                                     decode=degrees.get("decode", "single"))
     else:
         layout = ParallelLayout(**degrees)
     layout.validate(world_size, num_heads, device_type)

@@ -40,7 +40,8 @@ class Runtime:
     world_size: int = 1
     local_rank: int = 0
     mesh: DeviceMesh | None = None
-    fsdp_mesh: DeviceMesh | None = None  # 1-D: the ranks that share one copy of the sharded parameters
+    fsdp_mesh: DeviceMesh | None = None
+    sample_mesh: DeviceMesh | None = None  # 1-D: the cfg x sequence ranks of one sample (parallel decode)  # 1-D: the ranks that share one copy of the sharded parameters
 
     @classmethod
     def single_process(cls, device: torch.device) -> Runtime:
@@ -51,12 +52,14 @@ class Runtime:
         """After ``start_process_group``: slice the groups (a collective: every rank calls it)."""
         if layout.sequence > 1:  # "auto" settles here, so the runtime (and each sidecar) names the backend used
             layout = replace(layout, backend=layout.attention_backend(device.type))
-        mesh = fsdp_mesh = None
+        mesh = fsdp_mesh = sample_mesh = None
         if processes.world_size > 1:
             mesh = init_device_mesh(device.type, (layout.data, layout.cfg, layout.sequence), mesh_dim_names=MESH_DIMS)
             fsdp_mesh = _fsdp_mesh(layout, mesh, device.type)
+            if layout.decode == "split" and layout.cfg * layout.sequence > 1:
+                sample_mesh = _group_mesh(layout, device.type)
         return cls(layout=layout, device=device, rank=processes.rank, world_size=processes.world_size,
-                   local_rank=processes.local_rank, mesh=mesh, fsdp_mesh=fsdp_mesh)
+                   local_rank=processes.local_rank, mesh=mesh, fsdp_mesh=fsdp_mesh, sample_mesh=sample_mesh)
 
     def _coordinate(self, dim: str) -> int:
         return 0 if self.mesh is None else self.mesh.get_local_rank(dim)
@@ -124,6 +127,15 @@ class Runtime:
     def layout_record(self) -> dict:
         return asdict(self.layout)
 
+    def decode(self, vae, latents):
+        """The video's frames on every rank of the sample's group: each decodes the whole video, or
+        (``parallel.decode=split``) its band of rows, gathered (parallel/decode.py)."""
+        if self.sample_mesh is None:
+            return vae.decode_to_frames(latents)
+        from parallel.decode import split_decode
+
+        return split_decode(vae, latents, self.sample_mesh.get_group(), self.device)
+
 
 def _fsdp_mesh(layout: ParallelLayout, mesh: DeviceMesh, device_type: str) -> DeviceMesh | None:
     """The 1-D mesh FSDP shards over; None when nothing is sharded or the scope is one rank."""
@@ -133,7 +145,12 @@ def _fsdp_mesh(layout: ParallelLayout, mesh: DeviceMesh, device_type: str) -> De
         scope = mesh["sequence"]
     elif layout.fsdp_scope == "world":
         scope = init_device_mesh(device_type, (layout.world_size,), mesh_dim_names=("world",))
-    else:  # group: the cfg x sequence ranks of one data group, as one dimension
-        scope = init_device_mesh(device_type, (layout.data, layout.cfg * layout.sequence),
-                                 mesh_dim_names=("data", "group"))["group"]
+    else:
+        scope = _group_mesh(layout, device_type)
     return scope if scope.size() > 1 else None
+
+
+def _group_mesh(layout: ParallelLayout, device_type: str) -> DeviceMesh:
+    """The cfg x sequence ranks of one data group (the ranks that share a sample), as one dimension."""
+    return init_device_mesh(device_type, (layout.data, layout.cfg * layout.sequence),
+                            mesh_dim_names=("data", "group"))["group"]

@@ -128,7 +128,7 @@ def assert_no_partial_output(folder: Path) -> list[str]:
     for sidecar in folder.glob("[!.]*.json"):
         assert sidecar.with_suffix(".mp4").is_file(), f"{sidecar} without its video"
     visible = {p.name for p in folder.iterdir() if not p.name.startswith(".")}
-    assert visible <= {f"{s}.{ext}" for s in SAMPLE_IDS for ext in ("mp4", "json")}, visible
+    assert visible <= {f"{s}.{ext}" for s in SAMPLE_IDS for ext in ("mp4", "latents.safetensors", "json")}, visible
     return sorted(p.name for p in folder.iterdir() if ".tmp" in p.name)
 
 

@@ -303,11 +303,21 @@ class WanVae:
         (MindSpeed-MM ``decode_latents``: ``mul(255).add_(0.5)`` then the uint8 cast). Wan's own
         ``cache_video`` truncates instead, which darkens every pixel by half a level on average.
         """
+        return self.decode_rows(latents, 0, latents.shape[-2], halo=0)
+
+    @torch.no_grad()
+    def decode_rows(self, latents: torch.Tensor, start: int, stop: int, halo: int) -> np.ndarray:
+        """The frames of latent rows ``[start, stop)`` only (pixel rows ``8*start`` to ``8*stop``),
+        decoded with ``halo`` more latent rows of context on each side, then cropped: a band of a
+        parallel decode (parallel/decode.py). The whole range with no halo is :meth:`decode_to_frames`."""
         if latents.shape[0] != 1:
             raise ValueError(f"decode_to_frames takes one video, got a batch of {latents.shape[0]}")
-        latents = latents.to(self.device, torch.float32)
+        top, bottom = max(start - halo, 0), min(stop + halo, latents.shape[-2])
+        latents = latents[..., top:bottom, :].to(self.device, torch.float32)
         latents = latents * self.latents_std.to(self.device) + self.latents_mean.to(self.device)
         video = self.model.decode(latents.to(self.dtype)).sample[0].float().clamp(-1.0, 1.0)  # [3, F, H, W]
+        scale = self.spatial_compression
+        video = video[:, :, (start - top) * scale:(stop - top) * scale]
         frames = ((video + 1.0) / 2.0 * 255.0 + 0.5).clamp(0, 255).to(torch.uint8)
         return frames.permute(1, 2, 3, 0).cpu().numpy()
 

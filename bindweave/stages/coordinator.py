@@ -17,7 +17,7 @@ SampleT = TypeVar("SampleT")
 
 # The layout record of one process, as a sidecar states it (the fields of parallel.layout.ParallelLayout).
 ONE_PROCESS_LAYOUT = {"data": 1, "cfg": 1, "ring": 1, "ulysses": 1, "backend": "auto", "fsdp": (),
-                      "fsdp_scope": "group"}
+                      "fsdp_scope": "group", "decode": "single"}
 
 
 class Coordinator(Protocol):
@@ -45,6 +45,9 @@ class Coordinator(Protocol):
     def layout_record(self) -> dict:
         """The layout, for sidecars."""
 
+    def decode(self, vae, latents) -> object:
+        """The job's frames from its final latents (every rank of the sample's group calls it)."""
+
 
 class SingleProcess:
     """The coordinator of one process: every coordinate 0, every sample its own."""
@@ -64,3 +67,6 @@ class SingleProcess:
 
     def layout_record(self) -> dict:
         return dict(ONE_PROCESS_LAYOUT)
+
+    def decode(self, vae, latents):
+        return vae.decode_to_frames(latents)

@@ -534,11 +534,11 @@ def generate_sample(models: Stage3Models, job: Stage3Job, progress: bool = True,
         log.info("%s: step cache %s skipped %d of %d DiT forwards (%s)", sample.sample_id, cache["kind"],
                  cache["forwards_skipped"], cache["forwards_skipped"] + cache["forwards_run"], cache["calibration"])
 
-    # Every rank of the group decodes (the phase a later parallel decode splits); the writer check
-    # comes after it.
+    # Every rank of the sample's group takes part in the decode (the whole video each, or its band of
+    # rows with parallel.decode=split); the writer check comes after it.
     report(JobProgress(sample.sample_id, "decode", sampler.num_steps, sampler.num_steps))
     mark = time.perf_counter()
-    frames = models.vae.decode_to_frames(latents)
+    frames = runtime.decode(models.vae, latents)
     timings["decode_s"] = time.perf_counter() - mark
     memory["decode"] = memory_snapshot(models.device)
     if not runtime.is_writer:
