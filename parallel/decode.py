@@ -14,7 +14,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-HALO_ROWS = 8  # latent rows of context on each side of a band (64 pixel rows)
+HALO_ROWS = 16  # latent rows of context on each side of a band (128 pixel rows)
 
 
 def row_bands(rows: int, parts: int) -> list[tuple[int, int]]:

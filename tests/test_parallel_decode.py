@@ -10,9 +10,10 @@ from parallel.decode import row_bands
 from parallel_launch import run_script
 
 DECODE = "tests/parallel_decode.py"
-ROWS = 13  # tests/parallel_decode.py's latent rows
-# The bound, in uint8 levels, of a split decode against the one-rank decode on the tiny VAE.
-MAX_MEAN_ABS_LEVELS = 1.0
+ROWS = 50  # tests/parallel_decode.py's latent rows
+# The bound, in uint8 levels (of 255), of a split decode against the one-rank decode on the tiny VAE
+# (measured 2026-12-01 with the 16-row halo: 2 ranks 0.73 (max 32), 4 ranks 1.24 (max 39) on average).
+MAX_MEAN_ABS_LEVELS = 2.0
 
 
 @pytest.fixture(scope="module")
@@ -24,6 +25,7 @@ def reference(tiny_models, tmp_path_factory):
 
 def test_row_bands_cover_every_row_once():
     assert row_bands(13, 4) == [(0, 4), (4, 7), (7, 10), (10, 13)]
+    assert row_bands(ROWS, 4) == [(0, 13), (13, 26), (26, 38), (38, 50)]
     assert row_bands(90, 8)[0] == (0, 12) and row_bands(90, 8)[-1] == (79, 90)
     with pytest.raises(ValueError, match="3 latent rows cannot be split over 4 ranks"):
         row_bands(3, 4)

@@ -96,12 +96,12 @@ def test_auto_layout_for_two_and_four_processes(reference, workspace):
     """2 processes: cfg=2; 4 processes (the tiny DiT has 2 heads): cfg=2 x ulysses=2."""
     run_script(GENERATE, *overrides(workspace, "auto2"), processes=2, timeout=400)
     assert layout_used(workspace / "auto2") == {"data": 1, "cfg": 2, "ring": 1, "ulysses": 1, "backend": "auto",
-                                                "fsdp": [], "fsdp_scope": "group"}
+                                                "fsdp": [], "fsdp_scope": "group", "decode": "single"}
     assert videos(workspace / "auto2") == videos(reference)  # CFG parallel does the same float operations
 
     run_script(RECORD, workspace / "auto4-records", *overrides(workspace, "auto4"), processes=4, timeout=600)
     assert layout_used(workspace / "auto4") == {"data": 1, "cfg": 2, "ring": 1, "ulysses": 2, "backend": "deepspeed",
-                                                "fsdp": [], "fsdp_scope": "group"}
+                                                "fsdp": [], "fsdp_scope": "group", "decode": "single"}
     assert_same_frames(workspace / "auto4", reference)
     decodes = [sum(kind == "decode" for kind, _ in records(workspace / "auto4-records", rank)) for rank in range(4)]
     assert decodes == [3, 3, 3, 3]  # every rank takes part in the decode phase; only rank 0 writes
