@@ -26,7 +26,7 @@ log = logging.getLogger("bindweave")
 @exits_2_on_input_error
 def run_calibrate_command(cfg: DictConfig) -> int:
     from bindweave.app.config import settings_of
-    from bindweave.app.generate import dit_config
+    from bindweave.app.generate import demo_meta, dit_config
     from bindweave.app.hydra_support import begin_run
     from bindweave.io.inputs import read_meta
     from bindweave.io.outputs import write_json
@@ -50,7 +50,7 @@ def run_calibrate_command(cfg: DictConfig) -> int:
     started = time.perf_counter()
     models = load_stage3_models(job.model)
     if meta_path is None:
-        meta_path = _demo_meta(job, models)
+        meta_path = demo_meta(job.data, job.model, models.hidden_dim)
     samples = read_meta(meta_path, image_root)[: job.samples]
     statistics = StepStatistics()
     for number, sample in enumerate(samples, 1):
@@ -69,11 +69,3 @@ def run_calibrate_command(cfg: DictConfig) -> int:
              len(samples), output, output)
     return 0
 
-
-def _demo_meta(job, models) -> Path:
-    """The built-in demo cases with tiny hidden states (model=tiny only)."""
-    from bindweave.testing.demo import demo_meta_with_hidden_states
-    from bindweave.testing.tiny import write_tiny_models
-
-    return demo_meta_with_hidden_states(Path(job.data.demo_dir), hidden_dim=models.hidden_dim,
-                                        qwen_folder=write_tiny_models(Path(job.model.tiny_root)).qwen)

@@ -73,6 +73,14 @@ class DataSettings:
         return Path(self.meta_path), Path(self.image_root) if self.image_root else None
 
 
+def require_stage3_inputs(model: ModelSettings, data: DataSettings) -> None:
+    """A stage-3 job (generate, calibrate) names its weights, and a meta JSON unless it is the tiny demo."""
+    model.require_weights()
+    if data.meta_path is None and not model.tiny_root:
+        raise BindWeaveInputError("data.meta_path is not set: pass data.meta_path=META_JSON "
+                                  "data.image_root=IMAGE_DIR (the built-in demo cases need model=tiny)")
+
+
 @dataclass(frozen=True)
 class GenerateConfig:
     """Stage 3 (``launch/generate.py``)."""
@@ -91,10 +99,7 @@ class GenerateConfig:
     def __post_init__(self):
         if self.on_error not in ON_ERROR_CHOICES:
             raise BindWeaveInputError(f"on_error={self.on_error}: use on_error=fail or on_error=skip")
-        self.model.require_weights()
-        if self.data.meta_path is None and not self.model.tiny_root:
-            raise BindWeaveInputError("data.meta_path is not set: pass data.meta_path=META_JSON "
-                                      "data.image_root=IMAGE_DIR (the built-in demo cases need model=tiny)")
+        require_stage3_inputs(self.model, self.data)
 
 
 @dataclass(frozen=True)
@@ -116,10 +121,7 @@ class CalibrateConfig:
         if self.sampler.num_steps < 3:
             raise BindWeaveInputError(f"sampler.num_steps={self.sampler.num_steps}: calibration needs >= 3 steps "
                                       "(use the step count of the runs it is for)")
-        self.model.require_weights()
-        if self.data.meta_path is None and not self.model.tiny_root:
-            raise BindWeaveInputError("data.meta_path is not set: pass data.meta_path=META_JSON "
-                                      "data.image_root=IMAGE_DIR (the built-in demo cases need model=tiny)")
+        require_stage3_inputs(self.model, self.data)
 
 
 @dataclass(frozen=True)

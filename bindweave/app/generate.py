@@ -61,7 +61,6 @@ class GenerateCommand:
     def _generate(self, cfg: DictConfig, processes: Processes) -> dict:
         from bindweave.app.hydra_support import job_output_dir, log_to_file, save_run_config
         from bindweave.stages.generate import RunSettings
-        from bindweave.testing.demo import demo_meta_with_hidden_states
         from parallel.distributed import rank_device, start_process_group, stop_process_group
         from parallel.layout import layout_from_config
         from bindweave.model.speed import check_speed_support
@@ -90,15 +89,8 @@ class GenerateCommand:
         loaded = self._engine_for(model_settings, layout, processes, device_type, plan)
         engine, runtime = loaded.engine, loaded.runtime
         meta_path = job.data.meta_path
-        if meta_path is None:
-            from bindweave.testing.tiny import write_tiny_models
-
-            def write_demo() -> Path:
-                return demo_meta_with_hidden_states(
-                    Path(job.data.demo_dir), hidden_dim=engine.models.hidden_dim,
-                    qwen_folder=write_tiny_models(Path(model_settings.tiny_root)).qwen)
-
-            meta_path = runtime.from_rank0(write_demo)  # one writer; the other ranks wait for it
+        if meta_path is None:  # one writer; the other ranks wait for it
+            meta_path = runtime.from_rank0(lambda: demo_meta(job.data, model_settings, engine.models.hidden_dim))
             if runtime.rank == 0:
                 log.info("demo: built-in cases at %s (tiny random models: the videos are noise)", meta_path)
         run = RunSettings(
@@ -179,6 +171,15 @@ def _generate_samples(loaded: LoadedEngine, run, video, sampler, cache, known_ba
     if runtime.rank == 0 and summary["exit_code"] != 2:
         _report_once(lambda: write_failed_samples(run.output_dir), summary)
     return summary
+
+
+def demo_meta(data, model_settings, hidden_dim: int) -> Path:
+    """The built-in demo cases with hidden states from the tiny Qwen2.5-VL (model=tiny only)."""
+    from bindweave.testing.demo import demo_meta_with_hidden_states
+    from bindweave.testing.tiny import write_tiny_models
+
+    return demo_meta_with_hidden_states(Path(data.demo_dir), hidden_dim=hidden_dim,
+                                        qwen_folder=write_tiny_models(Path(model_settings.tiny_root)).qwen)
 
 
 def _report_once(write, summary: dict) -> None:
