@@ -83,9 +83,9 @@ def test_offloaded_dit_has_every_block_hooked_and_computes_the_same(tiny_models,
 
 def test_offload_with_fsdp_is_refused_before_loading():
     with pytest.raises(BindWeaveInputError, match=r"model.memory=offload cannot apply with parallel.fsdp=\['dit'\]"):
-        refuse_inapplicable_speed_options("auto", False, False, ParallelLayout(fsdp=("dit",)), "cuda", "bfloat16",
+        refuse_inapplicable_speed_options("auto", ParallelLayout(fsdp=("dit",)), "cuda", "bfloat16",
                                           memory="offload")
-    refuse_inapplicable_speed_options("auto", False, False, ParallelLayout(ulysses=2), "cuda", "bfloat16",
+    refuse_inapplicable_speed_options("auto", ParallelLayout(ulysses=2), "cuda", "bfloat16",
                                       memory="offload")  # sequence parallel + offload: each rank streams its own
 
 
@@ -93,3 +93,56 @@ def test_a_bad_memory_mode_names_the_choices():
     with pytest.raises(BindWeaveInputError, match="model.memory=small is not one of auto, resident, offload"):
         ModelSettings(memory="small")
     assert isinstance(plan_memory("auto", 100.0, P720), MemoryPlan)
+
+
+class FakeGpu:
+    """torch.cuda's memory queries for a 139 GiB GPU with 137 GiB free, recording the allocator cap."""
+
+    def __init__(self, monkeypatch, reserved_gib=0.5):
+        self.fraction = None
+        gib = 2**30
+        monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device: (137 * gib, 139 * gib))
+        monkeypatch.setattr(torch.cuda, "memory_reserved", lambda device: reserved_gib * gib)
+        monkeypatch.setattr(torch.cuda, "get_device_name", lambda device: "Fake H200")
+        monkeypatch.setattr(torch.cuda, "set_per_process_memory_fraction",
+                            lambda fraction, device: setattr(self, "fraction", fraction))
+
+
+@pytest.mark.parametrize("cap, mode, offload_encoders", [(None, "resident", False), (48, "resident", True),
+                                                         (24, "offload", True)])
+def test_a_gpu_memory_cap_bounds_the_allocator_and_the_plan(monkeypatch, cap, mode, offload_encoders):
+    gpu = FakeGpu(monkeypatch)
+    settings = ModelSettings(dit="d", wan="w", gpu_memory_gib=cap)
+    plan = memory_plan_for(settings, P720, torch.device("cuda", 0))
+    assert (plan.mode, plan.offload_encoders) == (mode, offload_encoders), plan
+    assert gpu.fraction == (cap / 139 if cap else None)
+    # What the process already holds counts against its cap.
+    assert f"{(cap - 0.5) if cap else 137:.1f} GiB" in plan.reason
+
+
+def test_a_cap_beyond_the_gpu_or_too_small_for_the_job_is_refused_before_loading(monkeypatch):
+    FakeGpu(monkeypatch)
+    with pytest.raises(BindWeaveInputError, match=r"model.gpu_memory_gib=200 GiB: the GPU \(Fake H200\) has 139.0 GiB"):
+        memory_plan_for(ModelSettings(dit="d", wan="w", gpu_memory_gib=200), P720, torch.device("cuda", 0))
+    with pytest.raises(BindWeaveInputError, match=r"model.memory=auto \(model.gpu_memory_gib=12\): this job needs"):
+        memory_plan_for(ModelSettings(dit="d", wan="w", gpu_memory_gib=12), P720, torch.device("cuda", 0))
+    with pytest.raises(BindWeaveInputError, match="model.gpu_memory_gib=0 must be > 0 GiB"):
+        ModelSettings(dit="d", wan="w", gpu_memory_gib=0)
+
+
+def test_resident_asked_for_beyond_the_cap_says_so(monkeypatch):
+    FakeGpu(monkeypatch)
+    plan = memory_plan_for(ModelSettings(dit="d", wan="w", memory="resident", gpu_memory_gib=24), P720,
+                           torch.device("cuda", 0))
+    assert plan.mode == "resident" and "model.memory=auto would offload" in plan.reason
+
+
+def test_qwen_that_cannot_fit_the_cap_is_refused_before_its_weights_are_read(monkeypatch, tmp_path):
+    from bindweave.encoders.qwen import refuse_what_cannot_fit
+
+    FakeGpu(monkeypatch)
+    with open(tmp_path / "model-00001.safetensors", "wb") as weights:
+        weights.truncate(16 * 2**30)  # sparse: the size is all that is read
+    refuse_what_cannot_fit(tmp_path, torch.device("cuda", 0), torch.bfloat16, 24)  # 16 + 2 of 23.5 GiB
+    with pytest.raises(BindWeaveInputError, match=r"needs ~18.0 GiB .* 15.5 GiB are free within qwen.gpu_memory_gib=16"):
+        refuse_what_cannot_fit(tmp_path, torch.device("cuda", 0), torch.bfloat16, 16)

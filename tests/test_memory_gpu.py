@@ -5,12 +5,16 @@ Skipped without a CUDA GPU (CI)."""
 import pytest
 import torch
 
+from bindweave.model.offload import offloaded_blocks
+from bindweave.model.speed import SpeedOptions, apply_speed_options
+from bindweave.model.transformer import TINY_CONFIG, BindWeaveTransformer
 from bindweave.sampling.sampler import SamplerSettings, denoise, initial_noise, make_scheduler
 from bindweave.stages.coordinator import SingleProcess
 from bindweave.stages.generate import ModelSettings, VideoSettings, dit_predictor, load_stage3_models, prepare_inputs
 from bindweave.stages.memory import JobSize, plan_memory
 from bindweave.io.inputs import read_meta
 from bindweave.testing.demo import demo_meta_with_hidden_states
+from test_transformer import inputs as tiny_inputs
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 VIDEO = VideoSettings(height=48, width=64, num_frames=5)
@@ -40,3 +44,38 @@ def test_offloaded_blocks_give_the_resident_latents_and_rest_on_the_host(tiny_mo
         for name, parameter in block.named_parameters():
             assert parameter.device.type == "cpu", (index, name)
             assert parameter.is_pinned(), (index, name)  # streamed copies need page-locked memory
+
+
+COMBINATIONS = {
+    "compiled": SpeedOptions("cudnn", fuse_projections=True, compile=True),
+    "fp8": SpeedOptions("cudnn", fuse_projections=True, compile=False, linear_precision="fp8"),
+    "fp8_compiled": SpeedOptions("cudnn", fuse_projections=True, compile=True, linear_precision="fp8"),
+}
+
+
+@pytest.mark.parametrize("name", list(COMBINATIONS))
+@torch.no_grad()
+def test_offload_with_compile_and_fp8_gives_the_resident_output(name):
+    """The speed options applied around the offload hooks (bindweave.model.speed's order): a
+    2-block DiT with the real head size, streamed, against the same options resident."""
+    options = COMBINATIONS[name]
+    if options.linear_precision == "fp8":
+        pytest.importorskip("torchao.quantization", reason="needs torchao")
+        if torch.cuda.get_device_capability() < (8, 9):
+            pytest.skip("FP8 GEMMs need compute capability 8.9+")
+    config = dict(TINY_CONFIG, num_attention_heads=2, attention_head_dim=128, added_kv_proj_dim=256, ffn_dim=512)
+    torch.manual_seed(0)
+    built = BindWeaveTransformer(**config).to(torch.bfloat16).eval()
+    host_copy = BindWeaveTransformer(**config).to(torch.bfloat16).eval()
+    host_copy.load_state_dict(built.state_dict())
+    resident = apply_speed_options(built.cuda(), options)
+    streamed = apply_speed_options(host_copy, options, offload_to=torch.device("cuda"))
+    x = {key: value.to("cuda", torch.bfloat16) if value.is_floating_point() else value.cuda()
+         for key, value in tiny_inputs(frames=5, height=16, width=16).items()}
+    x["timestep"] = x["timestep"].float()
+    expected = resident(**x)
+    got = streamed(**x)
+    torch.testing.assert_close(got, expected, rtol=0, atol=0)
+    assert offloaded_blocks(streamed) == list(range(config["num_layers"]))
+    for index, block in enumerate(streamed.blocks):
+        assert all(tensor.device.type == "cpu" for tensor in block.parameters()), index

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import replace
 from pathlib import Path
 
@@ -56,8 +57,11 @@ def run_extract_command(cfg: DictConfig) -> int:
         if processes.world_size > 1:  # one process per GPU: rank r computes on GPU LOCAL_RANK
             qwen_settings = replace(qwen_settings, device=str(rank_device(processes, device_type)))
         barrier = torch.distributed.barrier if processes.world_size > 1 else lambda: None
-        written = run_extract(load_qwen(qwen_settings), meta_path, image_root, settings, processes.rank,
-                              processes.world_size, barrier, job.on_error, _gather(processes.world_size), summary)
+        started = time.perf_counter()
+        qwen = load_qwen(qwen_settings)
+        summary["load_qwen_s"] = round(time.perf_counter() - started, 1)
+        written = run_extract(qwen, meta_path, image_root, settings, processes.rank, processes.world_size, barrier,
+                              job.on_error, _gather(processes.world_size), summary)
         exit_code = 1 if summary["failed"] else 0  # the same on every rank
         if processes.rank == 0:  # reports the run
             record_failed_samples(settings.output_dir, summary["failed"])

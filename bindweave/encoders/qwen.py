@@ -33,6 +33,7 @@ from transformers import AutoTokenizer, Qwen2_5_VLForConditionalGeneration, Qwen
 from bindweave.io.checkpoint import folder_fingerprint, resolve_folder
 from bindweave.io.inputs import MAX_REFERENCES
 from bindweave.errors import BindWeaveInputError
+from bindweave.stages.memory import GIB, limit_gpu_memory
 
 # SPEC §3 pre-scale: references over 720P area shrink to 30 %, the others to 75 %.
 LARGE_IMAGE_PIXELS = 720 * 1280
@@ -62,6 +63,7 @@ class QwenSettings:
     dtype: str = "auto"  # auto: bfloat16 on GPU, float32 on CPU
     device: str = "auto"  # auto: the current CUDA device, else CPU
     attn_implementation: str = "sdpa"  # or flash_attention_2 where installed, eager
+    gpu_memory_gib: float | None = None  # the GPU memory this process may use (null: all; 24: as on a 24 GB card)
 
     def __post_init__(self):
         problems = []
@@ -72,6 +74,8 @@ class QwenSettings:
         if self.attn_implementation not in QWEN_ATTENTION:
             problems.append(f"qwen.attn_implementation={self.attn_implementation} is not one of "
                             f"{', '.join(QWEN_ATTENTION)}")
+        if self.gpu_memory_gib is not None and not self.gpu_memory_gib > 0:
+            problems.append(f"qwen.gpu_memory_gib={self.gpu_memory_gib} must be > 0 GiB, or null for the whole GPU")
         if problems:
             raise BindWeaveInputError("; ".join(problems))
 
@@ -134,6 +138,7 @@ def load_qwen(settings: QwenSettings) -> QwenVL:
     folder = qwen_folder(settings)
     device = settings.resolved_device()
     dtype = settings.torch_dtype(device)
+    refuse_what_cannot_fit(folder, device, dtype, settings.gpu_memory_gib)
     try:
         model, loading_info = Qwen2_5_VLForConditionalGeneration.from_pretrained(
             str(folder), dtype=dtype, device_map=str(device),
@@ -148,6 +153,29 @@ def load_qwen(settings: QwenSettings) -> QwenVL:
     tokenizer.chat_template = processor_chat_template(folder, tokenizer)
     identity = {**folder_fingerprint(folder), "model": settings.path or str(folder), "dtype": str(dtype)}
     return QwenVL(model.eval().requires_grad_(False), tokenizer, image_processor, identity)
+
+
+# Over the weights: one prefill's activations (a few thousand tokens), the CUDA context, fragmentation.
+QWEN_WORKSPACE_GIB = 2.0
+
+
+def refuse_what_cannot_fit(folder: Path, device: torch.device, dtype: torch.dtype, limit_gib: float | None) -> None:
+    """Cap the allocator at ``qwen.gpu_memory_gib`` and refuse, before reading a weight, a model
+    that cannot fit the GPU memory left (Qwen2.5-VL-7B: 15.5 GiB in bf16)."""
+    try:
+        free_gib = limit_gpu_memory(device, limit_gib, "qwen.gpu_memory_gib")
+    except ValueError as error:
+        raise BindWeaveInputError(str(error)) from None
+    if free_gib is None:
+        return
+    on_disk = sum(path.stat().st_size for path in folder.glob("*.safetensors"))
+    need_gib = on_disk * dtype.itemsize / 2 / GIB + QWEN_WORKSPACE_GIB  # the released files are bf16
+    if need_gib > free_gib:
+        limit = f" within qwen.gpu_memory_gib={limit_gib}" if limit_gib else ""
+        raise BindWeaveInputError(
+            f"Qwen2.5-VL from {folder} needs ~{need_gib:.1f} GiB on {device} in {dtype} and {free_gib:.1f} GiB are "
+            f"free{limit}: free the GPU (or raise qwen.gpu_memory_gib), or run stage 2 on a larger GPU "
+            f"(it runs once per sample, offline)")
 
 
 def _refuse_incomplete(folder: Path, loading_info: dict) -> None:

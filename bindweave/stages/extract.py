@@ -37,6 +37,7 @@ from bindweave.io.inputs import (Sample, load_hidden_states, load_reference_imag
                                  save_hidden_states)
 from bindweave.errors import BindWeaveInputError
 from bindweave.io.outputs import atomic_write, write_json
+from bindweave.stages.memory import memory_snapshot
 from bindweave.encoders.prompts import QWEN_NEGATIVE_PROMPT
 from bindweave.encoders.qwen import (
     QwenVL,
@@ -162,13 +163,16 @@ def extract_samples(qwen: QwenVL, samples: list[Sample], settings: ExtractSettin
                     rank: int = 0, world_size: int = 1, skip_errors: bool = False) -> dict:
     """Extract this rank's share of `samples` (sorted order, strided by rank); skip finished ones.
 
-    Returns ``{"done": [ids], "skipped": [ids], "failed": {id: reason}}``. A sample's input error
+    Returns ``{"done": [ids], "skipped": [ids], "failed": {id: reason}, "report": {...}}`` (the
+    report: this rank, seconds per extracted sample, peak GPU memory and host RSS). A sample's input error
     raises, naming the sample, unless ``skip_errors`` (on_error=skip): then it is logged, recorded
     in ``failed`` and the next sample goes on.
     """
     summary = {"done": [], "skipped": [], "failed": {}}
+    seconds = {}
     mine = samples[rank::world_size]
     for sample in tqdm(mine, desc="samples", disable=not settings.progress or rank != 0):
+        started = time.perf_counter()
         try:
             outcome = _extract_or_skip(qwen, sample, settings)
         except BindWeaveInputError as error:
@@ -178,6 +182,9 @@ def extract_samples(qwen: QwenVL, samples: list[Sample], settings: ExtractSettin
             summary["failed"][sample.sample_id] = str(error)
             continue
         summary[outcome].append(sample.sample_id)
+        if outcome == "done":
+            seconds[sample.sample_id] = round(time.perf_counter() - started, 3)
+    summary["report"] = {"rank": rank, "extract_s": seconds, **memory_snapshot(qwen.model.device)}
     return summary
 
 
@@ -259,11 +266,12 @@ def run_extract(qwen: QwenVL, meta_path: Path, image_root: Path | None, settings
     log.info("rank %d: %d extracted, %d already there, %d failed", rank, len(mine["done"]),
              len(mine["skipped"]), len(mine["failed"]))
     barrier()
-    total = {"done": [], "skipped": [], "failed": dict(invalid)}
+    total = {"done": [], "skipped": [], "failed": dict(invalid), "ranks": []}
     for part in gather(mine):
         total["done"] += part["done"]
         total["skipped"] += part["skipped"]
         total["failed"].update(part["failed"])
+        total["ranks"].append(part["report"])
     if summary is not None:
         summary.update(total)
     if rank != 0:

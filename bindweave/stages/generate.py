@@ -13,7 +13,6 @@ import logging
 import platform
 import re
 import sys
-import resource
 import threading
 import time
 from collections.abc import Callable
@@ -40,7 +39,8 @@ from bindweave.model.fp8 import LINEAR_PRECISIONS, fp8_layer_names, layer_patter
 from bindweave.model.speed import ATTENTION_CHOICES, SpeedOptions, apply_speed_options
 from bindweave.io.outputs import latents_path, video_done, write_json, write_latents, write_mp4
 from bindweave.encoders.prompts import T5_NEGATIVE_PROMPT
-from bindweave.stages.memory import MEMORY_MODES, JobSize, MemoryPlan, plan_memory
+from bindweave.stages.memory import (MEMORY_MODES, JobSize, MemoryPlan, limit_gpu_memory, memory_snapshot, peak_of,
+                                     plan_memory)
 from bindweave.stages.resume import bytes_sha256, file_sha256, sample_recipe
 from bindweave.sampling.sampler import SamplerSettings, Step, denoise, initial_noise, make_scheduler
 from bindweave.sampling.step_cache import BlockCache, CacheSettings, build_step_cache
@@ -99,6 +99,7 @@ class ModelSettings:
     compile: bool = False  # torch.compile each block (one graph for all 40; ~20 s once per process)
     linear_precision: str = "dtype"  # dtype | fp8 | auto_fp8: the blocks' linears in FP8 (bindweave/model/fp8.py)
     memory: str = "auto"  # auto | resident | offload: the DiT's blocks on the GPU or streamed in (stages/memory.py)
+    gpu_memory_gib: float | None = None  # the GPU memory this process may use (null: all; 24: as on a 24 GB card)
 
     def __post_init__(self):
         problems = []
@@ -110,6 +111,8 @@ class ModelSettings:
             problems.append(f"model.attention_kernel={self.attention_kernel} is not one of {', '.join(ATTENTION_CHOICES)}")
         if self.memory not in MEMORY_MODES:
             problems.append(f"model.memory={self.memory} is not one of {', '.join(MEMORY_MODES)}")
+        if self.gpu_memory_gib is not None and not self.gpu_memory_gib > 0:
+            problems.append(f"model.gpu_memory_gib={self.gpu_memory_gib} must be > 0 GiB, or null for the whole GPU")
         if self.linear_precision not in LINEAR_PRECISIONS:
             problems.append(f"model.linear_precision={self.linear_precision} is not one of {', '.join(LINEAR_PRECISIONS)}")
         if problems:
@@ -215,13 +218,17 @@ def job_size(settings: ModelSettings, video: VideoSettings, dit_config: dict, se
 
 
 def memory_plan_for(settings: ModelSettings, size: JobSize, device: torch.device) -> MemoryPlan:
-    """``model.memory`` settled for this device's free memory (logged once by the caller); a job
-    that cannot fit is a BindWeaveInputError before anything loads."""
-    free_gib = torch.cuda.mem_get_info(device)[0] / 2**30 if device.type == "cuda" else None
+    """``model.memory`` settled for this device's free memory within ``model.gpu_memory_gib`` (the
+    allocator is capped there first; logged once by the caller); a job that cannot fit is a
+    BindWeaveInputError before anything loads."""
     try:
+        free_gib = limit_gpu_memory(device, settings.gpu_memory_gib, "model.gpu_memory_gib")
         return plan_memory(settings.memory, free_gib, size, settings.offload_encoders, settings.vae_tiling)
+    except ValueError as error:
+        raise BindWeaveInputError(str(error)) from None
     except MemoryError as error:
-        raise BindWeaveInputError(f"model.memory={settings.memory}: {error}") from None
+        limit = f" (model.gpu_memory_gib={settings.gpu_memory_gib})" if settings.gpu_memory_gib else ""
+        raise BindWeaveInputError(f"model.memory={settings.memory}{limit}: {error}") from None
 
 
 def load_stage3_models(settings: ModelSettings, build_dit: Callable | None = None,
@@ -230,8 +237,9 @@ def load_stage3_models(settings: ModelSettings, build_dit: Callable | None = Non
 
     ``build_dit(folder, dtype, device)`` replaces the DiT loader and ``shard_t5(module)`` shards T5
     after loading: the app passes parallel/fsdp.py's for FSDP (the DiT built on the meta device,
-    each rank reading only its shards). Fused projections and compiled blocks cannot apply to a
-    sharded DiT: the app refuses them before loading; here they are an error. ``memory_plan``
+    its projections fused there if asked, each rank reading only its shards); the other speed
+    options then apply to the sharded DiT, but FP8 cannot (the app refuses it before loading;
+    here it is an error). ``memory_plan``
     (bindweave.stages.memory; None: all resident as the settings say) may offload the DiT's blocks,
     the encoders and tile the decode.
     """
@@ -241,9 +249,8 @@ def load_stage3_models(settings: ModelSettings, build_dit: Callable | None = Non
     plan = memory_plan or MemoryPlan("resident", settings.offload_encoders, settings.vae_tiling, 0.0, "as set")
     offload_dit = plan.mode == "offload" and build_dit is None  # FSDP + offload is refused before loading
     if build_dit is not None:
-        if settings.fuse_projections or settings.compile or settings.linear_precision == "fp8":
-            raise BindWeaveInputError("model.fuse_projections / model.compile / model.linear_precision=fp8 cannot "
-                                      "apply with parallel.fsdp=[dit]")
+        if settings.linear_precision == "fp8":
+            raise BindWeaveInputError("model.linear_precision=fp8 cannot apply with parallel.fsdp=[dit]")
         transformer = build_dit(dit_folder, dtype, device)
         options = replace(settings.speed_options(), linear_precision="dtype")  # auto_fp8: not over shards
     else:
@@ -452,21 +459,6 @@ def progress_bar(items, progress: bool, **options):
 
 def sample_seed(sample: Sample, sampler: SamplerSettings) -> int:
     return sampler.seed if sample.seed is None else sample.seed
-
-
-def memory_snapshot(device: torch.device) -> dict:
-    """Peak GPU memory since the last snapshot (then reset) and this process's peak host RSS, in GiB."""
-    report = {"host_peak_rss_gib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 3)}
-    if device.type == "cuda":
-        report["gpu_peak_gib"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 3)
-        torch.cuda.reset_peak_memory_stats(device)
-    return report
-
-
-def peak_of(memory: dict) -> float:
-    """The headline peak: GPU memory on CUDA, host RSS on the CPU."""
-    key = "gpu_peak_gib" if any("gpu_peak_gib" in stage for stage in memory.values()) else "host_peak_rss_gib"
-    return max(stage[key] for stage in memory.values())
 
 
 def seconds_since_process_start() -> float:

@@ -17,7 +17,10 @@ The sizes are measured, not guessed (NVIDIA H200, 2026-12-01, docs/PERFORMANCE.m
 
 from __future__ import annotations
 
+import resource
 from dataclasses import dataclass
+
+import torch
 
 MEMORY_MODES = ("auto", "resident", "offload")
 GIB = 2**30
@@ -90,6 +93,8 @@ def plan_memory(mode: str, free_gib: float | None, job: JobSize, offload_encoder
     if mode == "resident" or (mode == "auto" and free_gib is None):
         need = resident_need(job, offload_encoders, vae_tiling)
         why = "asked for" if mode == "resident" else "no GPU: the host holds everything"
+        if free_gib is not None and need > free_gib:
+            why += f", though it needs ~{need:.1f} GiB and {free_gib:.1f} GiB are free (model.memory=auto would offload)"
         return MemoryPlan("resident", offload_encoders, vae_tiling, need, why)
     if mode == "offload":
         return MemoryPlan("offload", True, True, offload_need(job), "asked for")
@@ -110,3 +115,37 @@ def plan_memory(mode: str, free_gib: float | None, job: JobSize, offload_encoder
                       f"resident needs ~{resident_need(job, True, vae_tiling):.1f} GiB (DiT {job.dit_gib:.1f} GiB + "
                       f"activations {job.activations_gib:.1f} GiB) but {free_gib:.1f} GiB are free: the DiT's "
                       f"blocks stream from pinned host memory (~{need:.1f} GiB on the GPU)")
+
+
+def limit_gpu_memory(device, limit_gib: float | None, setting: str) -> float | None:
+    """Cap PyTorch's allocator on ``device`` at ``limit_gib`` (``setting`` names the option in
+    errors) and return the GiB this process may still take there: the free memory, within the
+    cap. None on a CPU (no cap applies). A cap is how a job runs as on a smaller card, or beside
+    another process on the same GPU."""
+    if device.type != "cuda":
+        return None
+    free, total = (value / GIB for value in torch.cuda.mem_get_info(device))
+    if limit_gib is None:
+        return free
+    if not 0 < limit_gib <= total:
+        raise ValueError(f"{setting}={limit_gib} GiB: the GPU ({torch.cuda.get_device_name(device)}) has "
+                         f"{total:.1f} GiB; give a value in (0, {total:.1f}] or null for all of it")
+    torch.cuda.set_per_process_memory_fraction(limit_gib / total, device)
+    return min(free, limit_gib - torch.cuda.memory_reserved(device) / GIB)
+
+
+def memory_snapshot(device) -> dict:
+    """Peak GPU memory since the last snapshot (then reset: allocated by tensors, and reserved by
+    PyTorch's caching allocator, what a card must have) and this process's peak host RSS, in GiB."""
+    report = {"host_peak_rss_gib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / GIB, 3)}
+    if device.type == "cuda":
+        report["gpu_peak_gib"] = round(torch.cuda.max_memory_allocated(device) / GIB, 3)
+        report["gpu_peak_reserved_gib"] = round(torch.cuda.max_memory_reserved(device) / GIB, 3)
+        torch.cuda.reset_peak_memory_stats(device)
+    return report
+
+
+def peak_of(memory: dict) -> float:
+    """The headline peak: GPU memory on CUDA, host RSS on the CPU."""
+    key = "gpu_peak_gib" if any("gpu_peak_gib" in stage for stage in memory.values()) else "host_peak_rss_gib"
+    return max(stage[key] for stage in memory.values())

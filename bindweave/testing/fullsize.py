@@ -117,3 +117,31 @@ def write_fullsize_models(root: Path, device: torch.device, seed: int = 0) -> tu
         write_random_checkpoint(lambda: CLIPVisionModel(CLIPVisionConfig(**CLIP_VIT_H_CONFIG)), wan / "image_encoder",
                                 device, seed, "model")
     return dit, wan
+
+
+def write_fullsize_qwen(root: Path, device: torch.device, seed: int = 0) -> Path:
+    """``root/Qwen2.5-VL-7B-Instruct``: the released text and vision sizes (8.3 B params) with random
+    bf16 weights; tokenizer, chat template and image processor from the tiny set, whose special
+    token ids the config keeps (they are all below the real vocabulary size)."""
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+
+    from bindweave.testing.tiny import QWEN_DIR, write_tiny_models
+
+    folder = root / QWEN_DIR
+    if (folder / "config.json").exists():
+        return folder
+    tiny = write_tiny_models(root / "tiny").qwen
+    tiny_config = Qwen2_5_VLConfig.from_pretrained(tiny)
+    token_ids = {name: getattr(tiny_config, name) for name in QWEN25_VL_TOKEN_IDS}
+    text = dict(QWEN25_VL_7B_TEXT, bos_token_id=tiny_config.text_config.bos_token_id,
+                eos_token_id=tiny_config.text_config.eos_token_id)
+    config = Qwen2_5_VLConfig(text_config=text, vision_config=QWEN25_VL_7B_VISION, tie_word_embeddings=False,
+                              **token_ids)
+    staging = folder.with_name(folder.name + ".partial")
+    for part in tiny.iterdir():
+        if part.is_file() and part.suffix != ".safetensors" and part.name != "config.json":
+            staging.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(part, staging / part.name)
+    write_random_checkpoint(lambda: Qwen2_5_VLForConditionalGeneration(config), staging, device, seed, "model")
+    staging.rename(folder)  # whole or absent: config.json marks it done
+    return folder
