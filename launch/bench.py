@@ -2,6 +2,7 @@
 
     python launch/bench.py                              # everything, full size (one H100: ~7 min)
     python launch/bench.py layers=10 parts=[dit]        # quick DiT iteration, scaled to 40 blocks
+    python launch/bench.py layers=10 parts=[ulysses]    # the 1-8 GPU projection (sequence_benchmark.py)
     python launch/bench.py preset=tiny device=cpu       # smoke run of every code path (tests)
 
 The benchmark itself is bindweave/testing/benchmark.py; settings in conf/bench.yaml.

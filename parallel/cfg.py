@@ -30,3 +30,9 @@ def parallel_guided_velocity(predict: PredictFn, guidance_scale: float, cfg_degr
         return combine_guidance(cond, uncond, guidance_scale)
 
     return velocity
+
+
+def cfg_exchange_bytes_per_rank(prediction_elements: int, element_size: int, cfg_degree: int) -> int:
+    """Bytes one rank sends per sampling step in the exchange above: its own prediction, to the
+    other CFG rank (none with ``cfg_degree == 1``)."""
+    return (cfg_degree - 1) * prediction_elements * element_size

@@ -4,6 +4,9 @@ The DiT is built on the meta device, sharded with ``fully_shard`` (dim-0 shards,
 sizes), then every rank reads ONLY its own rows of every tensor straight from the safetensors
 files (one pread per tensor, cast on the fly), so no rank ever holds a full copy, fp32 or bf16.
 The checkpoint is checked against the model from the headers first, as in unsharded loading.
+Fused projections are made on the meta model, before sharding, without the separate layers
+(bindweave.model.speed.fuse_projections): each rank fills its rows of a fused q/k/v (or K/V)
+tensor from the checkpoint's separate tensors.
 """
 
 from __future__ import annotations
@@ -15,8 +18,9 @@ import torch
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import fully_shard
 
-from bindweave.io.checkpoint import check_against_model, index_checkpoint, keeps_fp32, read_rows
+from bindweave.io.checkpoint import TensorInfo, check_against_model, index_checkpoint, keeps_fp32, read_rows
 from bindweave.model.loading import finish_loading, meta_bindweave_transformer
+from bindweave.model.speed import fuse_projections
 
 
 @dataclass
@@ -50,13 +54,27 @@ def shard_t5(encoder: torch.nn.Module, mesh: DeviceMesh) -> None:
     fully_shard(encoder, mesh=mesh, reshard_after_forward=True)
 
 
+def read_stacked_rows(tensors: dict[str, TensorInfo], names: list[str], start: int, stop: int) -> torch.Tensor:
+    """Rows ``[start, stop)`` of the checkpoint tensors ``names`` stacked by rows, reading only those rows."""
+    pieces, offset = [], 0
+    for name in names:
+        info = tensors[name]
+        first, last = max(start, offset), min(stop, offset + info.shape[0])
+        if last > first:
+            pieces.append(read_rows(info.file, name, first - offset, last - offset))
+        offset += info.shape[0]
+    return torch.cat(pieces)
+
+
 @torch.no_grad()
 def load_sharded_dit(model: torch.nn.Module, folder: Path, mesh: DeviceMesh, dtype: torch.dtype,
-                     device: torch.device) -> ShardedReadStats:
-    """Shard a meta-device DiT over ``mesh`` and fill each rank's shards from ``folder``."""
+                     device: torch.device, fuse: bool = False) -> ShardedReadStats:
+    """Shard a meta-device DiT over ``mesh`` and fill each rank's shards from ``folder``
+    (``fuse``: with fused projections, module docstring)."""
     expected = {name: tensor.shape for name, tensor in model.state_dict().items()}
     tensors = index_checkpoint(folder)
     check_against_model(folder, tensors, expected)
+    stacked = fuse_projections(model, keep_separate=False) if fuse else {}
     fp32_modules = getattr(model, "_keep_in_fp32_modules", None)
     # FSDP2 keeps each parameter's dtype; set it before sharding (still on meta: no memory).
     for name, parameter in model.named_parameters():
@@ -66,18 +84,18 @@ def load_sharded_dit(model: torch.nn.Module, folder: Path, mesh: DeviceMesh, dty
 
     stats = ShardedReadStats()
     for name, parameter in model.named_parameters():
-        info = tensors[name]
-        start, stop = shard_rows(info.shape[0], mesh)
+        start, stop = shard_rows(parameter.shape[0], mesh)
         if stop > start:
-            rows = read_rows(info.file, name, start, stop)
+            rows = read_stacked_rows(tensors, stacked.get(name, [name]), start, stop)
             stats.bytes_read += rows.nbytes
             stats.tensors += 1
             parameter.to_local().copy_(rows.to(parameter.dtype))
     return stats
 
 
-def load_sharded_bindweave(folder: Path, mesh: DeviceMesh, dtype: torch.dtype, device: torch.device):
+def load_sharded_bindweave(folder: Path, mesh: DeviceMesh, dtype: torch.dtype, device: torch.device,
+                           fuse: bool = False):
     """The BindWeave DiT, FSDP-sharded over ``mesh`` and loaded rank by rank (no full copy anywhere)."""
     model = meta_bindweave_transformer(folder)
-    stats = load_sharded_dit(model, folder, mesh, dtype, device)
+    stats = load_sharded_dit(model, folder, mesh, dtype, device, fuse)
     return finish_loading(model, device), stats

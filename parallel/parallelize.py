@@ -48,8 +48,7 @@ def sequence_local_kernel(backend: str, chosen: str, dtype_name: str) -> str:
     return chosen
 
 
-def refuse_inapplicable_speed_options(attention_kernel: str, fuse_projections: bool, compile_blocks: bool,
-                                      layout: ParallelLayout, device_type: str, dtype_name: str,
+def refuse_inapplicable_speed_options(attention_kernel: str, layout: ParallelLayout, device_type: str, dtype_name: str,
                                       offload_encoders: bool = False, linear_precision: str = "dtype",
                                       memory: str = "auto") -> None:
     """Speed and memory options the layout cannot honour end the job before loading, saying why
@@ -58,13 +57,6 @@ def refuse_inapplicable_speed_options(attention_kernel: str, fuse_projections: b
     if "t5" in layout.fsdp and offload_encoders:
         problems.append("model.offload_encoders=true cannot apply with parallel.fsdp=[t5]: a sharded T5 stays "
                         "spread over the GPUs of its group; choose one (sharding already saves most of T5's memory)")
-    if "dit" in layout.fsdp and (fuse_projections or compile_blocks):
-        chosen = " ".join(f"model.{name}=true" for name, on in
-                          (("fuse_projections", fuse_projections), ("compile", compile_blocks)) if on)
-        problems.append(f"{chosen} cannot apply with parallel.fsdp=[dit]: fused projections would make the "
-                        "q/k/v weights slices of one tensor, which FSDP2 shards apart, and compiled blocks are not "
-                        "built over sharded parameters yet; add model.fuse_projections=false model.compile=false "
-                        "(the attention kernel still applies)")
     if layout.fsdp and memory == "offload":
         problems.append(f"model.memory=offload cannot apply with parallel.fsdp={list(layout.fsdp)}: a sharded model "
                         "is already spread over the GPUs and its shards cannot also stream from the host; use "

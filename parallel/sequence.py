@@ -33,6 +33,17 @@ class SequenceAttention(Protocol):
                  valid_length: int) -> torch.Tensor: ...
 
 
+def rank_chunk(sequence: torch.Tensor, rank: int, group_size: int) -> torch.Tensor:
+    """Rank ``rank``'s chunk (``ceil(N / group_size)`` long) of ``sequence`` along dim 1, zero-padded
+    at the end where the sequence runs out."""
+    length = -(-sequence.shape[1] // group_size)
+    chunk = sequence[:, rank * length:(rank + 1) * length]
+    missing = length - chunk.shape[1]
+    if missing:
+        chunk = torch.cat([chunk, chunk.new_zeros(chunk.shape[0], missing, *chunk.shape[2:])], dim=1)
+    return chunk
+
+
 class SequenceParallelHook(AttentionHook):
     """Split / attend / gather over ``sequence_group``; rank r holds the r-th chunk of the padded sequence."""
 
@@ -43,22 +54,11 @@ class SequenceParallelHook(AttentionHook):
         self.attention = attention
         self.num_tokens: int | None = None  # the true token count of the forward in flight
 
-    def chunk_length(self) -> int:
-        return -(-self.num_tokens // self.group_size)
-
     def split_tokens(self, tokens: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]):
         """tokens ``[B, N, C]``, rope cos/sin ``[1, N, 1, D]`` -> this rank's ``[B, n, C]``, ``[1, n, 1, D]``."""
         self.num_tokens = tokens.shape[1]
-        return self._own_chunk(tokens), tuple(self._own_chunk(table) for table in rope)
-
-    def _own_chunk(self, sequence: torch.Tensor) -> torch.Tensor:
-        """This rank's chunk along dim 1, zero-padded at the end where the sequence runs out."""
-        length = self.chunk_length()
-        chunk = sequence[:, self.group_rank * length:(self.group_rank + 1) * length]
-        missing = length - chunk.shape[1]
-        if missing:
-            chunk = torch.cat([chunk, chunk.new_zeros(chunk.shape[0], missing, *chunk.shape[2:])], dim=1)
-        return chunk
+        return (rank_chunk(tokens, self.group_rank, self.group_size),
+                tuple(rank_chunk(table, self.group_rank, self.group_size) for table in rope))
 
     def self_attention(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
         return self.attention(query, key, value, valid_length=self.num_tokens)
@@ -68,3 +68,20 @@ class SequenceParallelHook(AttentionHook):
         chunks = [torch.empty_like(tokens) for _ in range(self.group_size)]
         dist.all_gather(chunks, tokens.contiguous(), group=self.sequence_group)
         return torch.cat(chunks, dim=1)[:, :self.num_tokens]
+
+
+def ulysses_bytes_per_rank(num_tokens: int, heads: int, head_dim: int, layers: int, degree: int,
+                           element_size: int, head_out_channels: int, batch: int = 1) -> int:
+    """Bytes one rank of a Ulysses group of ``degree`` ranks sends to the others in one DiT forward.
+
+    Each rank holds ``n = ceil(num_tokens / degree)`` tokens (padding included). Per block, four
+    all-to-alls (q, k and v before the attention, its output after) each move a ``[B, n, H, D]``
+    tensor of which ``(degree - 1) / degree`` (what the other ranks own) leaves the rank; after the head,
+    the all-gather sends the rank's ``[B, n, head_out_channels]`` tokens to each of the other ranks.
+    This is also the per-rank volume NCCL's bus bandwidth is quoted against (nccl-tests' ``busbw``),
+    so bytes / busbw is the time of these collectives.
+    """
+    chunk = batch * -(-num_tokens // degree)
+    all_to_alls = 4 * layers * chunk * (heads // degree) * head_dim * (degree - 1)  # Ulysses: degree divides heads
+    gather = chunk * head_out_channels * (degree - 1)
+    return (all_to_alls + gather) * element_size

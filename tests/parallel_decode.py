@@ -1,6 +1,6 @@
 """Decode seeded latents with the tiny Wan VAE under a layout and save every rank's frames.
 
-    torchrun --standalone --nproc_per_node=N tests/parallel_decode.py OUT_DIR WAN_FOLDER cfg=2 ulysses=2
+    torchrun --standalone --nproc_per_node=N tests/parallel_decode.py OUT_DIR WAN_FOLDER cfg=2 ulysses=2 [cuda]
 
 Without torchrun it is the one-rank decode. ``parallel.decode=split`` in the layout (N > 1): each
 rank of the sample's group decodes a band of rows; every rank writes ``OUT_DIR/frames.rank{R}.npy``
@@ -18,7 +18,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bindweave.encoders.conditioning import WanVae  # noqa: E402
-from parallel.distributed import detect_processes, start_process_group, stop_process_group  # noqa: E402
+from parallel.distributed import detect_processes, rank_device, start_process_group, stop_process_group  # noqa: E402
 from parallel.layout import ParallelLayout  # noqa: E402
 from parallel.runtime import Runtime  # noqa: E402
 
@@ -27,13 +27,15 @@ LATENTS = (1, 16, 3, 50, 10)  # 50 latent rows: split unevenly over 4 ranks, eac
 
 def main() -> None:
     out_dir, wan_folder, *degrees = sys.argv[1:]
+    device_type = degrees.pop() if degrees and degrees[-1] == "cuda" else "cpu"  # cuda: GPU LOCAL_RANK, NCCL
     processes = detect_processes()
     layout = ParallelLayout(**{name: int(value) for name, value in (d.split("=") for d in degrees)}, decode="split")
-    layout.validate(processes.world_size, 4, "cpu")
-    start_process_group(processes, "cpu", timeout_s=120)
+    layout.validate(processes.world_size, 4, device_type)
+    start_process_group(processes, device_type, timeout_s=120)
     try:
-        runtime = Runtime.build(layout, processes, torch.device("cpu"))
-        vae = WanVae.from_folder(wan_folder, dtype=torch.float32, device="cpu")
+        device = rank_device(processes, device_type)
+        runtime = Runtime.build(layout, processes, device)
+        vae = WanVae.from_folder(wan_folder, dtype=torch.float32, device=device)
         decoded_rows = []
         decode_rows = vae.decode_rows
 
@@ -42,7 +44,7 @@ def main() -> None:
             return decode_rows(latents, start, stop, halo)
 
         vae.decode_rows = counted
-        latents = torch.randn(LATENTS, generator=torch.Generator().manual_seed(0))
+        latents = torch.randn(LATENTS, generator=torch.Generator().manual_seed(0)).to(device)
         frames = runtime.decode(vae, latents)
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)

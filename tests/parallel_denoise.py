@@ -8,7 +8,8 @@ are built from fixed seeds. Each rank writes ``OUT_DIR/{grid}.rank{R}.pt``. A gr
 the latent size; the DiT sees ``(4 + F) * H/2 * W/2`` tokens (1x4x8: 40, 1x6x6: 45).
 ``--attend-padding`` tells the backend that padded keys are valid (a deliberately wrong run).
 ``--device cuda`` runs on GPU LOCAL_RANK (NCCL), ``--dtype bfloat16`` in the DiT's real precision,
-``--backend`` picks the sequence-parallel backend (default auto: xfuser on CUDA, deepspeed on CPU).
+``--real-heads`` with 8 heads of 128 (what FA4 and sage2 take, and ulysses up to 8),
+``--backend`` picks the sequence-parallel backend (default auto: deepspeed, xfuser for ring > 1 on CUDA).
 ``--kernel NAME`` installs that single-device kernel (bindweave.model.speed) before the layout is applied and
 writes how often it ran on each rank to ``OUT_DIR/kernel_calls.rank{R}.txt``. ``--offload`` keeps
 the blocks on the host and streams them in (bindweave.model.offload); ``--cache magcache`` runs a
@@ -92,7 +93,12 @@ def main() -> None:
     parser.add_argument("--kernel", help="a single-device kernel (bindweave.model.speed) to install and count")
     parser.add_argument("--offload", action="store_true", help="the blocks on the host, streamed in per block")
     parser.add_argument("--cache", choices=["magcache", "teacache"], help="a step cache")
+    parser.add_argument("--real-heads", action="store_true",
+                        help="8 heads of 128 (the 14B DiT's head size, for FA4/sage2; ulysses up to 8)")
     args = parser.parse_args()
+    global CONFIG
+    if args.real_heads:
+        CONFIG = dict(CONFIG, num_attention_heads=8, attention_head_dim=128, added_kv_proj_dim=1024)
 
     processes = detect_processes()
     degrees = {name: int(value) for name, value in (degree.split("=") for degree in args.degrees)}

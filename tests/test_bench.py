@@ -193,3 +193,27 @@ def test_bench_tiny_cpu_runs_every_part(tmp_path):
     assert results["dit_output_relative_error"]["stock_compiled_vs_stock_eager"] < 1e-5
     assert "ours_fast" in done.stdout and "qwen_prefill" in done.stdout
     assert "CUDA GPUs only" in report["skipped"]["dit_ours_fa4"]  # noted, and the other variants ran
+
+
+@pytest.mark.timeout(300)
+def test_bench_tiny_cpu_ulysses_part_measures_each_degree_and_projects(tmp_path):
+    """The projection part end to end: one emulated rank per Ulysses degree (compiled, 1 of the 2
+    blocks built and scaled), degree 4 skipped (the tiny DiT has 2 heads), the layouts they allow."""
+    command = [sys.executable, str(REPO / "launch" / "bench.py"), "preset=tiny", "device=cpu", "parts=[ulysses]",
+               "ulysses_degrees=[1,2,4]", "layers=1", "compile_backend=aot_eager", "repeats=1", f"out_dir={tmp_path}"]
+    done = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = json.loads((tmp_path / "bench.json").read_text())
+    measured = report["results"]["ulysses"]
+    tokens = video_tokens(TINY_CONFIG, 2, 8, 8)
+    assert measured["video_tokens"] == tokens == 96
+    assert [(entry["degree"], entry["tokens_per_rank"], entry["heads_per_rank"]) for entry in measured["degrees"]] \
+        == [(1, 96, 2), (2, 48, 1)]
+    for entry in measured["degrees"]:
+        assert entry["forward_s"] > 0 and len(entry["times_s"]) == 1
+        assert (entry["bytes_sent_per_forward"] > 0) == (entry["degree"] > 1)
+    assert measured["compile"] == {"unique_graphs": 2, "graph_breaks": 0}  # one per degree, kept while interleaved
+    assert "divides the 2 heads" in report["skipped"]["ulysses_4"]
+    projection = report["results"]["ulysses_projection"]
+    assert [(row["cfg"], row["ulysses"]) for row in projection["layouts"]] == [(1, 1), (2, 1), (1, 2), (2, 2)]
+    assert "| 4 | cfg2 x ulysses2 |" in done.stdout

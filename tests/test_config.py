@@ -166,28 +166,32 @@ def test_the_kernel_report_names_what_runs_at_each_call_site():
                       "cross_attention": "SDPA, PyTorch's own kernel order (every rank, whole context)"}
     fsdp = attention_call_sites("cudnn", ParallelLayout(cfg=2, fsdp=("dit",)), "cuda", "bfloat16")
     assert fsdp["self_attention"] == "SDPA, cuDNN first"  # FSDP shards weights; the kernel hook stays
+    # The default backend on CUDA is deepspeed's Ulysses: the chosen kernel runs each rank's heads.
     ulysses = attention_call_sites("fa4", ParallelLayout(ulysses=2), "cuda", "bfloat16")
-    assert ulysses["self_attention"] == "xfuser sequence parallel (ring=1 x ulysses=2), rank-local SDPA, cuDNN first"
+    assert ulysses["self_attention"] == ("deepspeed sequence parallel (ring=1 x ulysses=2), rank-local "
+                                         "FlashAttention-4 (flash-attn-4)")
+    ring = attention_call_sites("fa4", ParallelLayout(ring=2), "cuda", "bfloat16")  # ring attention: xfuser's USP
+    assert ring["self_attention"] == "xfuser sequence parallel (ring=2 x ulysses=1), rank-local SDPA, cuDNN first"
     cpu = attention_call_sites("efficient", ParallelLayout(ulysses=2), "cpu", "float32")
     assert cpu["self_attention"] == "deepspeed sequence parallel (ring=1 x ulysses=2), rank-local SDPA, memory-efficient first"
 
 
 def test_options_a_layout_cannot_honour_are_refused_with_the_reason():
     with pytest.raises(BindWeaveInputError, match="model.attention_kernel=fa4 cannot run under sequence parallel"):
-        refuse_inapplicable_speed_options("fa4", False, False, ParallelLayout(ulysses=2), "cuda", "bfloat16")
-    with pytest.raises(BindWeaveInputError, match="model.fuse_projections=true model.compile=true cannot apply with "
-                                                  "parallel.fsdp=\\[dit\\]"):
-        refuse_inapplicable_speed_options("auto", True, True, ParallelLayout(fsdp=("dit",)), "cuda", "bfloat16")
+        refuse_inapplicable_speed_options("fa4", ParallelLayout(ulysses=2, backend="xfuser"), "cuda", "bfloat16")
+    refuse_inapplicable_speed_options("fa4", ParallelLayout(ulysses=2), "cuda", "bfloat16")  # auto: deepspeed runs it
+    with pytest.raises(BindWeaveInputError, match=r"model.linear_precision=fp8 cannot apply with parallel.fsdp=\[dit\]"):
+        refuse_inapplicable_speed_options("auto", ParallelLayout(fsdp=("dit",)), "cuda", "bfloat16",
+                                          linear_precision="fp8")
     with pytest.raises(BindWeaveInputError, match=r"model.offload_encoders=true cannot apply with parallel.fsdp=\[t5\]"):
-        refuse_inapplicable_speed_options("auto", False, False, ParallelLayout(fsdp=("t5",)), "cuda", "bfloat16",
+        refuse_inapplicable_speed_options("auto", ParallelLayout(fsdp=("t5",)), "cuda", "bfloat16",
                                           offload_encoders=True)
     # What the layout does run, or auto, passes; FSDP of T5 alone leaves the DiT's options alone.
-    refuse_inapplicable_speed_options("auto", True, True, ParallelLayout(ulysses=2), "cuda", "bfloat16")
-    refuse_inapplicable_speed_options("cudnn", True, True, ParallelLayout(ulysses=2), "cuda", "bfloat16")
-    refuse_inapplicable_speed_options("fa4", True, True, ParallelLayout(fsdp=("t5",)), "cuda", "bfloat16")
+    refuse_inapplicable_speed_options("auto", ParallelLayout(ulysses=2), "cuda", "bfloat16")
+    refuse_inapplicable_speed_options("cudnn", ParallelLayout(ulysses=2), "cuda", "bfloat16")
+    refuse_inapplicable_speed_options("fa4", ParallelLayout(fsdp=("t5",)), "cuda", "bfloat16")
     # deepspeed's Ulysses runs the chosen kernel for each rank's heads.
-    refuse_inapplicable_speed_options("fa4", True, True, ParallelLayout(ulysses=2, backend="deepspeed"), "cuda",
-                                      "bfloat16")
+    refuse_inapplicable_speed_options("fa4", ParallelLayout(ulysses=2, backend="deepspeed"), "cuda", "bfloat16")
 
 
 def test_an_unknown_kernel_fails_before_loading_with_any_compile_setting():

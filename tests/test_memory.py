@@ -26,7 +26,9 @@ P480 = JobSize(video_tokens=39_000)  # 832 x 480 x 81 frames
 @pytest.mark.parametrize("free, size, mode, offload_encoders", [
     (139.0, P720, "resident", False),                     # H200: everything on the GPU
     (79.0, P720, "resident", False),                      # H100 80 GB
-    (48.0, P720, "resident", True),                       # L40S / A6000: the DiT stays, T5 + CLIP move
+    (49.0, P720, "resident", True),                       # the DiT stays, T5 + CLIP move (48.6 GiB with them in)
+    (48.0, P720, "offload", True),                        # L40S / A6000: conditioning would not fit beside the DiT
+    (40.0, JobSize(90_000, fp8=True), "resident", True),   # FP8 weights on a 48 GB card: resident, encoders move
     (46.0, JobSize(90_000, fp8=True), "resident", False),  # FP8 weights: all of it fits in 46 GiB
     (32.0, P720, "offload", True),                        # RTX 5090
     (24.0, P720, "offload", True),                        # RTX 4090 / 3090
@@ -42,7 +44,7 @@ def test_auto_picks_the_first_plan_that_fits(free, size, mode, offload_encoders)
 
 
 def test_a_job_that_does_not_fit_even_offloaded_is_refused_with_what_it_needs():
-    with pytest.raises(MemoryError, match=r"needs ~13\.6 GiB on the GPU even with the DiT's blocks offloaded and "
+    with pytest.raises(MemoryError, match=r"needs ~16\.7 GiB on the GPU even with the DiT's blocks offloaded and "
                                           r"12\.0 GiB are free \(90,000 video tokens"):
         plan_memory("auto", 12.0, P720)
 
@@ -108,8 +110,8 @@ class FakeGpu:
                             lambda fraction, device: setattr(self, "fraction", fraction))
 
 
-@pytest.mark.parametrize("cap, mode, offload_encoders", [(None, "resident", False), (48, "resident", True),
-                                                         (24, "offload", True)])
+@pytest.mark.parametrize("cap, mode, offload_encoders", [(None, "resident", False), (50, "resident", True),
+                                                         (48, "offload", True), (24, "offload", True)])
 def test_a_gpu_memory_cap_bounds_the_allocator_and_the_plan(monkeypatch, cap, mode, offload_encoders):
     gpu = FakeGpu(monkeypatch)
     settings = ModelSettings(dit="d", wan="w", gpu_memory_gib=cap)
@@ -146,3 +148,16 @@ def test_qwen_that_cannot_fit_the_cap_is_refused_before_its_weights_are_read(mon
     refuse_what_cannot_fit(tmp_path, torch.device("cuda", 0), torch.bfloat16, 24)  # 16 + 2 of 23.5 GiB
     with pytest.raises(BindWeaveInputError, match=r"needs ~18.0 GiB .* 15.5 GiB are free within qwen.gpu_memory_gib=16"):
         refuse_what_cannot_fit(tmp_path, torch.device("cuda", 0), torch.bfloat16, 16)
+
+
+def test_fp8_with_offloaded_blocks_is_refused_and_auto_fp8_keeps_the_dtype(monkeypatch, tiny_models, tmp_path, caplog):
+    FakeGpu(monkeypatch)
+    with pytest.raises(BindWeaveInputError, match="model.linear_precision=fp8 cannot apply with offloaded blocks"):
+        memory_plan_for(ModelSettings(dit="d", wan="w", gpu_memory_gib=24, linear_precision="fp8"), P720,
+                        torch.device("cuda", 0))
+    settings = ModelSettings(tiny_root=str(tiny_models.bindweave.parent), dtype="float32", device="cpu",
+                             cache_dir=str(tmp_path), linear_precision="auto_fp8")
+    plan = plan_memory("offload", None, JobSize(video_tokens=100, num_layers=TINY_CONFIG["num_layers"]))
+    with caplog.at_level("INFO", logger="bindweave"):
+        models = load_stage3_models(settings, memory_plan=plan)
+    assert models.fp8_layers == [] and "linears stay in float32, as the DiT's blocks are offloaded" in caplog.text

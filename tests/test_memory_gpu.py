@@ -46,23 +46,13 @@ def test_offloaded_blocks_give_the_resident_latents_and_rest_on_the_host(tiny_mo
             assert parameter.is_pinned(), (index, name)  # streamed copies need page-locked memory
 
 
-COMBINATIONS = {
-    "compiled": SpeedOptions("cudnn", fuse_projections=True, compile=True),
-    "fp8": SpeedOptions("cudnn", fuse_projections=True, compile=False, linear_precision="fp8"),
-    "fp8_compiled": SpeedOptions("cudnn", fuse_projections=True, compile=True, linear_precision="fp8"),
-}
-
-
-@pytest.mark.parametrize("name", list(COMBINATIONS))
 @torch.no_grad()
-def test_offload_with_compile_and_fp8_gives_the_resident_output(name):
-    """The speed options applied around the offload hooks (bindweave.model.speed's order): a
-    2-block DiT with the real head size, streamed, against the same options resident."""
-    options = COMBINATIONS[name]
-    if options.linear_precision == "fp8":
-        pytest.importorskip("torchao.quantization", reason="needs torchao")
-        if torch.cuda.get_device_capability() < (8, 9):
-            pytest.skip("FP8 GEMMs need compute capability 8.9+")
+def test_offload_with_compiled_blocks_gives_the_resident_output():
+    """Compile applied around the offload hooks (bindweave.model.speed's order): a 2-block DiT with
+    the real head size, streamed, against the same options resident. (FP8 weights with offload are
+    refused: on the H200, 2026-12-01, their output matched but the blocks' FP8 weights were not back
+    on the host between uses.)"""
+    options = SpeedOptions("cudnn", fuse_projections=True, compile=True)
     config = dict(TINY_CONFIG, num_attention_heads=2, attention_head_dim=128, added_kv_proj_dim=256, ffn_dim=512)
     torch.manual_seed(0)
     built = BindWeaveTransformer(**config).to(torch.bfloat16).eval()
@@ -78,4 +68,5 @@ def test_offload_with_compile_and_fp8_gives_the_resident_output(name):
     torch.testing.assert_close(got, expected, rtol=0, atol=0)
     assert offloaded_blocks(streamed) == list(range(config["num_layers"]))
     for index, block in enumerate(streamed.blocks):
-        assert all(tensor.device.type == "cpu" for tensor in block.parameters()), index
+        # Pinned in place before the hooks: the host holds each weight once (no pageable copy beside it).
+        assert all(tensor.device.type == "cpu" and tensor.is_pinned() for tensor in block.parameters()), index

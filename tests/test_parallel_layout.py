@@ -146,3 +146,21 @@ def test_samples_are_sorted_then_strided_over_the_data_groups():
     assert share(0, 2) == ["a", "c", "e"] and share(1, 2) == ["b", "d"]
     assert share(0, 1) == ["a", "b", "c", "d", "e"]
     assert share(2, 3) == ["c"]
+
+
+def test_auto_logs_its_choice_with_the_measured_reason(caplog):
+    from parallel.layout import ParallelSettings, layout_from_config
+
+    with caplog.at_level("INFO", logger="bindweave"):
+        layout = layout_from_config(ParallelSettings(auto=True), 8, HEADS_14B, "cpu")
+    assert layout == ParallelLayout(cfg=2, ulysses=4)
+    (message,) = [record.getMessage() for record in caplog.records if "parallel=auto" in record.getMessage()]
+    assert "on 8 processes: data=1 x cfg=2 x ring=1 x ulysses=4" in message
+    assert "exchange one prediction per step" in message and "1.98x / 3.95x / 7.80x" in message
+
+
+def test_the_default_backend_runs_the_chosen_kernel_and_ring_attention_takes_xfuser():
+    assert ParallelLayout(ulysses=4).attention_backend("cuda") == "deepspeed"
+    assert ParallelLayout(ring=2, ulysses=2).attention_backend("cuda") == "xfuser"
+    assert ParallelLayout(ulysses=2, backend="xfuser").attention_backend("cuda") == "xfuser"
+    assert ParallelLayout(ulysses=2).attention_backend("cpu") == "deepspeed"

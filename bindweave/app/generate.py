@@ -72,8 +72,7 @@ class GenerateCommand:
         device_type = _device_type(model_settings.device)
         layout = layout_from_config(job.parallel, processes.world_size,
                                     dit_config(model_settings)["num_attention_heads"], device_type)
-        refuse_inapplicable_speed_options(model_settings.attention_kernel, model_settings.fuse_projections,
-                                          model_settings.compile, layout, device_type, model_settings.dtype,
+        refuse_inapplicable_speed_options(model_settings.attention_kernel, layout, device_type, model_settings.dtype,
                                           model_settings.offload_encoders, model_settings.linear_precision,
                                           model_settings.memory)
         load_calibration(job.cache.calibration)  # a wrong calibration file fails before anything loads
@@ -122,16 +121,19 @@ class GenerateCommand:
 
 def build_models(model_settings, runtime: Runtime, device_type: str, memory_plan=None):
     """Load the stage-3 models for this layout, in one documented order: load (FSDP: the DiT built
-    on the meta device, each rank reading its shards; T5 sharded after loading) with the speed
-    options (kernel, fused projections, compiled blocks: bindweave.model.speed), then the sequence
-    sharding around the chosen kernel (parallel/parallelize.py). What the layout cannot honour was
-    refused before (``refuse_inapplicable_speed_options``)."""
+    on the meta device, its projections fused there without aliases, then sharded, each rank
+    reading its rows; T5 sharded after loading), then the speed options (kernel, fused projections,
+    compiled blocks: bindweave.model.speed; under FSDP the blocks compile after ``fully_shard``, so
+    each compiled block runs between FSDP's all-gather and reshard), then the sequence sharding
+    around the chosen kernel (parallel/parallelize.py). What the layout cannot honour was refused
+    before (``refuse_inapplicable_speed_options``)."""
     from bindweave.stages.generate import load_stage3_models
     from parallel.fsdp import load_sharded_bindweave, shard_t5
     from parallel.parallelize import attention_call_sites, parallelize
 
     sharded = set(runtime.layout.fsdp) if runtime.fsdp_mesh is not None else set()
-    build_dit = (lambda folder, dtype, device: load_sharded_bindweave(folder, runtime.fsdp_mesh, dtype, device)[0]) \
+    build_dit = (lambda folder, dtype, device: load_sharded_bindweave(
+        folder, runtime.fsdp_mesh, dtype, device, fuse=model_settings.fuse_projections)[0]) \
         if "dit" in sharded else None
     sharder = (lambda module: shard_t5(module, runtime.fsdp_mesh)) if "t5" in sharded else None
     models = load_stage3_models(model_settings, build_dit=build_dit, shard_t5=sharder, memory_plan=memory_plan)

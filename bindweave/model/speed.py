@@ -114,12 +114,14 @@ class SpeedOptions:
     ``auto_8bit``: see ``resolve_attention``); ``fuse_projections``: one GEMM for q/k/v (and for
     each cross-attention K/V pair); ``linear_precision``: ``dtype`` (the model's), ``fp8`` or
     ``auto_fp8`` (bindweave.model.fp8); ``compile``: ``torch.compile`` each transformer block (one
-    graph, reused by all 40 blocks)."""
+    graph, reused by all 40 blocks) with ``compile_backend`` (``aot_eager`` traces the same graph
+    without generating code: CPU tests)."""
 
     attention: str = "cudnn"
     fuse_projections: bool = True
     compile: bool = True
     linear_precision: str = "dtype"
+    compile_backend: str = "inductor"
 
     def __post_init__(self):
         if self.attention not in ATTENTION_CHOICES:
@@ -203,30 +205,46 @@ class PreferredKernelAttention(AttentionHook):
             return sdpa(query, key, value)
 
 
+def projection_groups(attn: WanAttention) -> list[tuple[str, tuple[str, ...]]]:
+    """Each layer diffusers' ``fuse_projections`` makes, with the separate layers it stacks by rows."""
+    groups = [("to_qkv", ("to_q", "to_k", "to_v"))] if not attn.is_cross_attention else [("to_kv", ("to_k", "to_v"))]
+    if attn.added_kv_proj_dim is not None:
+        groups.append(("to_added_kv", ("add_k_proj", "add_v_proj")))
+    return groups
+
+
 @torch.no_grad()
-def fuse_projections(model: torch.nn.Module) -> None:
+def fuse_projections(model: torch.nn.Module, keep_separate: bool = True) -> dict[str, list[str]]:
     """diffusers' ``fuse_projections`` on every attention, with the weights held once.
 
     diffusers concatenates q/k/v (and each cross-attention K/V pair) into new tensors and keeps
     the separate ones: 14.7 GB more for the 14B DiT. Here the separate layers are re-pointed at
     slices of the fused weights, so every parameter name still loads and nothing is stored twice.
+    ``keep_separate=False`` removes them instead: FSDP2 shards each parameter on its own, so a slice
+    cannot stay a view of its fused tensor (parallel/fsdp.py fuses the meta model this way and fills
+    each fused parameter from its parts' rows). Returns, for each new fused parameter, the
+    parameters it stacks.
     """
-    for attn in model.modules():
+    stacked = {}
+    for attn_name, attn in model.named_modules():
         if not isinstance(attn, WanAttention) or getattr(attn, "fused_projections", False):
             continue
         attn.fuse_projections()
-        groups = [("to_qkv", ("to_q", "to_k", "to_v"))] if not attn.is_cross_attention else [("to_kv", ("to_k", "to_v"))]
-        if attn.added_kv_proj_dim is not None:
-            groups.append(("to_added_kv", ("add_k_proj", "add_v_proj")))
-        for fused_name, part_names in groups:
+        for fused_name, part_names in projection_groups(attn):
             fused = getattr(attn, fused_name)
             rows = 0
             for part_name in part_names:
                 part = getattr(attn, part_name)
                 size = part.out_features
-                part.weight = torch.nn.Parameter(fused.weight[rows:rows + size], requires_grad=False)
-                part.bias = torch.nn.Parameter(fused.bias[rows:rows + size], requires_grad=False)
+                if keep_separate:
+                    part.weight = torch.nn.Parameter(fused.weight[rows:rows + size], requires_grad=False)
+                    part.bias = torch.nn.Parameter(fused.bias[rows:rows + size], requires_grad=False)
+                else:
+                    delattr(attn, part_name)
                 rows += size
+            for tensor in ("weight", "bias"):
+                stacked[f"{attn_name}.{fused_name}.{tensor}"] = [f"{attn_name}.{part}.{tensor}" for part in part_names]
+    return stacked
 
 
 def apply_speed_options(model: torch.nn.Module, options: SpeedOptions,
@@ -234,6 +252,8 @@ def apply_speed_options(model: torch.nn.Module, options: SpeedOptions,
     """Apply ``options`` to a single-device ``BindWeaveTransformer`` in place, in the module
     docstring's order, and return it (``fp8.fp8_layer_names`` lists the layers in FP8).
     ``offload_to``: the model is on the host and computes there with its blocks streamed in.
+    An FSDP-sharded DiT (parallel/fsdp.py) comes with its projections already fused; its blocks
+    compile as they are, sharded.
 
     Multi-GPU runs install their own attention hook (``parallel/``) after this; the fused
     projections, the FP8 layers and the compiled blocks stay.
@@ -249,5 +269,8 @@ def apply_speed_options(model: torch.nn.Module, options: SpeedOptions,
     if offload_to is not None:
         offload_blocks(model, offload_to)
     if options.compile:
-        model.compile_repeated_blocks()  # regional compile: diffusers' API, every block in place
+        # Regional compile, every block in place: what diffusers' compile_repeated_blocks does, but
+        # that finds the blocks by class name, which FSDP2 changes (FSDPWanTransformerBlock).
+        for block in model.blocks:
+            block.compile(backend=options.compile_backend)
     return model

@@ -223,7 +223,14 @@ def memory_plan_for(settings: ModelSettings, size: JobSize, device: torch.device
     BindWeaveInputError before anything loads."""
     try:
         free_gib = limit_gpu_memory(device, settings.gpu_memory_gib, "model.gpu_memory_gib")
-        return plan_memory(settings.memory, free_gib, size, settings.offload_encoders, settings.vae_tiling)
+        plan = plan_memory(settings.memory, free_gib, size, settings.offload_encoders, settings.vae_tiling)
+        if plan.mode == "offload" and settings.linear_precision == "fp8":
+            raise BindWeaveInputError(
+                f"model.linear_precision=fp8 cannot apply with offloaded blocks ({plan.reason}): FP8 weights are "
+                f"torchao tensor subclasses that diffusers' group offloading did not return to the host between "
+                f"uses (NVIDIA H200, 2026-12-01); use model.linear_precision=auto_fp8 (FP8 where the DiT stays "
+                f"resident) or dtype")
+        return plan
     except ValueError as error:
         raise BindWeaveInputError(str(error)) from None
     except MemoryError as error:
@@ -239,9 +246,8 @@ def load_stage3_models(settings: ModelSettings, build_dit: Callable | None = Non
     after loading: the app passes parallel/fsdp.py's for FSDP (the DiT built on the meta device,
     its projections fused there if asked, each rank reading only its shards); the other speed
     options then apply to the sharded DiT, but FP8 cannot (the app refuses it before loading;
-    here it is an error). ``memory_plan``
-    (bindweave.stages.memory; None: all resident as the settings say) may offload the DiT's blocks,
-    the encoders and tile the decode.
+    here it is an error). ``memory_plan`` (bindweave.stages.memory; None: all resident as the
+    settings say) may offload the DiT's blocks, the encoders and tile the decode.
     """
     started = time.perf_counter()
     dit_folder, wan_folder = model_folders(settings)
@@ -254,9 +260,13 @@ def load_stage3_models(settings: ModelSettings, build_dit: Callable | None = Non
         transformer = build_dit(dit_folder, dtype, device)
         options = replace(settings.speed_options(), linear_precision="dtype")  # auto_fp8: not over shards
     else:
-        # Offloaded, the DiT stays on the host; its blocks stream to the GPU when they run.
+        # Offloaded, the DiT stays on the host; its blocks stream to the GPU when they run, in the
+        # model's dtype (FP8 was refused with offload before loading; auto_fp8 falls back here).
         transformer = load_bindweave_transformer(dit_folder, dtype=dtype, device="cpu" if offload_dit else device)
         options = settings.speed_options()
+        if offload_dit and options.linear_precision == "auto_fp8":
+            log.info("linear_precision=auto_fp8: linears stay in %s, as the DiT's blocks are offloaded", settings.dtype)
+            options = replace(options, linear_precision="dtype")
     apply_speed_options(transformer, options, offload_to=device if offload_dit else None)
     offload_encoders = settings.offload_encoders or plan.offload_encoders
     if offload_encoders and shard_t5 is not None:  # refused with the reason before loading (app)

@@ -12,7 +12,11 @@
 The sizes are measured, not guessed (NVIDIA H200, 2026-12-01, docs/PERFORMANCE.md): the 14B DiT is
 31.7 GiB in bf16 and ~20.3 GiB with FP8 linears (0.79 / 0.50 GiB per block), UMT5-XXL + CLIP ViT-H
 11.8 GiB, the VAE 0.25 GiB, and denoising needs ~0.10 GiB per thousand video tokens (9 GiB at
-90,000 tokens); an untiled 720P x 81 decode adds ~2.2 GiB over that, a tiled one a few hundred MiB.
+90,000 tokens); an untiled 720P x 81 decode adds ~2.2 GiB over that, a tiled one a few hundred MiB;
+conditioning needs ~3.1 GiB beside the models. Against the 720P x 81 jobs measured through the
+README command (H200, 2026-12-01, without the 1.5 GiB margin): resident 55.2 estimated / 54.9
+measured; DiT resident with T5 + CLIP offloaded 47.1 / 47.05 (conditioning); offloaded 11.1 / 11.0
+while denoising, 15.2 / 14.3 while conditioning.
 """
 
 from __future__ import annotations
@@ -31,6 +35,10 @@ ENCODERS_GIB = 11.8  # UMT5-XXL encoder + CLIP ViT-H, bf16
 VAE_GIB = 0.25
 ACTIVATION_GIB_PER_1K_TOKENS = 0.10  # denoising, both CFG sides in turn
 UNTILED_DECODE_GIB_PER_1K_TOKENS = 0.025  # the decode's extra over denoising (2.2 GiB at 90,000 tokens)
+# Conditioning's own working memory beside the models (VAE encode of the condition video, CLIP):
+# 3.1 GiB at 90,000 tokens (NVIDIA H200, 2026-12-01: 47.05 GiB peak with the DiT resident and T5 +
+# CLIP brought in, model.gpu_memory_gib=48).
+CONDITIONING_GIB_PER_1K_TOKENS = 0.035
 MARGIN_GIB = 1.5  # allocator fragmentation, CUDA context
 PREFETCHED_BLOCKS = 2  # offload: the block in use and the one streaming in
 
@@ -50,6 +58,10 @@ class JobSize:
     @property
     def activations_gib(self) -> float:
         return self.video_tokens / 1000 * ACTIVATION_GIB_PER_1K_TOKENS
+
+    @property
+    def conditioning_gib(self) -> float:
+        return self.video_tokens / 1000 * CONDITIONING_GIB_PER_1K_TOKENS
 
     @property
     def untiled_decode_gib(self) -> float:
@@ -72,16 +84,20 @@ class MemoryPlan:
 
 
 def resident_need(job: JobSize, offload_encoders: bool, vae_tiling: bool) -> float:
+    """The larger of the two peaks with the DiT resident: conditioning (T5 and CLIP on the GPU beside
+    it, offloaded or not) and denoising + decode (offloaded encoders are back on the host)."""
     decode = 0.0 if vae_tiling else job.untiled_decode_gib
     encoders = 0.0 if offload_encoders else ENCODERS_GIB
-    return job.dit_gib + encoders + VAE_GIB + job.activations_gib + decode + MARGIN_GIB
+    conditioning = job.dit_gib + ENCODERS_GIB + VAE_GIB + job.conditioning_gib
+    denoising = job.dit_gib + encoders + VAE_GIB + job.activations_gib + decode
+    return max(conditioning, denoising) + MARGIN_GIB
 
 
 def offload_need(job: JobSize) -> float:
     """Offloaded: two blocks, the small modules, the VAE (tiled) and the activations. The encoders
     visit the GPU alone, while no block is there: their 11.8 GiB count only if they are the peak."""
     streamed = PREFETCHED_BLOCKS * BLOCK_GIB["fp8" if job.fp8 else "dtype"] + DIT_OTHER_GIB
-    return max(streamed + VAE_GIB + job.activations_gib, ENCODERS_GIB + VAE_GIB) + MARGIN_GIB
+    return max(streamed + VAE_GIB + job.activations_gib, ENCODERS_GIB + VAE_GIB + job.conditioning_gib) + MARGIN_GIB
 
 
 def plan_memory(mode: str, free_gib: float | None, job: JobSize, offload_encoders: bool = False,

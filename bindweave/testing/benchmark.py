@@ -2,6 +2,7 @@
 
     python launch/bench.py                              # everything, full size (one H100: ~7 min)
     python launch/bench.py layers=10 parts=[dit]        # quick DiT iteration, scaled to 40 blocks
+    python launch/bench.py layers=10 parts=[ulysses]    # the 1-8 GPU projection (sequence_benchmark.py)
     python launch/bench.py preset=tiny device=cpu       # smoke run of every code path (tests)
 
 Models are built directly on the device in bf16 (no checkpoints, no fp32 copy): the DiT on the
@@ -422,13 +423,23 @@ class DitStates:
         return eager
 
 
+def dit_configs(cfg: DictConfig) -> tuple[dict, dict]:
+    """The preset's DiT config, and the one built: ``cfg.layers`` blocks of it (null: all)."""
+    full_config = dict(BINDWEAVE_14B_CONFIG if cfg.preset == "full" else TINY_CONFIG)
+    return full_config, dict(full_config, num_layers=cfg.layers or full_config["num_layers"])
+
+
+def scaled_to_full_depth(seconds: float, fixed_s: float, layers: int, full_layers: int) -> float:
+    """A forward through ``layers`` blocks, timed at ``seconds``, as one through ``full_layers``:
+    the blocks-independent ``fixed_s`` once, the rest per block."""
+    return fixed_s + (seconds - fixed_s) * full_layers / layers
+
+
 def run_dit(cfg: DictConfig, shape: dict, device: torch.device, report: Report, matmul_tflops: float | None):
     """Every variant on one model: first calls (compilation) in order, then ``repeats`` rounds that
     time each variant once per round, so clock or temperature drift hits all of them alike."""
-    full_config = dict(BINDWEAVE_14B_CONFIG if cfg.preset == "full" else TINY_CONFIG)
-    full_layers = full_config["num_layers"]
-    layers = cfg.layers or full_layers
-    config = dict(full_config, num_layers=layers)
+    full_config, config = dit_configs(cfg)
+    full_layers, layers = full_config["num_layers"], config["num_layers"]
     clock = Clock(device)
     latent_frames = 1 + (shape["frames"] - 1) // 4
     tokens = ForwardTokens(video=video_tokens(config, latent_frames, shape["height"] // 8, shape["width"] // 8),
@@ -492,7 +503,7 @@ def run_dit(cfg: DictConfig, shape: dict, device: torch.device, report: Report, 
             results[variant.name] = result
             if not variant.compiled:
                 forward_estimate_s = max(forward_estimate_s or 0.0, result["first_s"])
-        graphs_after_first_calls = _compile_stats()
+        graphs_after_first_calls = compile_stats()
         timed = [variant for variant in variants if variant.name in results]
         # The quickest first call is at least one forward (compiled first calls include compiling).
         round_estimate_s = len(timed) * min((results[v.name]["first_s"] for v in timed), default=0.0)
@@ -506,7 +517,7 @@ def run_dit(cfg: DictConfig, shape: dict, device: torch.device, report: Report, 
             if not result["times_s"]:
                 continue
             result["median_s"] = statistics.median(result["times_s"])
-            result["forward_s"] = fixed_s + (result["median_s"] - fixed_s) * full_layers / layers
+            result["forward_s"] = scaled_to_full_depth(result["median_s"], fixed_s, layers, full_layers)
             result["tflops"] = flops["total"] / result["forward_s"] / 1e12
             result["mfu"] = result["tflops"] / matmul_tflops if matmul_tflops else None
             result["compile_s"] = max(result["first_s"] - result["median_s"], 0.0) if variant.compiled else None
@@ -516,7 +527,7 @@ def run_dit(cfg: DictConfig, shape: dict, device: torch.device, report: Report, 
                 result["profile"] = profile_variant(cfg, states[precision_of(variant)].model,
                                                     states[precision_of(variant)].call(variant), device)
             report.add(f"dit_{variant.name}", result)
-        report.add("dit_compile", {"after_first_calls": graphs_after_first_calls, "at_end": _compile_stats(),
+        report.add("dit_compile", {"after_first_calls": graphs_after_first_calls, "at_end": compile_stats(),
                                    "compiled_variants": sum(variant.compiled for variant in timed)})
         errors = {}
         for variant in timed:
@@ -536,7 +547,7 @@ def profile_variant(cfg: DictConfig, model, call, device: torch.device) -> dict:
     return result
 
 
-def _compile_stats() -> dict:
+def compile_stats() -> dict:
     stats = torch._dynamo.utils.counters
     return {"unique_graphs": stats["stats"]["unique_graphs"], "graph_breaks": sum(stats["graph_break"].values())}
 
@@ -761,6 +772,8 @@ def summary_lines(data: dict) -> list[str]:
     if "dit_output_relative_error" in results:
         lines.append("  output relative error: " + ", ".join(
             f"{name} {value:.2e}" for name, value in results["dit_output_relative_error"].items()))
+    if "ulysses_projection" in results:
+        lines.extend(results["ulysses_projection"]["table"])
     for name in ("vae_decode", "vae_encode", "t5_encode", "clip_encode", "qwen_prefill"):
         if name in results:
             result = results[name]
@@ -804,6 +817,10 @@ def run_benchmark(cfg: DictConfig) -> None:
         run_attention(cfg, shape, device, report)
     if "dit" in cfg.parts:
         run_dit(cfg, shape, device, report, matmul_tflops)
+    if "ulysses" in cfg.parts:
+        from bindweave.testing.sequence_benchmark import run_ulysses  # it builds on this module
+
+        run_ulysses(cfg, shape, device, report)
     run_encoders(cfg, shape, device, report)
     report.data["total_s"] = report.elapsed()
     report.write()
