@@ -17,11 +17,12 @@ import hydra
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bindweave.testing.benchmark import run_benchmark  # noqa: E402
+from bindweave.testing.sequence_benchmark import run_ulysses  # noqa: E402
 
 
 @hydra.main(config_path="../conf", config_name="bench", version_base="1.3")
 def main(cfg) -> None:
-    run_benchmark(cfg)
+    run_benchmark(cfg, more_parts={"ulysses": run_ulysses})
 
 
 if __name__ == "__main__":

@@ -18,7 +18,7 @@ import torch
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import fully_shard
 
-from bindweave.io.checkpoint import TensorInfo, check_against_model, index_checkpoint, keeps_fp32, read_rows
+from bindweave.io.checkpoint import check_against_model, index_checkpoint, read_stacked_rows, set_load_dtypes
 from bindweave.model.loading import finish_loading, meta_bindweave_transformer
 from bindweave.model.speed import fuse_projections
 
@@ -54,18 +54,6 @@ def shard_t5(encoder: torch.nn.Module, mesh: DeviceMesh) -> None:
     fully_shard(encoder, mesh=mesh, reshard_after_forward=True)
 
 
-def read_stacked_rows(tensors: dict[str, TensorInfo], names: list[str], start: int, stop: int) -> torch.Tensor:
-    """Rows ``[start, stop)`` of the checkpoint tensors ``names`` stacked by rows, reading only those rows."""
-    pieces, offset = [], 0
-    for name in names:
-        info = tensors[name]
-        first, last = max(start, offset), min(stop, offset + info.shape[0])
-        if last > first:
-            pieces.append(read_rows(info.file, name, first - offset, last - offset))
-        offset += info.shape[0]
-    return torch.cat(pieces)
-
-
 @torch.no_grad()
 def load_sharded_dit(model: torch.nn.Module, folder: Path, mesh: DeviceMesh, dtype: torch.dtype,
                      device: torch.device, fuse: bool = False) -> ShardedReadStats:
@@ -75,10 +63,7 @@ def load_sharded_dit(model: torch.nn.Module, folder: Path, mesh: DeviceMesh, dty
     tensors = index_checkpoint(folder)
     check_against_model(folder, tensors, expected)
     stacked = fuse_projections(model, keep_separate=False) if fuse else {}
-    fp32_modules = getattr(model, "_keep_in_fp32_modules", None)
-    # FSDP2 keeps each parameter's dtype; set it before sharding (still on meta: no memory).
-    for name, parameter in model.named_parameters():
-        parameter.data = parameter.data.to(torch.float32 if keeps_fp32(name, fp32_modules) else dtype)
+    set_load_dtypes(model, dtype)  # FSDP2 keeps each parameter's dtype: set before sharding (on meta: no memory)
     shard_dit(model, mesh)
     model.to_empty(device=device)
 

@@ -40,10 +40,13 @@ def test_offloaded_blocks_give_the_resident_latents_and_rest_on_the_host(tiny_mo
     got = latents_of(offloaded, sample)
     assert torch.equal(got, expected)
     torch.cuda.synchronize()
+    buffer = offloaded.transformer.blocks[0].ffn.net[0].proj.weight.untyped_storage().data_ptr()
     for index, block in enumerate(offloaded.transformer.blocks):
         for name, parameter in block.named_parameters():
             assert parameter.device.type == "cpu", (index, name)
             assert parameter.is_pinned(), (index, name)  # streamed copies need page-locked memory
+            # Still the loader's one page-locked buffer: the hooks made no second host copy.
+            assert parameter.untyped_storage().data_ptr() == buffer, (index, name)
 
 
 @torch.no_grad()
@@ -68,5 +71,4 @@ def test_offload_with_compiled_blocks_gives_the_resident_output():
     torch.testing.assert_close(got, expected, rtol=0, atol=0)
     assert offloaded_blocks(streamed) == list(range(config["num_layers"]))
     for index, block in enumerate(streamed.blocks):
-        # Pinned in place before the hooks: the host holds each weight once (no pageable copy beside it).
         assert all(tensor.device.type == "cpu" and tensor.is_pinned() for tensor in block.parameters()), index

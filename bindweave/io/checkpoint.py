@@ -155,6 +155,26 @@ def read_rows(file: Path, key: str, start: int, stop: int) -> torch.Tensor:
     return torch.frombuffer(data, dtype=dtype).reshape(stop - start, *shape[1:])
 
 
+def read_stacked_rows(tensors: dict[str, TensorInfo], names: list[str], start: int, stop: int) -> torch.Tensor:
+    """Rows ``[start, stop)`` of the checkpoint tensors ``names`` stacked by rows, reading only those rows."""
+    pieces, offset = [], 0
+    for name in names:
+        info = tensors[name]
+        first, last = max(start, offset), min(stop, offset + info.shape[0])
+        if last > first:
+            pieces.append(read_rows(info.file, name, first - offset, last - offset))
+        offset += info.shape[0]
+    return torch.cat(pieces)
+
+
+def set_load_dtypes(model: torch.nn.Module, dtype: torch.dtype) -> None:
+    """Each parameter of a meta-device model in the dtype it loads in: ``dtype``, or float32 where
+    diffusers keeps it (:func:`keeps_fp32`)."""
+    fp32_modules = getattr(model, "_keep_in_fp32_modules", None)
+    for name, parameter in model.named_parameters():
+        parameter.data = parameter.data.to(torch.float32 if keeps_fp32(name, fp32_modules) else dtype)
+
+
 def keeps_fp32(name: str, fp32_modules: list[str] | None) -> bool:
     """diffusers' rule: parameters under these module names stay fp32 (time embedding, modulation, norms)."""
     return any(module in name.split(".") for module in fp32_modules or [])

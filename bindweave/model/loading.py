@@ -1,5 +1,6 @@
 """Loading the BindWeave DiT: built on the meta device from its folder's config, then filled
-strictly, tensor by tensor (bindweave.io.checkpoint), or by parallel/fsdp.py shard by shard.
+strictly, tensor by tensor (bindweave.io.checkpoint), into one host buffer for block offload, or by
+parallel/fsdp.py shard by shard.
 
 The model file (transformer.py) imports no loader; this module joins the two.
 """
@@ -11,7 +12,8 @@ from pathlib import Path
 import torch
 from diffusers.models.transformers.transformer_wan import WanRotaryPosEmbed
 
-from bindweave.io.checkpoint import load_strict, read_config, resolve_folder
+from bindweave.io.checkpoint import (check_against_model, index_checkpoint, load_strict, read_config, read_stacked_rows,
+                                     resolve_folder, set_load_dtypes)
 from bindweave.model.transformer import BINDWEAVE_14B_CONFIG, BindWeaveTransformer
 
 
@@ -41,3 +43,49 @@ def load_bindweave_transformer(
     model = meta_bindweave_transformer(folder)
     load_strict(model, folder, dtype, device)
     return finish_loading(model, device)
+
+
+# Offsets in the host buffer: a multiple of every element size, and of a cache line.
+HOST_BUFFER_ALIGNMENT = 256
+
+
+@torch.no_grad()
+def load_bindweave_to_host_buffer(path_or_repo_id, dtype: torch.dtype = torch.bfloat16, fuse: bool = False,
+                                  pinned: bool = False, revision: str | None = None):
+    """The DiT on the host for block offload, every weight a view of ONE buffer filled straight
+    from the files (``pinned``: page-locked, what the side stream copies from; ``fuse``: q/k/v and
+    K/V fused on the meta model, filled from the separate tensors).
+
+    Why one buffer: group offloading needs page-locked weights, and pinning them one by one holds
+    the loaded copy and the pinned one at once and rounds every allocation up to a power of two
+    (PyTorch's pinned allocator): 104 GiB of host RSS for the 14B DiT and the encoders (NVIDIA H200
+    machine, 2026-12-01). One 31.7 GiB buffer rounds to 32 GiB, and nothing is held twice.
+    """
+    from bindweave.model.speed import fuse_projections
+
+    folder = resolve_folder(path_or_repo_id, None, revision)
+    model = meta_bindweave_transformer(folder)
+    tensors = index_checkpoint(folder)
+    check_against_model(folder, tensors, {name: tensor.shape for name, tensor in model.state_dict().items()})
+    stacked = fuse_projections(model, keep_separate=False) if fuse else {}
+    set_load_dtypes(model, dtype)
+    place_in_one_host_buffer(model, pinned)
+    for name, parameter in model.named_parameters():
+        parameter.copy_(read_stacked_rows(tensors, stacked.get(name, [name]), 0, parameter.shape[0]))
+    return finish_loading(model, "cpu")
+
+
+def place_in_one_host_buffer(model: torch.nn.Module, pinned: bool) -> None:
+    """Replace every (meta) parameter of ``model`` by an uninitialised view of one host buffer."""
+    parameters = [(module, name, parameter) for module in model.modules()
+                  for name, parameter in module.named_parameters(recurse=False)]
+    sizes = [-(-parameter.numel() * parameter.element_size() // HOST_BUFFER_ALIGNMENT) * HOST_BUFFER_ALIGNMENT
+             for _, _, parameter in parameters]
+    buffer = torch.empty(sum(sizes), dtype=torch.uint8, pin_memory=pinned)
+    offset = 0
+    for (module, name, parameter), size in zip(parameters, sizes):
+        nbytes = parameter.numel() * parameter.element_size()
+        view = buffer[offset:offset + nbytes].view(parameter.dtype).view(parameter.shape)
+        module._parameters[name] = torch.nn.Parameter(view, requires_grad=False)
+        offset += size
+

@@ -1,7 +1,9 @@
 """The DiT's blocks on the host, streamed to the GPU ahead of use: diffusers' group offloading at
 block level (one block per group; on CUDA a side stream prefetches the next block while the
 current one computes, from pinned host memory). The small modules outside the blocks (embedders,
-patch embedding, head) form one more group. Which jobs use it: bindweave.stages.memory."""
+patch embedding, head) form one more group. Which jobs use it: bindweave.stages.memory. The job
+loads the DiT into one page-locked host buffer first (bindweave.model.loading), which the hooks
+stream from as it is (a pinned tensor is not copied again)."""
 
 from __future__ import annotations
 
@@ -13,8 +15,6 @@ GROUP_OFFLOAD_HOOK = "group_offloading"  # diffusers' hook name (diffusers.hooks
 def offload_blocks(model, device: torch.device) -> None:
     """``model`` (on the host) computes on ``device`` with its blocks streamed in one at a time."""
     streamed = device.type == "cuda"
-    if streamed:
-        pin_in_place(model)
     model.enable_group_offload(onload_device=device, offload_device=torch.device("cpu"), offload_type="block_level",
                                num_blocks_per_group=1, use_stream=streamed, record_stream=streamed,
                                non_blocking=streamed)
@@ -31,15 +31,3 @@ def offloaded_blocks(model) -> list[int]:
             found.append(index)
     return found
 
-
-@torch.no_grad()
-def pin_in_place(model) -> None:
-    """Move each plain host tensor into page-locked memory one at a time, freeing the pageable one.
-
-    Group offloading keeps a pinned host copy of every tensor it streams and leaves a pinned
-    tensor as it is; without this, the pageable weights and their pinned copies would both be held
-    (measured: 104 GiB host RSS for the 14B DiT + encoders, NVIDIA H200 machine, 2026-12-01).
-    torchao's FP8 weights (tensor subclasses) are left to diffusers' own handling."""
-    for tensor in [*model.parameters(), *model.buffers()]:
-        if type(tensor.data) is torch.Tensor and tensor.device.type == "cpu" and not tensor.is_pinned():
-            tensor.data = tensor.data.pin_memory()

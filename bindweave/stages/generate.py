@@ -44,7 +44,7 @@ from bindweave.stages.memory import (MEMORY_MODES, JobSize, MemoryPlan, limit_gp
 from bindweave.stages.resume import bytes_sha256, file_sha256, sample_recipe
 from bindweave.sampling.sampler import SamplerSettings, Step, denoise, initial_noise, make_scheduler
 from bindweave.sampling.step_cache import BlockCache, CacheSettings, build_step_cache
-from bindweave.model.loading import load_bindweave_transformer
+from bindweave.model.loading import load_bindweave_to_host_buffer, load_bindweave_transformer
 from bindweave.model.transformer import BindWeaveTransformer
 from bindweave.stages.coordinator import Coordinator, SingleProcess
 
@@ -260,9 +260,11 @@ def load_stage3_models(settings: ModelSettings, build_dit: Callable | None = Non
         transformer = build_dit(dit_folder, dtype, device)
         options = replace(settings.speed_options(), linear_precision="dtype")  # auto_fp8: not over shards
     else:
-        # Offloaded, the DiT stays on the host; its blocks stream to the GPU when they run, in the
-        # model's dtype (FP8 was refused with offload before loading; auto_fp8 falls back here).
-        transformer = load_bindweave_transformer(dit_folder, dtype=dtype, device="cpu" if offload_dit else device)
+        # Offloaded, the DiT stays on the host, in one page-locked buffer its blocks stream from, in
+        # the model's dtype (FP8 was refused with offload before loading; auto_fp8 falls back here).
+        transformer = load_bindweave_to_host_buffer(dit_folder, dtype, fuse=settings.fuse_projections,
+                                                    pinned=device.type == "cuda") if offload_dit \
+            else load_bindweave_transformer(dit_folder, dtype=dtype, device=device)
         options = settings.speed_options()
         if offload_dit and options.linear_precision == "auto_fp8":
             log.info("linear_precision=auto_fp8: linears stay in %s, as the DiT's blocks are offloaded", settings.dtype)

@@ -786,8 +786,10 @@ def summary_lines(data: dict) -> list[str]:
     return lines
 
 
-def run_benchmark(cfg: DictConfig) -> None:
-    """``launch/bench.py``: every part ``cfg.parts`` names, reported as it goes (conf/bench.yaml)."""
+def run_benchmark(cfg: DictConfig, more_parts: dict | None = None) -> None:
+    """``launch/bench.py``: every part ``cfg.parts`` names, reported as it goes (conf/bench.yaml).
+    ``more_parts``: part name -> ``run(cfg, shape, device, report)`` of the modules that build on
+    this one (the launcher passes sequence_benchmark's ``ulysses``)."""
     if cfg.preset not in PRESETS:
         raise SystemExit(f"preset={cfg.preset}: choose one of {', '.join(PRESETS)}")
     unknown = set(cfg.variants) - set(VARIANT_ORDER)
@@ -817,10 +819,9 @@ def run_benchmark(cfg: DictConfig) -> None:
         run_attention(cfg, shape, device, report)
     if "dit" in cfg.parts:
         run_dit(cfg, shape, device, report, matmul_tflops)
-    if "ulysses" in cfg.parts:
-        from bindweave.testing.sequence_benchmark import run_ulysses  # it builds on this module
-
-        run_ulysses(cfg, shape, device, report)
+    for name, run in (more_parts or {}).items():
+        if name in cfg.parts:
+            run(cfg, shape, device, report)
     run_encoders(cfg, shape, device, report)
     report.data["total_s"] = report.elapsed()
     report.write()
