@@ -126,6 +126,7 @@ def test_a_preset_nested_one_level_too_deep_is_explained(conf_copy):
                          "choose one of auto, cfg2"),
     ("sampler.num_steps=0", "sampler.num_steps=0 must be > 0"),
     ("video.height=0", "video.height=0 must be >= 1"),
+    ("video.height=50", "video.height=50 / video.width=1280: both must be multiples of 16"),
     ("sampler.guidance_scale=abc", "sampler.guidance_scale (command-line override sampler.guidance_scale=abc): "
                                    "Value 'abc' of type 'str' could not be converted to Float"),
 ])

@@ -67,6 +67,12 @@ def attention_kernels(folder: Path) -> dict:
     return json.loads(kernels.pop())
 
 
+def recipe_options(folder: Path) -> dict:
+    options = {json.dumps(json.loads(path.read_text())["recipe"]["model_options"]) for path in folder.glob("*.json")}
+    assert len(options) == 1
+    return json.loads(options.pop())
+
+
 def layout_used(folder: Path) -> dict:
     layouts = {json.dumps(json.loads(path.read_text())["parallel"]) for path in folder.glob("*.json")}
     assert len(layouts) == 1
@@ -110,8 +116,9 @@ def test_auto_layout_for_two_and_four_processes(reference, workspace):
 @pytest.mark.slow
 @pytest.mark.timeout(900)
 def test_fsdp_of_dit_and_t5_composes_with_cfg2_and_ulysses2(reference, workspace):
-    """4 processes: cfg=2 x ulysses=2 with the DiT (sharded loading) and T5 sharded over all 4."""
-    result = run_script(GENERATE, "parallel=cfg2_ulysses2", "parallel.fsdp=[dit,t5]",
+    """4 processes: cfg=2 x ulysses=2 with the DiT (sharded loading, its projections fused on the meta
+    model) and T5 sharded over all 4."""
+    result = run_script(GENERATE, "parallel=cfg2_ulysses2", "parallel.fsdp=[dit,t5]", "model.fuse_projections=true",
                         *overrides(workspace, "fsdp4"), processes=4, timeout=600)
     # Under Ulysses (deepspeed on CPU) each rank's heads run the chosen kernel: the sidecar and the log say so.
     used = "deepspeed sequence parallel (ring=1 x ulysses=2), rank-local SDPA, cuDNN first"
@@ -119,6 +126,7 @@ def test_fsdp_of_dit_and_t5_composes_with_cfg2_and_ulysses2(reference, workspace
     assert f"attention kernels: self_attention: {used}" in result.stderr
     layout = layout_used(workspace / "fsdp4")
     assert layout["fsdp"] == ["dit", "t5"] and layout["cfg"] == 2 and layout["ulysses"] == 2
+    assert recipe_options(workspace / "fsdp4")["fuse_projections"] is True
     # Sharded matmuls differ from unsharded ones by ~5e-7 (the latents are pinned to float noise in
     # test_parallel_exactness); the random tiny decoder and x264 magnify that in a few pixels.
     for name in videos(reference):
