@@ -2,6 +2,7 @@
 a real small disk."""
 
 import os
+import signal
 import subprocess
 from pathlib import Path
 
@@ -11,6 +12,13 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"
 OPENS2V = SHARED / "fixtures" / "opens2v"
+
+
+def pytest_configure(config):
+    # pytest-xdist's workers ignore SIGINT, and an ignored signal stays ignored in every process they
+    # start: the Ctrl-C tests' commands would never see it. A handler is reset to the default in children.
+    if os.environ.get("PYTEST_XDIST_WORKER") and signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 @pytest.fixture(scope="session", autouse=True)
