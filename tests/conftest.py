@@ -15,9 +15,11 @@ OPENS2V = SHARED / "fixtures" / "opens2v"
 
 
 def pytest_configure(config):
-    # pytest-xdist's workers ignore SIGINT, and an ignored signal stays ignored in every process they
-    # start: the Ctrl-C tests' commands would never see it. A handler is reset to the default in children.
-    if os.environ.get("PYTEST_XDIST_WORKER") and signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+    # A suite started in the background by a non-interactive shell (`cmd &`, as CI runners and
+    # nohup scripts do) has SIGINT ignored, and an ignored signal stays ignored in every process it
+    # starts: the Ctrl-C tests' commands would never see theirs. A handler is reset to the default
+    # in children, as a terminal's Ctrl-C finds them.
+    if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
         signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
