@@ -18,7 +18,7 @@ import torch
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import fully_shard
 
-from bindweave.io.checkpoint import check_against_model, index_checkpoint, read_stacked_rows, set_load_dtypes
+from bindweave.io.checkpoint import checked_index, read_stacked_rows, set_load_dtypes
 from bindweave.model.loading import finish_loading, meta_bindweave_transformer
 from bindweave.model.speed import fuse_projections
 
@@ -59,9 +59,7 @@ def load_sharded_dit(model: torch.nn.Module, folder: Path, mesh: DeviceMesh, dty
                      device: torch.device, fuse: bool = False) -> ShardedReadStats:
     """Shard a meta-device DiT over ``mesh`` and fill each rank's shards from ``folder``
     (``fuse``: with fused projections, module docstring)."""
-    expected = {name: tensor.shape for name, tensor in model.state_dict().items()}
-    tensors = index_checkpoint(folder)
-    check_against_model(folder, tensors, expected)
+    tensors = checked_index(model, folder)
     stacked = fuse_projections(model, keep_separate=False) if fuse else {}
     set_load_dtypes(model, dtype)  # FSDP2 keeps each parameter's dtype: set before sharding (on meta: no memory)
     shard_dit(model, mesh)

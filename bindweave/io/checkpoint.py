@@ -116,6 +116,14 @@ def index_checkpoint(folder: Path) -> dict[str, TensorInfo]:
     return tensors
 
 
+def checked_index(model: torch.nn.Module, folder: Path) -> dict[str, TensorInfo]:
+    """``folder``'s tensors, indexed from the headers and checked against ``model``'s state dict
+    (shapes only: the model may still be on the meta device), before any weight is read."""
+    tensors = index_checkpoint(folder)
+    check_against_model(folder, tensors, {name: tensor.shape for name, tensor in model.state_dict().items()})
+    return tensors
+
+
 def check_against_model(folder: Path, tensors: dict[str, TensorInfo], expected: dict[str, torch.Size]) -> None:
     """Raise one error listing every kind of mismatch (missing, unexpected, shape, dtype)."""
     problems = []
@@ -182,9 +190,7 @@ def keeps_fp32(name: str, fp32_modules: list[str] | None) -> bool:
 
 def load_strict(model: torch.nn.Module, folder: Path, dtype: torch.dtype, device: torch.device | str) -> None:
     """Fill a meta-device ``model`` from ``folder``, one tensor at a time, checked first."""
-    expected = {name: tensor.shape for name, tensor in model.state_dict().items()}
-    tensors = index_checkpoint(folder)
-    check_against_model(folder, tensors, expected)
+    tensors = checked_index(model, folder)
     fp32_modules = getattr(model, "_keep_in_fp32_modules", None)
     state = {}
     by_file: dict[Path, list[str]] = {}

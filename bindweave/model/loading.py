@@ -12,8 +12,8 @@ from pathlib import Path
 import torch
 from diffusers.models.transformers.transformer_wan import WanRotaryPosEmbed
 
-from bindweave.io.checkpoint import (check_against_model, index_checkpoint, load_strict, read_config, read_stacked_rows,
-                                     resolve_folder, set_load_dtypes)
+from bindweave.io.checkpoint import (checked_index, load_strict, read_config, read_stacked_rows, resolve_folder,
+                                     set_load_dtypes)
 from bindweave.model.transformer import BINDWEAVE_14B_CONFIG, BindWeaveTransformer
 
 
@@ -65,8 +65,7 @@ def load_bindweave_to_host_buffer(path_or_repo_id, dtype: torch.dtype = torch.bf
 
     folder = resolve_folder(path_or_repo_id, None, revision)
     model = meta_bindweave_transformer(folder)
-    tensors = index_checkpoint(folder)
-    check_against_model(folder, tensors, {name: tensor.shape for name, tensor in model.state_dict().items()})
+    tensors = checked_index(model, folder)
     stacked = fuse_projections(model, keep_separate=False) if fuse else {}
     set_load_dtypes(model, dtype)
     place_in_one_host_buffer(model, pinned)
@@ -79,13 +78,12 @@ def place_in_one_host_buffer(model: torch.nn.Module, pinned: bool) -> None:
     """Replace every (meta) parameter of ``model`` by an uninitialised view of one host buffer."""
     parameters = [(module, name, parameter) for module in model.modules()
                   for name, parameter in module.named_parameters(recurse=False)]
-    sizes = [-(-parameter.numel() * parameter.element_size() // HOST_BUFFER_ALIGNMENT) * HOST_BUFFER_ALIGNMENT
-             for _, _, parameter in parameters]
-    buffer = torch.empty(sum(sizes), dtype=torch.uint8, pin_memory=pinned)
-    offset = 0
-    for (module, name, parameter), size in zip(parameters, sizes):
-        nbytes = parameter.numel() * parameter.element_size()
-        view = buffer[offset:offset + nbytes].view(parameter.dtype).view(parameter.shape)
+    nbytes = [parameter.numel() * parameter.element_size() for _, _, parameter in parameters]
+    starts = [0]
+    for size in nbytes:
+        starts.append(starts[-1] + -(-size // HOST_BUFFER_ALIGNMENT) * HOST_BUFFER_ALIGNMENT)
+    buffer = torch.empty(starts[-1], dtype=torch.uint8, pin_memory=pinned)
+    for (module, name, parameter), start, size in zip(parameters, starts, nbytes):
+        view = buffer[start:start + size].view(parameter.dtype).view(parameter.shape)
         module._parameters[name] = torch.nn.Parameter(view, requires_grad=False)
-        offset += size
 
