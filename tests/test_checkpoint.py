@@ -122,3 +122,30 @@ def test_a_missing_local_folder_is_not_taken_for_a_repo_id(tmp_path, monkeypatch
     with pytest.raises(BindWeaveInputError, match=r"model folder weights/BindWeave does not exist .*--local-dir "
                                                   r"weights/BindWeave"):
         resolve_folder("weights/BindWeave")
+
+
+def test_rows_read_straight_into_a_destination_equal_the_stacked_copy(tmp_path):
+    """The offload loader's path (``out=``): each tensor's rows land in their slice of the
+    destination, the same values as the concatenated copy; another dtype is converted."""
+    from bindweave.io.checkpoint import index_checkpoint, read_stacked_rows
+
+    save_file({"q": torch.randn(5, 3).bfloat16(), "k": torch.randn(4, 3).bfloat16()}, tmp_path / "m.safetensors")
+    tensors = index_checkpoint(tmp_path)
+    expected = read_stacked_rows(tensors, ["q", "k"], 2, 8)
+    assert torch.equal(expected, torch.cat([load_file(tmp_path / "m.safetensors")[key] for key in "qk"])[2:8])
+    same_dtype = torch.full((6, 3), 7.0, dtype=torch.bfloat16)
+    assert read_stacked_rows(tensors, ["q", "k"], 2, 8, out=same_dtype) is same_dtype
+    assert torch.equal(same_dtype, expected)
+    converted = torch.zeros(6, 3)
+    read_stacked_rows(tensors, ["q", "k"], 2, 8, out=converted)
+    assert torch.equal(converted, expected.float())
+
+
+def test_a_file_that_ends_inside_a_tensor_is_named(tmp_path):
+    from bindweave.io.checkpoint import read_rows
+
+    save_file({"w": torch.randn(64, 8)}, tmp_path / "m.safetensors")
+    data = (tmp_path / "m.safetensors").read_bytes()
+    (tmp_path / "m.safetensors").write_bytes(data[:-100])
+    with pytest.raises(BindWeaveInputError, match="m.safetensors ends inside tensor w.*re-download"):
+        read_rows(tmp_path / "m.safetensors", "w", 0, 64, out=torch.empty(64, 8))

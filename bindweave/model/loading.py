@@ -70,7 +70,7 @@ def load_bindweave_to_host_buffer(path_or_repo_id, dtype: torch.dtype = torch.bf
     set_load_dtypes(model, dtype)
     place_in_one_host_buffer(model, pinned)
     for name, parameter in model.named_parameters():
-        parameter.copy_(read_stacked_rows(tensors, stacked.get(name, [name]), 0, parameter.shape[0]))
+        read_stacked_rows(tensors, stacked.get(name, [name]), 0, parameter.shape[0], out=parameter.data)
     return finish_loading(model, "cpu")
 
 
