@@ -12,7 +12,15 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bindweave.app.hydra_support import run_hydra_app  # noqa: E402
-from bindweave.app.refine import run_refine_command  # noqa: E402
+
+
+def command():
+    """Imported once the command line is checked (run_hydra_app): a wrong setting is refused without
+    loading the model libraries."""
+    from bindweave.app.refine import run_refine_command
+
+    return run_refine_command
+
 
 if __name__ == "__main__":
-    run_hydra_app("refine", run_refine_command)
+    run_hydra_app("refine", command)

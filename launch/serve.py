@@ -10,7 +10,15 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bindweave.app.hydra_support import run_hydra_app  # noqa: E402
-from bindweave.app.serve import ServeCommand  # noqa: E402
+
+
+def command():
+    """Imported once the command line is checked (run_hydra_app): a wrong setting is refused without
+    loading the model libraries."""
+    from bindweave.app.serve import ServeCommand
+
+    return ServeCommand()
+
 
 if __name__ == "__main__":
-    run_hydra_app("serve", ServeCommand())
+    run_hydra_app("serve", command)

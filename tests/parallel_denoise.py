@@ -29,9 +29,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bindweave.model.offload import offload_blocks  # noqa: E402
 from bindweave.model.speed import PreferredKernelAttention  # noqa: E402
-from bindweave.sampling.step_cache import CacheSettings, StepCache  # noqa: E402
+from bindweave.sampling.step_cache import StepCache  # noqa: E402
+from bindweave.settings.sampling import CacheSettings, SamplerSettings  # noqa: E402
 from bindweave.stages.generate import SampleInputs, dit_predictor  # noqa: E402
-from bindweave.sampling.sampler import SamplerSettings, denoise, initial_noise, make_scheduler  # noqa: E402
+from bindweave.sampling.sampler import denoise, initial_noise, make_scheduler  # noqa: E402
 from bindweave.model.transformer import TINY_CONFIG, BindWeaveTransformer  # noqa: E402
 from parallel.fsdp import load_sharded_bindweave  # noqa: E402
 from parallel.distributed import detect_processes, rank_device, start_process_group, stop_process_group  # noqa: E402

@@ -23,7 +23,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import diffusers.models.transformers.transformer_wan  # noqa: E402,F401  (imported before RSS is measured)
 
-from bindweave.model.speed import SpeedOptions, apply_speed_options  # noqa: E402
+from bindweave.model.speed import apply_speed_options  # noqa: E402
+from bindweave.settings.model import SpeedOptions  # noqa: E402
 from parallel.fsdp import load_sharded_bindweave  # noqa: E402
 from tests.test_transformer import inputs  # noqa: E402
 

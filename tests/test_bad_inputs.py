@@ -33,8 +33,9 @@ from safetensors.torch import load_file, save_file
 from bindweave.io.inputs import load_reference_image, save_hidden_states
 from bindweave.errors import BindWeaveInputError
 from bindweave.io.outputs import read_mp4_info
-from bindweave.stages.generate import ModelSettings, RunSettings, VideoSettings, load_stage3_models, run_generation
-from bindweave.sampling.sampler import SamplerSettings
+from bindweave.stages.generate import RunSettings, load_stage3_models, run_generation
+from bindweave.settings.model import ModelSettings, VideoSettings
+from bindweave.settings.sampling import SamplerSettings
 
 REPO = Path(__file__).resolve().parents[1]
 VIDEO = VideoSettings(height=48, width=64, num_frames=5)

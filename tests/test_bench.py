@@ -14,9 +14,9 @@ import bindweave.testing.benchmark as bench
 from bindweave.errors import BindWeaveInputError
 from bindweave.model.attention import AttentionHook, CrossAttnProcessor
 from bindweave.model.attention import sdpa
-from bindweave.model.speed import (PreferredKernelAttention, SpeedOptions, apply_speed_options, check_speed_support,
-                                   fuse_projections,
-                            resolve_attention)
+from bindweave.model.speed import (PreferredKernelAttention, apply_speed_options, check_speed_support,
+                                   fuse_projections, resolve_attention)
+from bindweave.settings.model import SpeedOptions
 from bindweave.model.flops import ForwardTokens, dit_forward_flops, video_tokens
 from bindweave.model.transformer import TINY_CONFIG, BindWeaveTransformer
 from test_transformer import inputs as tiny_inputs  # the same seeded tiny DiT inputs

@@ -20,8 +20,8 @@ from bindweave.app.config import (
     settings_of,
 )
 from bindweave.errors import BindWeaveInputError
-from bindweave.stages.generate import ModelSettings
-from bindweave.stages.refine import EndpointSettings, LocalSettings
+from bindweave.settings.model import ModelSettings
+from bindweave.settings.refine import EndpointSettings, LocalSettings
 from parallel.layout import ParallelLayout, ParallelSettings
 from parallel.parallelize import attention_call_sites, refuse_inapplicable_speed_options
 from parallel_launch import REPO, plain_env

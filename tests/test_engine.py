@@ -13,10 +13,11 @@ from bindweave.app.config import compose_config
 from bindweave.app.generate import GenerateCommand
 from bindweave.app.hydra_support import close_run_log_files
 from bindweave.io.inputs import load_reference_image, load_sample_hidden_states, read_meta
-from bindweave.sampling.sampler import SamplerSettings
+from bindweave.settings.sampling import SamplerSettings
 from bindweave.stages import generate as stage3
 from bindweave.stages.engine import Stage3Engine
-from bindweave.stages.generate import ModelSettings, Stage3Job, VideoSettings, load_stage3_models
+from bindweave.stages.generate import Stage3Job, load_stage3_models
+from bindweave.settings.model import ModelSettings, VideoSettings
 from bindweave.testing.demo import demo_meta_with_hidden_states
 
 VIDEO = VideoSettings(height=48, width=64, num_frames=5)

@@ -20,7 +20,8 @@ from bindweave.errors import BindWeaveInputError
 from bindweave.app.extract import run_extract_command
 from bindweave.stages.extract import ExtractSettings, SampleFiles, run_extract
 from bindweave.encoders.prompts import QWEN_NEGATIVE_PROMPT
-from bindweave.encoders.qwen import QwenSettings, build_inputs, load_qwen, prescale_references
+from bindweave.encoders.qwen import build_inputs, load_qwen, prescale_references
+from bindweave.settings.qwen import QwenSettings
 
 REPO = Path(__file__).resolve().parents[1]
 from conftest import OPENS2V, needs_opens2v  # noqa: E402

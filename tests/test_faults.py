@@ -26,8 +26,9 @@ import pytest
 import torch
 
 from bindweave.io.outputs import read_mp4_info
-from bindweave.stages.generate import ModelSettings, RunSettings, VideoSettings, load_stage3_models, run_generation
-from bindweave.sampling.sampler import SamplerSettings
+from bindweave.stages.generate import RunSettings, load_stage3_models, run_generation
+from bindweave.settings.model import ModelSettings, VideoSettings
+from bindweave.settings.sampling import SamplerSettings
 from parallel_launch import plain_env  # tests/ is on sys.path
 
 REPO = Path(__file__).resolve().parents[1]

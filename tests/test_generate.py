@@ -15,17 +15,11 @@ from bindweave.io.inputs import load_hidden_states, read_meta, save_hidden_state
 from bindweave.testing.demo_cases import write_demo_cases
 from bindweave.errors import BindWeaveInputError
 from bindweave.io.outputs import read_mp4_info
-from bindweave.stages.generate import (
-    ModelSettings,
-    RunSettings,
-    VideoSettings,
-    dit_predictor,
-    load_stage3_models,
-    prepare_inputs,
-    run_generation,
-)
+from bindweave.stages.generate import RunSettings, dit_predictor, load_stage3_models, prepare_inputs, run_generation
+from bindweave.settings.model import ModelSettings, VideoSettings
 from bindweave.encoders.prompts import T5_NEGATIVE_PROMPT
-from bindweave.sampling.sampler import SamplerSettings, Step
+from bindweave.sampling.sampler import Step
+from bindweave.settings.sampling import SamplerSettings
 
 REPO = Path(__file__).resolve().parents[1]
 VIDEO = VideoSettings(height=48, width=64, num_frames=5)

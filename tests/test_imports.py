@@ -9,7 +9,8 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 PACKAGES = ("bindweave", "parallel")
-RUNTIME = ("bindweave.model", "bindweave.io", "bindweave.encoders", "bindweave.sampling", "bindweave.stages")
+RUNTIME = ("bindweave.model", "bindweave.io", "bindweave.encoders", "bindweave.sampling", "bindweave.stages",
+           "bindweave.settings")
 TINY_WEIGHTS = "bindweave.testing.tiny"
 
 
@@ -110,3 +111,35 @@ def test_parallel_never_imports_the_stages_or_the_app():
     offenders = {name: sorted(t for t in targets if t.startswith(("bindweave.app", "bindweave.stages")))
                  for name, targets in import_graph().items() if name.startswith("parallel")}
     assert {name: targets for name, targets in offenders.items() if targets} == {}
+
+
+def test_the_settings_import_only_the_errors():
+    graph = import_graph()
+    settings = [name for name in graph if name.startswith("bindweave.settings")]
+    assert "bindweave.settings.model" in settings
+    assert {name: sorted(graph[name]) for name in settings} == {
+        name: (["bindweave.errors"] if name != "bindweave.settings" else []) for name in settings}
+
+
+def test_a_wrong_command_line_is_refused_without_importing_torch_or_the_model_libraries():
+    """What ``python launch/generate.py model.attention_kernal=x`` runs before its error (and every
+    entry point's schema: serve's too), in a fresh interpreter."""
+    import subprocess
+    import sys
+
+    code = """
+import sys
+from bindweave.app.config import check_command_line, register_schemas
+from bindweave.errors import BindWeaveInputError
+register_schemas()
+for name in ("generate", "extract", "refine", "calibrate", "serve"):
+    try:
+        check_command_line(name, ["model.attention_kernal=x", "qwen.dtyp=x"])
+    except BindWeaveInputError as error:
+        print(name, "refused:", str(error)[:40])
+print("loaded:", sorted(m for m in ("torch", "diffusers", "transformers", "PIL") if m in sys.modules))
+"""
+    result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.count("refused: unknown setting") == 5, result.stdout
+    assert result.stdout.strip().endswith("loaded: []"), result.stdout

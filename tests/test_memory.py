@@ -11,8 +11,8 @@ import torch
 
 from bindweave.errors import BindWeaveInputError
 from bindweave.model.offload import offloaded_blocks
-from bindweave.stages.generate import (ModelSettings, VideoSettings, job_size, load_stage3_models,
-                                       memory_plan_for)
+from bindweave.stages.generate import job_size, load_stage3_models, memory_plan_for
+from bindweave.settings.model import ModelSettings, VideoSettings
 from bindweave.model.transformer import BINDWEAVE_14B_CONFIG, TINY_CONFIG
 from bindweave.stages.memory import JobSize, MemoryPlan, plan_memory
 from parallel.layout import ParallelLayout

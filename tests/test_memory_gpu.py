@@ -6,11 +6,13 @@ import pytest
 import torch
 
 from bindweave.model.offload import offloaded_blocks
-from bindweave.model.speed import SpeedOptions, apply_speed_options
+from bindweave.model.speed import apply_speed_options
+from bindweave.settings.model import ModelSettings, SpeedOptions, VideoSettings
 from bindweave.model.transformer import TINY_CONFIG, BindWeaveTransformer
-from bindweave.sampling.sampler import SamplerSettings, denoise, initial_noise, make_scheduler
+from bindweave.sampling.sampler import denoise, initial_noise, make_scheduler
+from bindweave.settings.sampling import SamplerSettings
 from bindweave.stages.coordinator import SingleProcess
-from bindweave.stages.generate import ModelSettings, VideoSettings, dit_predictor, load_stage3_models, prepare_inputs
+from bindweave.stages.generate import dit_predictor, load_stage3_models, prepare_inputs
 from bindweave.stages.memory import JobSize, plan_memory
 from bindweave.io.inputs import read_meta
 from bindweave.testing.demo import demo_meta_with_hidden_states

@@ -17,7 +17,7 @@ from safetensors.torch import save_file
 
 from bindweave.io import inputs
 from bindweave.errors import BindWeaveInputError
-from bindweave.stages.generate import VideoSettings
+from bindweave.settings.model import VideoSettings
 from bindweave.stages.preflight import JobProblem, check_job
 from parallel_launch import plain_env  # tests/ is on sys.path
 

@@ -12,17 +12,9 @@ from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_res
 
 from bindweave.io.inputs import load_reference_image
 from bindweave.errors import BindWeaveInputError
-from bindweave.encoders.qwen import (
-    QwenSettings,
-    build_inputs,
-    build_messages,
-    image_token_counts,
-    load_qwen,
-    prefill_hidden_states,
-    prescale_references,
-    resize_for_vision,
-    smart_resize,
-)
+from bindweave.encoders.qwen import (build_inputs, build_messages, image_token_counts, load_qwen,
+                                     prefill_hidden_states, prescale_references, resize_for_vision, smart_resize)
+from bindweave.settings.qwen import QwenSettings
 
 IMAGES = Path(__file__).resolve().parents[1].parent / "shared" / "fixtures" / "opens2v" / "Images"
 needs_fixtures = pytest.mark.skipif(not IMAGES.is_dir(),

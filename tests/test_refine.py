@@ -19,17 +19,11 @@ from bindweave.io.inputs import load_reference_image, read_meta
 from bindweave.testing.demo_cases import write_demo_cases
 from bindweave.app.config import compose_config
 from bindweave.errors import BindWeaveInputError
-from bindweave.encoders.qwen import QwenSettings, build_inputs, load_qwen, prescale_references
-from bindweave.stages.refine import (
-    EndpointRefiner,
-    EndpointSettings,
-    LocalQwenRefiner,
-    LocalSettings,
-    RefinerUnavailable,
-    partial_meta_path,
-    refine_instruction,
-    refine_samples,
-)
+from bindweave.encoders.qwen import build_inputs, load_qwen, prescale_references
+from bindweave.settings.qwen import QwenSettings
+from bindweave.stages.refine import (EndpointRefiner, LocalQwenRefiner, RefinerUnavailable, partial_meta_path,
+                                     refine_instruction, refine_samples)
+from bindweave.settings.refine import EndpointSettings, LocalSettings
 from bindweave.app.refine import run_refine_command
 
 REPO = Path(__file__).resolve().parents[1]

@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from bindweave.stages.generate import VideoSettings
+from bindweave.settings.model import VideoSettings
 from bindweave.stages.resume import changes, sample_recipe
-from bindweave.sampling.sampler import SamplerSettings
+from bindweave.settings.sampling import SamplerSettings
 from parallel_launch import REPO, plain_env
 
 TINY = ["video.height=48", "video.width=64", "video.num_frames=5", "sampler.num_steps=2"]

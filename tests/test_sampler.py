@@ -4,7 +4,8 @@ import numpy as np
 import pytest
 import torch
 
-from bindweave.sampling.sampler import SamplerSettings, Step, denoise, guided_velocity, initial_noise, make_scheduler
+from bindweave.sampling.sampler import Step, denoise, guided_velocity, initial_noise, make_scheduler
+from bindweave.settings.sampling import SamplerSettings
 
 SPEC_TIMESTEPS = [
     999, 992, 985, 978, 971, 963, 956, 948, 939, 931, 922, 913, 904, 894, 884, 874, 864, 853, 841,

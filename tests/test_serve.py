@@ -156,12 +156,14 @@ def test_the_openai_client_makes_the_batch_runs_video(server, images, tiny_model
 def batch_video(tiny_models, image: Path, prompt: str, seed: int, steps: int, folder: Path) -> bytes:
     """The same job through the batch path, in this process: stage 2 on a meta JSON, then
     ``Stage3Engine.run`` on the sample read back from stage 2's meta JSON."""
-    from bindweave.encoders.qwen import QwenSettings, load_qwen
+    from bindweave.encoders.qwen import load_qwen
+    from bindweave.settings.qwen import QwenSettings
     from bindweave.io.inputs import read_meta
-    from bindweave.sampling.sampler import SamplerSettings
+    from bindweave.settings.sampling import SamplerSettings
     from bindweave.stages.engine import Stage3Engine
     from bindweave.stages.extract import ExtractSettings, run_extract
-    from bindweave.stages.generate import ModelSettings, Stage3Job, VideoSettings, load_stage3_models
+    from bindweave.stages.generate import Stage3Job, load_stage3_models
+    from bindweave.settings.model import ModelSettings, VideoSettings
 
     meta = folder / "meta.json"
     meta.write_text(json.dumps({"case": {"img_paths": [str(image)], "prompt": prompt, "seed": seed}}))

@@ -80,8 +80,9 @@ def work(tmp_path_factory):
     before any job starts, so no two processes ever build them at once; `meta9.json` has 9 samples
     (the 3 demo cases x 3 seeds); `reference/` is what ONE process makes of them."""
     from bindweave.testing.demo import demo_meta_with_hidden_states
-    from bindweave.stages.generate import ModelSettings, RunSettings, VideoSettings, load_stage3_models, run_generation
-    from bindweave.sampling.sampler import SamplerSettings
+    from bindweave.stages.generate import RunSettings, load_stage3_models, run_generation
+    from bindweave.settings.model import ModelSettings, VideoSettings
+    from bindweave.settings.sampling import SamplerSettings
     from bindweave.testing.tiny import write_tiny_models
 
     work = tmp_path_factory.mktemp("slurm-work")

@@ -14,7 +14,8 @@ import torch
 from bindweave.app.config import compose_config, settings_of
 from bindweave.errors import BindWeaveInputError
 from bindweave.model.attention import sdpa
-from bindweave.model.speed import SpeedOptions, apply_speed_options, check_speed_support, resolve_attention
+from bindweave.model.speed import apply_speed_options, check_speed_support, resolve_attention
+from bindweave.settings.model import SpeedOptions
 from bindweave.model.transformer import TINY_CONFIG, BindWeaveTransformer
 from test_transformer import inputs as tiny_inputs
 

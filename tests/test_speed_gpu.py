@@ -8,7 +8,8 @@ import torch
 
 from bindweave.model.attention import sdpa
 from bindweave.model.fp8 import fp8_candidates, fp8_layer_names
-from bindweave.model.speed import SpeedOptions, apply_speed_options, fa4_attention, fuse_projections, sage2_attention
+from bindweave.model.speed import apply_speed_options, fa4_attention, fuse_projections, sage2_attention
+from bindweave.settings.model import SpeedOptions
 from bindweave.model.transformer import TINY_CONFIG, BindWeaveTransformer
 from test_transformer import inputs as tiny_inputs
 

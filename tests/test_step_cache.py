@@ -14,10 +14,11 @@ from bindweave.errors import BindWeaveInputError
 from bindweave.io.inputs import read_meta
 from bindweave.sampling.calibration import (PUBLISHED_WAN21_I2V_720P, Calibration, calibration_record,
                                             fit_teacache, read_calibration)
-from bindweave.sampling.sampler import SIDES, SamplerSettings, Step, denoise, initial_noise, make_scheduler
-from bindweave.sampling.step_cache import CacheSettings, StepCache, StepStatistics, calibration_from
-from bindweave.stages.generate import (ModelSettings, Stage3Job, VideoSettings, dit_predictor, generate_sample,
-                                       load_stage3_models, prepare_inputs)
+from bindweave.sampling.sampler import SIDES, Step, denoise, initial_noise, make_scheduler
+from bindweave.settings.sampling import CacheSettings, SamplerSettings
+from bindweave.sampling.step_cache import StepCache, StepStatistics, calibration_from
+from bindweave.stages.generate import Stage3Job, dit_predictor, generate_sample, load_stage3_models, prepare_inputs
+from bindweave.settings.model import ModelSettings, VideoSettings
 from bindweave.stages.coordinator import SingleProcess
 from bindweave.testing.demo import demo_meta_with_hidden_states
 

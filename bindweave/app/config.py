@@ -26,10 +26,9 @@ from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
 
 from bindweave.errors import BindWeaveInputError
-from bindweave.stages.generate import ModelSettings, VideoSettings
-from bindweave.encoders.qwen import QwenSettings
-from bindweave.sampling.sampler import SamplerSettings
-from bindweave.sampling.step_cache import CacheSettings
+from bindweave.settings.model import ModelSettings, VideoSettings
+from bindweave.settings.qwen import QwenSettings
+from bindweave.settings.sampling import CacheSettings, SamplerSettings
 from parallel.layout import ParallelSettings
 
 CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
@@ -157,7 +156,7 @@ class RefineConfig:
     progress: bool = True
 
     def __post_init__(self):
-        from bindweave.stages.refine import LocalSettings
+        from bindweave.settings.refine import LocalSettings
 
         if self.on_error not in ON_ERROR_CHOICES:
             raise BindWeaveInputError(f"on_error={self.on_error}: use "
@@ -183,7 +182,7 @@ def register_schemas() -> None:
     from hydra.core.config_store import ConfigStore
 
     from bindweave.serve.settings import ServeConfig
-    from bindweave.stages.refine import EndpointSettings, LocalSettings
+    from bindweave.settings.refine import EndpointSettings, LocalSettings
 
     register_resolvers()
     store = ConfigStore.instance()

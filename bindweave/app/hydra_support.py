@@ -137,12 +137,29 @@ def save_run_config(cfg: DictConfig, folder: Path) -> Path:
     return run_folder
 
 
-def run_hydra_app(config_name: str, command: Callable[[DictConfig], dict | int]) -> None:
-    """Run ``command`` under Hydra (single run or ``-m`` multirun) and exit with the worst job's code.
+class CommandOnFirstUse:
+    """The command, imported and built by the first job and kept for the next ones of a multirun
+    (a command holds its loaded models). A plain object: submitit pickles it with the Hydra task."""
 
-    ``command`` returns an exit code, or a summary dict with ``exit_code`` (and ``error``: the sweep
+    def __init__(self, load_command: Callable[[], Callable[[DictConfig], dict | int]]):
+        self.load_command = load_command
+        self.command = None
+
+    def __call__(self, cfg: DictConfig) -> dict | int:
+        if self.command is None:
+            self.command = self.load_command()
+        return self.command(cfg)
+
+
+def run_hydra_app(config_name: str, load_command: Callable[[], Callable[[DictConfig], dict | int]]) -> None:
+    """Run the command ``load_command()`` returns under Hydra (single run or ``-m`` multirun) and exit
+    with the worst job's code.
+
+    The command returns an exit code, or a summary dict with ``exit_code`` (and ``error``: the sweep
     table and the launcher status show them). Every job of the command line is checked first
-    (bindweave/app/config.py): a problem is one ``error:`` line (rank 0) and exit code 2.
+    (bindweave/app/config.py): a problem is one ``error:`` line (rank 0) and exit code 2. The command
+    is imported only when the first job starts, so that check and ``--help`` never load the model
+    libraries (~2 s instead of ~9 s).
     """
     from bindweave.app.config import CONF_DIR, check_command_line, register_schemas
 
@@ -159,6 +176,8 @@ def run_hydra_app(config_name: str, command: Callable[[DictConfig], dict | int])
     # scancel, preemption and torchrun's teardown send SIGTERM: unwind, so temp files are removed.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
     results: list[dict] = []
+
+    command = CommandOnFirstUse(load_command)
 
     @hydra.main(config_path=str(CONF_DIR), config_name=config_name, version_base="1.3")
     def main(cfg: DictConfig):

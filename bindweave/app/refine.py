@@ -7,11 +7,13 @@ from pathlib import Path
 
 from omegaconf import DictConfig
 
-from bindweave.encoders.qwen import QwenSettings, load_qwen
+from bindweave.encoders.qwen import load_qwen
+from bindweave.settings.qwen import QwenSettings
 from bindweave.errors import BindWeaveInputError, exits_2_on_input_error
 from bindweave.io.inputs import read_meta
-from bindweave.stages.refine import (REFINED_META_NAME, EndpointRefiner, EndpointSettings, LocalQwenRefiner,
-                                     LocalSettings, partial_meta_path, refine_samples)
+from bindweave.stages.refine import (REFINED_META_NAME, EndpointRefiner, LocalQwenRefiner, partial_meta_path,
+                                     refine_samples)
+from bindweave.settings.refine import EndpointSettings, LocalSettings
 
 log = logging.getLogger("bindweave")
 

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import json
 import math
-import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,6 +32,7 @@ from transformers import AutoTokenizer, Qwen2_5_VLForConditionalGeneration, Qwen
 from bindweave.io.checkpoint import folder_fingerprint, resolve_folder
 from bindweave.io.inputs import MAX_REFERENCES
 from bindweave.errors import BindWeaveInputError
+from bindweave.settings.qwen import QwenSettings
 from bindweave.stages.memory import GIB, limit_gpu_memory
 
 # SPEC §3 pre-scale: references over 720P area shrink to 30 %, the others to 75 %.
@@ -48,59 +48,7 @@ MAX_PIXELS = 16384 * VISION_FACTOR * VISION_FACTOR
 MAX_ASPECT_RATIO = 200
 
 IMAGE_TOKEN = "<|image_pad|>"
-QWEN_DTYPES = ("auto", "bfloat16", "float16", "float32")
-QWEN_ATTENTION = ("sdpa", "flash_attention_2", "eager")
 TEXT_TOKEN_TYPE, IMAGE_TOKEN_TYPE = 0, 1
-
-
-@dataclass(frozen=True)
-class QwenSettings:
-    """Where the Qwen2.5-VL weights are and how to hold them (conf/qwen/*.yaml)."""
-
-    path: str | None = None  # local folder or HF repo id
-    revision: str | None = None
-    tiny_root: str | None = None  # set: write (once) and use the tiny random Qwen there instead
-    dtype: str = "auto"  # auto: bfloat16 on GPU, float32 on CPU
-    device: str = "auto"  # auto: the current CUDA device, else CPU
-    attn_implementation: str = "sdpa"  # or flash_attention_2 where installed, eager
-    gpu_memory_gib: float | None = None  # the GPU memory this process may use (null: all; 24: as on a 24 GB card)
-
-    def __post_init__(self):
-        problems = []
-        if self.dtype not in QWEN_DTYPES:
-            problems.append(f"qwen.dtype={self.dtype} is not one of {', '.join(QWEN_DTYPES)}")
-        if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", self.device):
-            problems.append(f"qwen.device={self.device} is not auto, cpu, cuda or cuda:N")
-        if self.attn_implementation not in QWEN_ATTENTION:
-            problems.append(f"qwen.attn_implementation={self.attn_implementation} is not one of "
-                            f"{', '.join(QWEN_ATTENTION)}")
-        if self.gpu_memory_gib is not None and not self.gpu_memory_gib > 0:
-            problems.append(f"qwen.gpu_memory_gib={self.gpu_memory_gib} must be > 0 GiB, or null for the whole GPU")
-        if problems:
-            raise BindWeaveInputError("; ".join(problems))
-
-    def require_weights(self) -> None:
-        if not self.path and not self.tiny_root:
-            raise BindWeaveInputError("qwen.path must name the Qwen2.5-VL weights (a folder or a HF repo id): use "
-                                      "qwen=qwen2_5_vl_7b [qwen.path=weights/Qwen2.5-VL-7B-Instruct], or qwen=tiny")
-
-    def device_type(self) -> str:
-        """cuda or cpu, without touching a GPU (auto: CUDA if present)."""
-        if self.device == "auto":
-            return "cuda" if torch.cuda.is_available() else "cpu"
-        return torch.device(self.device).type
-
-    def resolved_device(self) -> torch.device:
-        if self.device != "auto":
-            return torch.device(self.device)
-        if self.device_type() == "cuda":
-            return torch.device("cuda", torch.cuda.current_device())
-        return torch.device("cpu")
-
-    def torch_dtype(self, device: torch.device) -> torch.dtype:
-        if self.dtype == "auto":
-            return torch.float32 if device.type == "cpu" else torch.bfloat16
-        return getattr(torch, self.dtype)
 
 
 @dataclass

@@ -27,7 +27,6 @@ import torch
 
 log = logging.getLogger("bindweave")
 
-LINEAR_PRECISIONS = ("dtype", "fp8", "auto_fp8")
 # Cross-attention K/V projections (separate or fused) stay in the model's dtype (module docstring).
 KEPT_IN_MODEL_DTYPE = re.compile(r"\.attn2\.(to_k|to_v|add_k_proj|add_v_proj|to_kv|to_added_kv)$")
 TORCHAO_INSTALL_HINT = "pip install torchao (0.13 or newer)"

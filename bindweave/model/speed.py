@@ -22,7 +22,7 @@ compile (it traces the quantized layers and the chosen kernel inside the offload
 import logging
 import os
 import warnings
-from dataclasses import dataclass, replace
+from dataclasses import replace
 
 import torch
 from diffusers.models.transformers.transformer_wan import WanAttention
@@ -30,19 +30,19 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from bindweave.model.attention import AttentionHook, sdpa
 from bindweave.errors import BindWeaveInputError
-from bindweave.model.fp8 import LINEAR_PRECISIONS, note, quantize_linears_fp8, resolve_linear_precision
+from bindweave.model.fp8 import note, quantize_linears_fp8, resolve_linear_precision
+from bindweave.settings.model import SpeedOptions
 from bindweave.model.offload import offload_blocks
 
 log = logging.getLogger("bindweave")
 
 # Each name puts its kernel first and keeps the others as fallbacks, so an input the preferred
 # kernel cannot take (or a CPU tensor) still runs.
-SDPA_PRIORITIES = {
+SDPA_PRIORITIES = {  # keys: SDPA_KERNELS
     "cudnn": [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH],
     "flash": [SDPBackend.FLASH_ATTENTION, SDPBackend.CUDNN_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH],
     "efficient": [SDPBackend.EFFICIENT_ATTENTION, SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.MATH],
 }
-ATTENTION_CHOICES = (*SDPA_PRIORITIES, "fa4", "sage2", "default", "auto", "auto_8bit")
 # The kernels that are not SDPA run on CUDA GPUs only, from their own packages.
 CUDA_ONLY_KERNELS = ("fa4", "sage2")
 FA4_INSTALL_HINT = "pip install 'flash-attn-4[cu13]' (cu12 for CUDA 12), or choose attention=cudnn"
@@ -105,29 +105,6 @@ def sage2_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor)
 @sage2_attention.register_fake
 def _(query, key, value):
     return torch.empty_like(query)
-
-
-@dataclass(frozen=True)
-class SpeedOptions:
-    """``attention``: the SDPA kernel tried first for self-attention (``default``: PyTorch's own
-    order; ``fa4``: FlashAttention-4, not SDPA; ``sage2``: SageAttention 2, 8-bit; ``auto`` /
-    ``auto_8bit``: see ``resolve_attention``); ``fuse_projections``: one GEMM for q/k/v (and for
-    each cross-attention K/V pair); ``linear_precision``: ``dtype`` (the model's), ``fp8`` or
-    ``auto_fp8`` (bindweave.model.fp8); ``compile``: ``torch.compile`` each transformer block (one
-    graph, reused by all 40 blocks) with ``compile_backend`` (``aot_eager`` traces the same graph
-    without generating code: CPU tests)."""
-
-    attention: str = "cudnn"
-    fuse_projections: bool = True
-    compile: bool = True
-    linear_precision: str = "dtype"
-    compile_backend: str = "inductor"
-
-    def __post_init__(self):
-        if self.attention not in ATTENTION_CHOICES:
-            raise ValueError(f"attention={self.attention!r}: choose one of {', '.join(ATTENTION_CHOICES)}")
-        if self.linear_precision not in LINEAR_PRECISIONS:
-            raise ValueError(f"linear_precision={self.linear_precision!r}: choose one of {', '.join(LINEAR_PRECISIONS)}")
 
 
 def resolve_attention(choice: str, device: torch.device, notes: list[str] | None = None) -> str:

@@ -14,6 +14,8 @@ import numpy as np
 import torch
 from diffusers import UniPCMultistepScheduler
 
+from bindweave.settings.sampling import SamplerSettings
+
 SIDES = ("positive", "negative")  # the two CFG passes: the prompt's text inputs, the negative prompt's
 
 
@@ -36,25 +38,6 @@ class Step:
 VelocityFn = Callable[[torch.Tensor, Step], torch.Tensor]
 # A prediction function runs the DiT for one CFG side (``step.side``).
 PredictFn = Callable[[torch.Tensor, Step], torch.Tensor]
-
-
-@dataclass(frozen=True)
-class SamplerSettings:
-    num_steps: int = 50
-    guidance_scale: float = 5.0
-    flow_shift: float = 3.0
-    num_train_timesteps: int = 1000
-    seed: int = 1234  # a sample's own "seed" field in the meta JSON wins
-
-    def __post_init__(self):
-        from bindweave.errors import BindWeaveInputError
-
-        problems = [f"sampler.{name}={getattr(self, name)} must be > 0" for name in
-                    ("num_steps", "flow_shift", "num_train_timesteps") if getattr(self, name) <= 0]
-        if self.guidance_scale < 0:
-            problems.append(f"sampler.guidance_scale={self.guidance_scale} must be >= 0 (1: no guidance)")
-        if problems:
-            raise BindWeaveInputError("; ".join(problems))
 
 
 def unipc_config(settings: SamplerSettings) -> dict:

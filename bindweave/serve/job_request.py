@@ -20,12 +20,11 @@ from dataclasses import asdict, dataclass, replace
 
 from bindweave.errors import BindWeaveInputError
 from bindweave.io.inputs import MAX_REFERENCES, load_reference_image
-from bindweave.sampling.sampler import SamplerSettings
-from bindweave.sampling.step_cache import CacheSettings
+from bindweave.settings.sampling import CacheSettings, SamplerSettings
 from bindweave.serve.errors import ApiError
 from bindweave.serve.settings import ServeSettings
 from bindweave.serve.store import JobStore, new_job_id
-from bindweave.stages.generate import VideoSettings
+from bindweave.settings.model import VideoSettings
 
 IMAGE_FIELD = "input_reference"
 TEXT_FIELDS = ("prompt", "model", "seconds", "size", "seed", "num_frames", "steps", "guidance", "negative_prompt",

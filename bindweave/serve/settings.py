@@ -13,11 +13,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from bindweave.encoders.qwen import QwenSettings
+from bindweave.settings.qwen import QwenSettings
 from bindweave.errors import BindWeaveInputError
-from bindweave.sampling.sampler import SamplerSettings
-from bindweave.sampling.step_cache import CacheSettings
-from bindweave.stages.generate import ModelSettings, VideoSettings
+from bindweave.settings.sampling import CacheSettings, SamplerSettings
+from bindweave.settings.model import ModelSettings, VideoSettings
 
 AUTH_CHOICES = ("api_keys", "none")
 INTERRUPTED_CHOICES = ("requeue", "fail")

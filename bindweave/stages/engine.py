@@ -15,19 +15,11 @@ import threading
 from dataclasses import dataclass, field
 
 from bindweave.errors import BindWeaveInputError
-from bindweave.sampling.sampler import SamplerSettings
-from bindweave.sampling.step_cache import CacheSettings
+from bindweave.settings.sampling import CacheSettings, SamplerSettings
 from bindweave.stages.coordinator import Coordinator, SingleProcess
-from bindweave.stages.generate import (
-    JobCancelled,
-    ProgressFn,
-    RunSettings,
-    Stage3Job,
-    Stage3Models,
-    VideoSettings,
-    generate_sample,
-    run_generation,
-)
+from bindweave.stages.generate import (JobCancelled, ProgressFn, RunSettings, Stage3Job, Stage3Models,
+                                       generate_sample, run_generation)
+from bindweave.settings.model import VideoSettings
 
 log = logging.getLogger("bindweave")
 

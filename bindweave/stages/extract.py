@@ -172,9 +172,8 @@ def extract_samples(qwen: QwenVL, samples: list[Sample], settings: ExtractSettin
     seconds = {}
     mine = samples[rank::world_size]
     for sample in tqdm(mine, desc="samples", disable=not settings.progress or rank != 0):
-        started = time.perf_counter()
         try:
-            outcome = _extract_or_skip(qwen, sample, settings)
+            outcome, elapsed = _extract_or_skip(qwen, sample, settings)
         except BindWeaveInputError as error:
             if not skip_errors:
                 raise BindWeaveInputError(f"sample {sample.sample_id!r}: {error}") from None
@@ -183,13 +182,13 @@ def extract_samples(qwen: QwenVL, samples: list[Sample], settings: ExtractSettin
             continue
         summary[outcome].append(sample.sample_id)
         if outcome == "done":
-            seconds[sample.sample_id] = round(time.perf_counter() - started, 3)
+            seconds[sample.sample_id] = round(elapsed, 3)
     summary["report"] = {"rank": rank, "extract_s": seconds, **memory_snapshot(qwen.model.device)}
     return summary
 
 
-def _extract_or_skip(qwen: QwenVL, sample: Sample, settings: ExtractSettings) -> str:
-    """One sample: "skipped" when its file is already there, else "done" once extracted."""
+def _extract_or_skip(qwen: QwenVL, sample: Sample, settings: ExtractSettings) -> tuple[str, float]:
+    """One sample: ("skipped", 0) when its file is already there, else ("done", seconds) once extracted."""
     files = SampleFiles.of(settings.output_dir, sample.sample_id)
     expected = provenance(qwen, sample)
     if is_done(files, expected):
@@ -199,13 +198,13 @@ def _extract_or_skip(qwen: QwenVL, sample: Sample, settings: ExtractSettings) ->
             positive, negative = (load_hidden_states(files.safetensors, negative=side, hidden_dim=qwen.hidden_size)
                                   for side in (False, True))
             write_official_pair(files, positive, negative)
-        return "skipped"
+        return "skipped", 0.0
     started = time.perf_counter()
     header = extract_sample(qwen, sample, files, expected, settings.write_official_pt)
+    elapsed = time.perf_counter() - started
     log.info("%s: L = %s (negative %s), image tokens %s, %.2f s -> %s", sample.sample_id,
-             header["positive_length"], header["negative_length"], header["image_tokens"],
-             time.perf_counter() - started, files.safetensors)
-    return "done"
+             header["positive_length"], header["negative_length"], header["image_tokens"], elapsed, files.safetensors)
+    return "done", elapsed
 
 
 def write_meta_with_features(samples: list[Sample], settings: ExtractSettings) -> Path:

@@ -26,7 +26,8 @@ from dataclasses import dataclass
 
 import torch
 
-MEMORY_MODES = ("auto", "resident", "offload")
+from bindweave.settings.model import MEMORY_MODES
+
 GIB = 2**30
 
 BLOCK_GIB = {"dtype": 0.79, "fp8": 0.50}  # one of the 40 blocks, bf16 / FP8 linears

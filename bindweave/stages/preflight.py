@@ -25,7 +25,7 @@ from bindweave.io.inputs import Sample
 from bindweave.errors import BindWeaveInputError
 
 if TYPE_CHECKING:  # pipeline imports the model stack; the check must stay light
-    from bindweave.stages.generate import VideoSettings
+    from bindweave.settings.model import VideoSettings
 
 MIB = 1024**2
 GIB = 1024**3

@@ -30,7 +30,6 @@ import json
 import logging
 import os
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import requests
@@ -42,6 +41,7 @@ from bindweave.io.inputs import Sample, load_reference_image
 from bindweave.errors import BindWeaveInputError
 from bindweave.io.outputs import write_json
 from bindweave.encoders.qwen import QwenVL, build_inputs, prescale_references
+from bindweave.settings.refine import EndpointSettings, LocalSettings
 
 log = logging.getLogger("bindweave")
 
@@ -88,30 +88,6 @@ def jpeg_data_url(image: Image.Image) -> str:
 
 
 # ---- OpenAI-compatible endpoint -----------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class EndpointSettings:
-    base_url: str  # e.g. https://api.openai.com/v1 or http://localhost:8000/v1 (vLLM)
-    model: str
-    api_key_env: str = "OPENAI_API_KEY"  # the NAME of the environment variable holding the key
-    max_tokens: int = 1024
-    timeout_s: float = 120.0  # per request
-    max_retries: int = 5  # on 429, 5xx and connection errors
-    retry_base_s: float = 2.0  # waits 2, 4, 8, ... seconds
-    max_retry_s: float = 300.0  # never wait past this much time in all for one sample
-
-    def __post_init__(self):
-        if not self.base_url.startswith(("http://", "https://")):
-            raise BindWeaveInputError(f"refiner.base_url={self.base_url} is not an http(s) URL: e.g. "
-                                      "refiner.base_url=http://localhost:8000/v1")
-        if self.max_tokens < 1 or self.timeout_s <= 0 or self.max_retries < 0:
-            raise BindWeaveInputError(f"refiner.max_tokens={self.max_tokens}, refiner.timeout_s={self.timeout_s}, "
-                                      f"refiner.max_retries={self.max_retries}: use >= 1, > 0 and >= 0")
-
-    @property
-    def url(self) -> str:
-        return self.base_url.rstrip("/") + "/chat/completions"
 
 
 class EndpointRefiner:
@@ -192,18 +168,6 @@ class EndpointRefiner:
 
 
 # ---- local Qwen2.5-VL ---------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class LocalSettings:
-    max_new_tokens: int = 512
-    # Only for the tiny random model of the demo, which never emits end-of-turn: keep its cut-off
-    # gibberish instead of refusing it.
-    allow_truncated: bool = False
-
-    def __post_init__(self):
-        if self.max_new_tokens < 1:
-            raise BindWeaveInputError(f"refiner.max_new_tokens={self.max_new_tokens} must be >= 1")
 
 
 class LocalQwenRefiner:

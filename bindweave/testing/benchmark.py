@@ -49,8 +49,9 @@ from bindweave.testing.fullsize import (
     fill_random_,
 )
 from bindweave.model.fp8 import quantize_linears_fp8
-from bindweave.model.speed import (PreferredKernelAttention, SpeedOptions, fa4_attention, fuse_projections,
-                            import_fa4, resolve_speed_options)
+from bindweave.model.speed import (PreferredKernelAttention, fa4_attention, fuse_projections, import_fa4,
+                                   resolve_speed_options)
+from bindweave.settings.model import SpeedOptions
 from bindweave.model.flops import ForwardTokens, dit_forward_flops, video_tokens
 from bindweave.model.transformer import BINDWEAVE_14B_CONFIG, TINY_CONFIG, BindWeaveTransformer
 

@@ -7,7 +7,8 @@ from pathlib import Path
 from bindweave.testing.demo_cases import write_demo_cases
 from bindweave.errors import BindWeaveInputError
 from bindweave.stages.extract import ExtractSettings, run_extract
-from bindweave.encoders.qwen import QwenSettings, load_qwen
+from bindweave.encoders.qwen import load_qwen
+from bindweave.settings.qwen import QwenSettings
 
 
 def demo_meta_with_hidden_states(folder: Path, hidden_dim: int, qwen_folder: Path) -> Path:

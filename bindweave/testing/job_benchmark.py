@@ -51,7 +51,8 @@ def forwards_in(steps: int, sidecar: dict) -> int:
     its step cache skips. MagCache decides from its calibration alone, so the count is exact;
     TeaCache decides from the model's timestep embeddings, so it is not known here (None)."""
     from bindweave.sampling.sampler import SIDES, Step
-    from bindweave.sampling.step_cache import CacheSettings, StepCache
+    from bindweave.sampling.step_cache import StepCache
+    from bindweave.settings.sampling import CacheSettings
 
     settings = sidecar["recipe"]["model_options"].get("cache")
     if settings is None:

@@ -21,7 +21,8 @@ from omegaconf import DictConfig
 
 from bindweave.model.attention import AttentionHook
 from bindweave.model.flops import video_tokens
-from bindweave.model.speed import SpeedOptions, apply_speed_options, resolve_speed_options
+from bindweave.model.speed import apply_speed_options, resolve_speed_options
+from bindweave.settings.model import SpeedOptions
 from bindweave.testing.benchmark import (Clock, Report, build_dit, compile_stats, compute_dtype, dit_configs,
                                          dit_inputs, first_blocks, measure, peak_memory, scaled_to_full_depth)
 from parallel.cfg import cfg_exchange_bytes_per_rank

@@ -39,7 +39,8 @@ from transformers import (
 )
 from transformers.convert_slow_tokenizer import bytes_to_unicode
 
-from bindweave.sampling.sampler import SamplerSettings, unipc_config
+from bindweave.sampling.sampler import unipc_config
+from bindweave.settings.sampling import SamplerSettings
 from bindweave.errors import BindWeaveInputError
 from bindweave.model.transformer import TINY_CONFIG, BindWeaveTransformer
 
