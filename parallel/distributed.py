@@ -31,6 +31,7 @@ class Processes:
     rank: int = 0
     world_size: int = 1
     local_rank: int = 0
+    local_world_size: int = 1  # processes of the launch on this machine (they share its host memory)
     launcher: str = "single"  # "torchrun", "srun" or "single"
     master_addr: str | None = None
     master_port: int | None = None
@@ -44,14 +45,26 @@ def detect_processes(env: Mapping[str, str] = os.environ) -> Processes:
     """
     if "RANK" in env and "WORLD_SIZE" in env:
         return Processes(rank=_int(env, "RANK"), world_size=_int(env, "WORLD_SIZE"),
-                         local_rank=_int(env, "LOCAL_RANK", 0), launcher="torchrun",
+                         local_rank=_int(env, "LOCAL_RANK", 0), local_world_size=_int(env, "LOCAL_WORLD_SIZE", 1),
+                         launcher="torchrun",
                          master_addr=env.get("MASTER_ADDR"), master_port=_int(env, "MASTER_PORT"))
     if "SLURM_PROCID" in env and _int(env, "SLURM_STEP_NUM_TASKS", 1) > 1:
         return Processes(rank=_int(env, "SLURM_PROCID"), world_size=_int(env, "SLURM_STEP_NUM_TASKS"),
-                         local_rank=_int(env, "SLURM_LOCALID", 0), launcher="srun",
+                         local_rank=_int(env, "SLURM_LOCALID", 0), local_world_size=_tasks_on_this_node(env),
+                         launcher="srun",
                          master_addr=env.get("MASTER_ADDR") or _first_slurm_host(env),
                          master_port=_int(env, "MASTER_PORT") or _slurm_port(env))
     return Processes()
+
+
+def _tasks_on_this_node(env: Mapping[str, str]) -> int:
+    """An srun step's tasks on this node: SLURM_STEP_TASKS_PER_NODE is "4" or "4(x2)" or "3,2" (one
+    count per node, in SLURM_NODEID order, "(xN)" repeating one)."""
+    counts = []
+    for part in env.get("SLURM_STEP_TASKS_PER_NODE", "1").split(","):
+        count, _, repeat = part.partition("(x")
+        counts += [int(count)] * (int(repeat.rstrip(")")) if repeat else 1)
+    return counts[min(_int(env, "SLURM_NODEID", 0), len(counts) - 1)]
 
 
 def _int(env: Mapping[str, str], name: str, default: int | None = None) -> int | None:

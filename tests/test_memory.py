@@ -14,7 +14,8 @@ from bindweave.model.offload import offloaded_blocks
 from bindweave.stages.generate import job_size, load_stage3_models, memory_plan_for
 from bindweave.settings.model import ModelSettings, VideoSettings
 from bindweave.model.transformer import BINDWEAVE_14B_CONFIG, TINY_CONFIG
-from bindweave.stages.memory import JobSize, MemoryPlan, plan_memory
+from bindweave.stages.memory import (JobSize, MemoryPlan, available_host_gib, check_host_memory, host_need,
+                                     plan_memory)
 from parallel.layout import ParallelLayout
 from parallel.parallelize import refuse_inapplicable_speed_options
 from test_transformer import inputs as tiny_inputs
@@ -101,11 +102,13 @@ def test_a_bad_memory_mode_names_the_choices():
 
 
 class FakeGpu:
-    """torch.cuda's memory queries for a 139 GiB GPU with 137 GiB free, recording the allocator cap."""
+    """torch.cuda's memory queries for a 139 GiB GPU with 137 GiB free, recording the allocator cap,
+    on a host with ``host_gib`` available."""
 
-    def __init__(self, monkeypatch, reserved_gib=0.5):
+    def __init__(self, monkeypatch, reserved_gib=0.5, host_gib=120.0):
         self.fraction = None
         gib = 2**30
+        monkeypatch.setattr("bindweave.stages.generate.available_host_gib", lambda: host_gib)
         monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device: (137 * gib, 139 * gib))
         monkeypatch.setattr(torch.cuda, "memory_reserved", lambda device: reserved_gib * gib)
         monkeypatch.setattr(torch.cuda, "get_device_name", lambda device: "Fake H200")
@@ -188,3 +191,46 @@ def test_the_offload_loader_fills_one_host_buffer_with_the_checkpoints_weights(t
     x = tiny_inputs()
     with torch.no_grad():
         torch.testing.assert_close(fused(**x), reference(**x), rtol=1e-5, atol=1e-5)
+
+
+def test_host_memory_of_an_offloaded_720p_job_is_the_measured_peak():
+    """48.6 GiB peak RSS measured offloaded (NVIDIA H200 machine, 2026-12-02): the DiT's 31.9 GiB in a
+    32 GiB page-locked buffer, T5 + CLIP, the process."""
+    offload = plan_memory("auto", 24.0, P720)
+    assert host_need(offload, P720) == pytest.approx(48.6, abs=0.05)
+    assert host_need(plan_memory("auto", 139.0, P720), P720) < 5
+
+
+@pytest.mark.parametrize("available, processes, refused", [
+    (64.0, 1, False),   # a 64 GB workstation with one 24 GB card
+    (40.0, 1, True),
+    (120.0, 2, False),  # 2 x 24 GB with ulysses2: each process holds its own copy
+    (64.0, 2, True),
+    (None, 8, False),   # not Linux: nothing known to check against
+])
+def test_an_offloaded_job_the_host_cannot_hold_is_refused_before_loading(available, processes, refused):
+    offload = plan_memory("auto", 24.0, P720)
+    if not refused:
+        check_host_memory(offload, P720, processes, available)
+        return
+    with pytest.raises(MemoryError, match=r"~48\.6 GiB per process.*available \(MemAvailable\).*fewer processes"):
+        check_host_memory(offload, P720, processes, available)
+
+
+def test_a_resident_job_is_never_refused_for_host_memory():
+    check_host_memory(plan_memory("auto", 139.0, P720), P720, 8, 1.0)
+
+
+def test_available_host_memory_is_read_from_meminfo(tmp_path):
+    meminfo = tmp_path / "meminfo"
+    meminfo.write_text("MemTotal:       65536000 kB\nMemFree:         1000000 kB\nMemAvailable:   41943040 kB\n")
+    assert available_host_gib(meminfo) == 40.0
+    assert available_host_gib(tmp_path / "absent") is None
+
+
+def test_the_host_memory_check_runs_with_the_gpu_plan_for_the_processes_on_the_machine(monkeypatch):
+    settings = ModelSettings(dit="d", wan="w", gpu_memory_gib=24)
+    FakeGpu(monkeypatch, host_gib=64.0)
+    assert memory_plan_for(settings, P720, torch.device("cuda", 0)).mode == "offload"
+    with pytest.raises(BindWeaveInputError, match=r"model.memory=auto \(model.gpu_memory_gib=24\): .* x 2 processes"):
+        memory_plan_for(settings, P720, torch.device("cuda", 0), processes_on_host=2)

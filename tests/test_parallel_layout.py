@@ -99,6 +99,7 @@ def test_torchrun_environment():
            "SLURM_PROCID": "0", "SLURM_NTASKS": "2"}  # torchrun inside a Slurm job: torchrun's variables win
     assert detect_processes(env) == Processes(rank=5, world_size=8, local_rank=1, launcher="torchrun",
                                               master_addr="node0", master_port=29500)
+    assert detect_processes({**env, "LOCAL_WORLD_SIZE": "4"}).local_world_size == 4
     assert rank_device(detect_processes(env), "cuda") == torch.device("cuda", 1)
     assert rank_device(detect_processes(env), "cpu") == torch.device("cpu")
 
@@ -119,6 +120,10 @@ def test_srun_environment_finds_the_first_node_with_scontrol(tmp_path, monkeypat
     processes = detect_processes(env)
     assert processes == Processes(rank=3, world_size=4, local_rank=1, launcher="srun", master_addr="gpu3",
                                   master_port=20123)
+    # The step's tasks on this node (the processes sharing its host memory): "3,1", "2(x2)".
+    for tasks, node, local in (("3,1", "1", 1), ("3,1", "0", 3), ("2(x2)", "1", 2), ("1(x2),4", "2", 4)):
+        assert detect_processes({**env, "SLURM_STEP_TASKS_PER_NODE": tasks, "SLURM_NODEID": node}).local_world_size \
+            == local
     # Exported values win (a batch script may pick a free port).
     env.update(MASTER_ADDR="login1", MASTER_PORT="31000")
     assert (detect_processes(env).master_addr, detect_processes(env).master_port) == ("login1", 31000)

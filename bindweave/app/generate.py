@@ -82,7 +82,7 @@ class GenerateCommand:
         if processes.world_size > 1:  # one process per GPU: rank r computes on GPU LOCAL_RANK
             model_settings = replace(model_settings, device=str(rank_device(processes, device_type)))
         check_speed_support(model_settings.speed_options(), model_settings.resolved_device())
-        plan = memory_plan(model_settings, job.video, layout, processes.rank)
+        plan = memory_plan(model_settings, job.video, layout, processes.rank, processes.local_world_size)
 
         known_bad = _check_job_first(job, processes.rank) if job.data.meta_path is not None else {}
         loaded = self._engine_for(model_settings, layout, processes, device_type, plan)
@@ -251,16 +251,16 @@ def _refuse_changed_finished_samples(job: GenerateConfig, samples, finished: set
     refuse_changed_samples(conflicts, output_dir)
 
 
-def memory_plan(model_settings, video, layout, rank: int):
-    """``model.memory`` settled for this rank's GPU and its share of the job's tokens (logged by
-    rank 0). Under FSDP the shards are the memory lever: ``auto`` keeps everything resident there
+def memory_plan(model_settings, video, layout, rank: int, processes_on_host: int = 1):
+    """``model.memory`` settled for this rank's GPU, its share of the job's tokens and its share of
+    the host memory (logged by rank 0). Under FSDP the shards are the memory lever: ``auto`` keeps everything resident there
     (``offload`` with FSDP was refused with the other combinations)."""
     from bindweave.stages.generate import job_size, memory_plan_for
 
     settings = replace(model_settings, memory="resident") if layout.fsdp and model_settings.memory == "auto" \
         else model_settings
     plan = memory_plan_for(settings, job_size(settings, video, dit_config(settings), layout.sequence),
-                           settings.resolved_device())
+                           settings.resolved_device(), processes_on_host)
     if rank == 0:
         log.info("memory=%s: %s (%s)", model_settings.memory, plan.mode, plan.reason)
     return plan

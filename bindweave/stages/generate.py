@@ -39,7 +39,8 @@ from bindweave.settings.model import ModelSettings, VideoSettings
 from bindweave.model.speed import apply_speed_options
 from bindweave.io.outputs import latents_path, video_done, write_json, write_latents, write_mp4
 from bindweave.encoders.prompts import T5_NEGATIVE_PROMPT
-from bindweave.stages.memory import JobSize, MemoryPlan, limit_gpu_memory, memory_snapshot, peak_of, plan_memory
+from bindweave.stages.memory import (JobSize, MemoryPlan, available_host_gib, check_host_memory, limit_gpu_memory,
+                                     memory_snapshot, peak_of, plan_memory)
 from bindweave.stages.resume import bytes_sha256, file_sha256, sample_recipe
 from bindweave.sampling.sampler import Step, denoise, initial_noise, make_scheduler
 from bindweave.settings.sampling import CacheSettings, SamplerSettings
@@ -130,13 +131,17 @@ def job_size(settings: ModelSettings, video: VideoSettings, dit_config: dict, se
                    fp8=settings.linear_precision != "dtype")
 
 
-def memory_plan_for(settings: ModelSettings, size: JobSize, device: torch.device) -> MemoryPlan:
+def memory_plan_for(settings: ModelSettings, size: JobSize, device: torch.device,
+                    processes_on_host: int = 1) -> MemoryPlan:
     """``model.memory`` settled for this device's free memory within ``model.gpu_memory_gib`` (the
-    allocator is capped there first; logged once by the caller); a job that cannot fit is a
+    allocator is capped there first; logged once by the caller) and for the host memory the
+    ``processes_on_host`` processes of the launch share; a job that cannot fit is a
     BindWeaveInputError before anything loads."""
     try:
         free_gib = limit_gpu_memory(device, settings.gpu_memory_gib, "model.gpu_memory_gib")
         plan = plan_memory(settings.memory, free_gib, size, settings.offload_encoders, settings.vae_tiling)
+        if device.type == "cuda":
+            check_host_memory(plan, size, processes_on_host, available_host_gib())
         if plan.mode == "offload" and settings.linear_precision == "fp8":
             raise BindWeaveInputError(
                 f"model.linear_precision=fp8 cannot apply with offloaded blocks ({plan.reason}): FP8 weights are "

@@ -21,8 +21,10 @@ while denoising, 15.2 / 14.3 while conditioning.
 
 from __future__ import annotations
 
+import math
 import resource
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -42,6 +44,10 @@ UNTILED_DECODE_GIB_PER_1K_TOKENS = 0.025  # the decode's extra over denoising (2
 CONDITIONING_GIB_PER_1K_TOKENS = 0.035
 MARGIN_GIB = 1.5  # allocator fragmentation, CUDA context
 PREFETCHED_BLOCKS = 2  # offload: the block in use and the one streaming in
+# A stage-3 process's host memory beside the weights it holds there (Python, PyTorch, the CUDA
+# context, buffers): offloaded, 48.6 GiB peak RSS = 32 GiB page-locked DiT + 11.8 GiB T5 and CLIP
+# + 4.8 (NVIDIA H200 machine, 2026-12-02, docs/PERFORMANCE.md).
+HOST_PROCESS_GIB = 4.8
 
 
 @dataclass(frozen=True)
@@ -132,6 +138,43 @@ def plan_memory(mode: str, free_gib: float | None, job: JobSize, offload_encoder
                       f"resident needs ~{resident_need(job, True, vae_tiling):.1f} GiB (DiT {job.dit_gib:.1f} GiB + "
                       f"activations {job.activations_gib:.1f} GiB) but {free_gib:.1f} GiB are free: the DiT's "
                       f"blocks stream from pinned host memory (~{need:.1f} GiB on the GPU)")
+
+
+def host_need(plan: MemoryPlan, job: JobSize) -> float:
+    """One process's peak host memory with ``plan`` (GiB): an offloaded DiT sits in one page-locked
+    buffer, which PyTorch's pinned allocator rounds up to a power of two (31.9 -> 32 GiB), and
+    offloaded encoders wait in host memory between samples."""
+    held = 2 ** math.ceil(math.log2(job.dit_gib)) if plan.mode == "offload" else 0.0
+    return held + (ENCODERS_GIB if plan.offload_encoders else 0.0) + HOST_PROCESS_GIB
+
+
+def check_host_memory(plan: MemoryPlan, job: JobSize, processes_on_host: int, available_gib: float | None) -> None:
+    """Refuse, before loading, a plan whose weights held on the host do not fit in the host's
+    available memory (shared by the launch's ``processes_on_host`` processes): better than the
+    kernel's out-of-memory killer part-way through pinning 32 GiB. Nothing to check where nothing is
+    offloaded, or where the available memory is unknown (``None``: not Linux)."""
+    if available_gib is None or not (plan.mode == "offload" or plan.offload_encoders):
+        return
+    need = host_need(plan, job)
+    if need * processes_on_host > available_gib:
+        held = "the DiT's blocks (page-locked) and T5 + CLIP" if plan.mode == "offload" else "T5 + CLIP"
+        each = f" x {processes_on_host} processes on this machine = {need * processes_on_host:.1f} GiB" \
+            if processes_on_host > 1 else ""
+        raise MemoryError(
+            f"{held} wait in host memory: ~{need:.1f} GiB per process{each}, but {available_gib:.1f} GiB of host "
+            f"memory are available (MemAvailable); free host memory, start fewer processes per machine, or use "
+            f"GPUs with room for the DiT (~{resident_need(job, True, True):.1f} GiB keeps it resident)")
+
+
+def available_host_gib(meminfo: Path = Path("/proc/meminfo")) -> float | None:
+    """The host memory the kernel can give without swapping (MemAvailable), in GiB; None off Linux."""
+    try:
+        for line in meminfo.read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024 / GIB
+    except OSError:
+        pass
+    return None
 
 
 def limit_gpu_memory(device, limit_gib: float | None, setting: str) -> float | None:
