@@ -60,10 +60,14 @@ def detect_processes(env: Mapping[str, str] = os.environ) -> Processes:
 def _tasks_on_this_node(env: Mapping[str, str]) -> int:
     """An srun step's tasks on this node: SLURM_STEP_TASKS_PER_NODE is "4" or "4(x2)" or "3,2" (one
     count per node, in SLURM_NODEID order, "(xN)" repeating one)."""
-    counts = []
-    for part in env.get("SLURM_STEP_TASKS_PER_NODE", "1").split(","):
-        count, _, repeat = part.partition("(x")
-        counts += [int(count)] * (int(repeat.rstrip(")")) if repeat else 1)
+    text, counts = env.get("SLURM_STEP_TASKS_PER_NODE", "1"), []
+    try:
+        for part in text.split(","):
+            count, _, repeat = part.partition("(x")
+            counts += [int(count)] * (int(repeat.rstrip(")")) if repeat else 1)
+    except ValueError:
+        raise BindWeaveInputError(f"environment variable SLURM_STEP_TASKS_PER_NODE={text!r} is not Slurm's "
+                                  "'N', 'N(xM)' or 'N,M,...'") from None
     return counts[min(_int(env, "SLURM_NODEID", 0), len(counts) - 1)]
 
 

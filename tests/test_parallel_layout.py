@@ -124,6 +124,8 @@ def test_srun_environment_finds_the_first_node_with_scontrol(tmp_path, monkeypat
     for tasks, node, local in (("3,1", "1", 1), ("3,1", "0", 3), ("2(x2)", "1", 2), ("1(x2),4", "2", 4)):
         assert detect_processes({**env, "SLURM_STEP_TASKS_PER_NODE": tasks, "SLURM_NODEID": node}).local_world_size \
             == local
+    with pytest.raises(BindWeaveInputError, match="SLURM_STEP_TASKS_PER_NODE='two'"):
+        detect_processes({**env, "SLURM_STEP_TASKS_PER_NODE": "two"})
     # Exported values win (a batch script may pick a free port).
     env.update(MASTER_ADDR="login1", MASTER_PORT="31000")
     assert (detect_processes(env).master_addr, detect_processes(env).master_port) == ("login1", 31000)
