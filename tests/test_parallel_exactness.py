@@ -39,8 +39,9 @@ def rank_latents(out, grid, processes):
     (4, ["cfg=2", "ulysses=2", "--fsdp"]),
 ], ids=["ulysses2", "ulysses4", "cfg2_ulysses2_fsdp"])
 def test_n_ranks_give_the_one_rank_latents(reference, tmp_path, processes, degrees):
-    """cfg=2 x ulysses=2 runs with the DiT FSDP-sharded over the 4 ranks (the same layout without FSDP,
-    and CFG parallel alone, run end to end against the one-process videos in tests/test_parallel_generate.py).
+    """cfg=2 x ulysses=2 runs with the DiT FSDP-sharded over the 4 ranks (CFG parallel alone, and the
+    4-process auto layout with FSDP, run end to end against the one-process videos in
+    tests/test_parallel_generate.py).
     Each run installs the chosen single-device kernel and counts it: deepspeed's Ulysses calls it for
     each rank's heads, once per block per forward (kernel and sharding are separate choices)."""
     run_script(DENOISE, tmp_path, *degrees, "--grid", DIVIDES, "--grid", PADS, "--kernel", "efficient",
