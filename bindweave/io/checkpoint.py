@@ -160,11 +160,12 @@ def read_rows(file: Path, key: str, start: int, stop: int, out: torch.Tensor | N
         header_size = int.from_bytes(handle.read(8), "little")
         entry = json.loads(handle.read(header_size))[key]
         shape, dtype = (stop - start, *entry["shape"][1:]), FLOAT_DTYPES[entry["dtype"]]
+        if out is not None and tuple(out.shape) != shape:
+            raise ValueError(f"{key}: rows {start}:{stop} have shape {list(shape)}, the destination {list(out.shape)}")
         direct = out is not None and out.dtype == dtype and out.is_contiguous() and out.device.type == "cpu"
         rows = out if direct else torch.empty(shape, dtype=dtype)
-        if tuple(rows.shape) != shape:
-            raise ValueError(f"{key}: rows {start}:{stop} have shape {list(shape)}, the destination {list(rows.shape)}")
-        offset = 8 + header_size + entry["data_offsets"][0] + start * (rows.nbytes // max(shape[0], 1))
+        row_bytes = dtype.itemsize * int(torch.Size(shape[1:]).numel())
+        offset = 8 + header_size + entry["data_offsets"][0] + start * row_bytes
         read = os.preadv(handle.fileno(), [memoryview(rows.view(-1).view(torch.uint8).numpy())], offset)
     if read != rows.nbytes:
         raise BindWeaveInputError(f"{file} ends inside tensor {key} (read {read} of {rows.nbytes} bytes): re-download it")

@@ -31,18 +31,17 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from bindweave.model.attention import AttentionHook, sdpa
 from bindweave.errors import BindWeaveInputError
 from bindweave.model.fp8 import note, quantize_linears_fp8, resolve_linear_precision
-from bindweave.settings.model import SpeedOptions
+from bindweave.settings.model import SDPA_KERNELS, SpeedOptions
 from bindweave.model.offload import offload_blocks
 
 log = logging.getLogger("bindweave")
 
-# Each name puts its kernel first and keeps the others as fallbacks, so an input the preferred
-# kernel cannot take (or a CPU tensor) still runs.
-SDPA_PRIORITIES = {  # keys: SDPA_KERNELS
-    "cudnn": [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH],
-    "flash": [SDPBackend.FLASH_ATTENTION, SDPBackend.CUDNN_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH],
-    "efficient": [SDPBackend.EFFICIENT_ATTENTION, SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.MATH],
-}
+# Each name (bindweave.settings.model.SDPA_KERNELS) puts its kernel first and keeps the others as
+# fallbacks, in this order, so an input the preferred kernel cannot take (or a CPU tensor) still runs.
+SDPA_FALLBACK_ORDER = (SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION,
+                       SDPBackend.MATH)
+SDPA_PRIORITIES = {name: [first, *(backend for backend in SDPA_FALLBACK_ORDER if backend != first)]
+                   for name, first in zip(SDPA_KERNELS, SDPA_FALLBACK_ORDER)}
 # The kernels that are not SDPA run on CUDA GPUs only, from their own packages.
 CUDA_ONLY_KERNELS = ("fa4", "sage2")
 FA4_INSTALL_HINT = "pip install 'flash-attn-4[cu13]' (cu12 for CUDA 12), or choose attention=cudnn"
