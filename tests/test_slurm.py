@@ -66,6 +66,28 @@ def test_script_passes_shellcheck(script):
     assert result.returncode == 0, result.stdout + result.stderr
 
 
+@pytest.mark.parametrize("rank_files, launcher_code, expected_code, expected_error", [
+    # torchrun killed rank 0 after rank 1's bad setting: rank 1's code and error stand
+    ({"1": "2\nunknown setting x\n"}, 1, 2, "error: unknown setting x"),
+    ({"0": "0\n\n", "1": "0\n\n"}, 0, 0, ""),
+    # every rank said 0 but one was lost without a word (OOM kill): the launcher's code stands
+    ({"0": "0\n\n"}, 1, 1, ""),
+    # the lowest failing rank wins, whatever order the files list in
+    ({"10": "3\nten\n", "2": "1\ntwo\n", "0": "0\n\n"}, 1, 1, "error: two"),
+])
+def test_the_job_exits_with_the_first_failing_ranks_code_and_error(tmp_path, rank_files, launcher_code,
+                                                                   expected_code, expected_error):
+    status_file = tmp_path / ".bindweave-status-7-0"
+    for rank, text in rank_files.items():
+        Path(f"{status_file}.{rank}").write_text(text)
+    result = subprocess.run(["bash", "-c", f'source "$1"; bw_finish {launcher_code}', "bash",
+                             str(REPO / "launch/slurm/common.sh")],
+                            env={"BINDWEAVE_STATUS_FILE": str(status_file), "PATH": "/usr/bin:/bin"},
+                            capture_output=True, text=True)
+    assert (result.returncode, result.stderr.strip()) == (expected_code, expected_error)
+    assert list(tmp_path.iterdir()) == []
+
+
 # --------------------------------------------------------------------------------------------
 # a shared work folder: tiny models, demo inputs, and the 1-process reference videos
 

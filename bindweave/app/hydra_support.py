@@ -169,7 +169,7 @@ def run_hydra_app(config_name: str, load_command: Callable[[], Callable[[DictCon
     try:
         check_command_line(config_name, sys.argv[1:])
     except BindWeaveInputError as error:
-        if is_rank0():
+        if process_rank() == "0":
             print(f"error: {error}", file=sys.stderr)  # logging is not set up yet: Hydra does that
         finish(2, str(error))
     logging.captureWarnings(True)
@@ -197,18 +197,20 @@ def run_hydra_app(config_name: str, load_command: Callable[[], Callable[[DictCon
     finish(worst["exit_code"], worst.get("error"))
 
 
-def is_rank0() -> bool:
-    return os.environ.get("RANK", "0") == "0" and os.environ.get("SLURM_PROCID", "0") == "0"
+def process_rank() -> str:
+    return os.environ.get("RANK") or os.environ.get("SLURM_PROCID") or "0"
 
 
 def finish(exit_code: int, error: str | None) -> None:
     """Exit; under a launcher that wants it (``BINDWEAVE_STATUS_FILE``, set by launch/slurm/common.sh),
-    rank 0 first leaves its exit code and error there: torchrun exits 1 whatever its ranks' codes,
-    and prints its own summary after them, so the job script re-prints the error last and exits
-    with the real code."""
+    each rank first leaves its exit code and error in ``<file>.<rank>``: torchrun exits 1 whatever
+    its ranks' codes, prints its own summary after them, and may kill the other ranks before they
+    get this far, so the job script re-prints the first failing rank's error last and exits with
+    its code."""
     status_file = os.environ.get("BINDWEAVE_STATUS_FILE")
-    if status_file and is_rank0():
-        Path(status_file).write_text(f"{exit_code}\n{(error or '').splitlines()[0] if error else ''}\n")
+    if status_file:
+        line = error.splitlines()[0] if error else ""
+        Path(f"{status_file}.{process_rank()}").write_text(f"{exit_code}\n{line}\n")
     sys.exit(exit_code)
 
 

@@ -109,11 +109,12 @@ bw_launch() {
   [[ -n ${SLURM_CPUS_PER_TASK:-} ]] && srun_common+=(--cpus-per-task="$SLURM_CPUS_PER_TASK")
   bw_log "job ${SLURM_JOB_ID:-?} restart ${SLURM_RESTART_COUNT:-0} on ${SLURM_JOB_NODELIST:-?}" \
          "($nodes node(s)); launcher $launcher; output_dir=$output; cwd $PWD"
-  # Rank 0 leaves its exit code and error here (bindweave/app/hydra_support.py finish): the
-  # launchers print their own summaries after the ranks and torchrun exits 1 whatever the ranks'
-  # codes, so the job ends by repeating the error and exiting with the real code.
+  # Each rank leaves its exit code and error in $BINDWEAVE_STATUS_FILE.<rank>
+  # (bindweave/app/hydra_support.py finish): the launchers print their own summaries after the
+  # ranks and torchrun exits 1 whatever the ranks' codes, so the job ends by repeating the error and
+  # exiting with the real code.
   export BINDWEAVE_STATUS_FILE=$PWD/.bindweave-status-${SLURM_JOB_ID:-local}-${SLURM_RESTART_COUNT:-0}
-  rm -f "$BINDWEAVE_STATUS_FILE"
+  rm -f "$BINDWEAVE_STATUS_FILE".*
   local status=0
 
   case $launcher in
@@ -149,15 +150,27 @@ bw_launch() {
   bw_finish "$status"
 }
 
-# Exit with rank 0's own code, its error line last (see bw_launch); the launcher's code otherwise.
+# Exit with the lowest failing rank's own code, its error line last (see bw_launch). A rank that
+# left no file (killed by torchrun after another rank failed, or by the OOM killer) says nothing;
+# when no rank failed, the launcher's code stands, so a rank lost without a word still fails the job.
 bw_finish() {
-  local status=$1 code message
-  if [[ -s $BINDWEAVE_STATUS_FILE ]]; then
-    code=$(head -n 1 "$BINDWEAVE_STATUS_FILE")
-    message=$(sed -n 2p "$BINDWEAVE_STATUS_FILE")
-    rm -f "$BINDWEAVE_STATUS_FILE"
-    [[ -n $message && $code != 0 ]] && echo "error: $message" >&2
-    [[ $code =~ ^[0-9]+$ ]] && exit "$code"
+  local status=$1 file rank code message first_rank="" first_file=""
+  for file in "$BINDWEAVE_STATUS_FILE".*; do
+    [[ -f $file ]] || continue
+    rank=${file##*.}
+    code=$(head -n 1 "$file")
+    if [[ $rank =~ ^[0-9]+$ && $code =~ ^[0-9]+$ && $code != 0 ]] &&
+       [[ -z $first_rank || $rank -lt $first_rank ]]; then
+      first_rank=$rank first_file=$file
+    fi
+  done
+  if [[ -n $first_file ]]; then
+    code=$(head -n 1 "$first_file")
+    message=$(sed -n 2p "$first_file")
+    rm -f "$BINDWEAVE_STATUS_FILE".*
+    [[ -n $message ]] && echo "error: $message" >&2
+    exit "$code"
   fi
+  rm -f "$BINDWEAVE_STATUS_FILE".*
   exit "$status"
 }
