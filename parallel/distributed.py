@@ -125,6 +125,17 @@ def start_process_group(processes: Processes, device_type: str, timeout_s: float
                             timeout=timedelta(seconds=timeout_s))
 
 
+def smallest_across_ranks(value: float | None) -> float | None:
+    """The smallest of every rank's ``value`` (None where every rank has None); a collective of the
+    default group, every rank calls it. One process: ``value``."""
+    if not dist.is_initialized():
+        return value
+    values = [None] * dist.get_world_size()
+    dist.all_gather_object(values, value)
+    known = [each for each in values if each is not None]
+    return min(known) if known else None
+
+
 # Ranks of a data-parallel job finish their own samples hours apart.
 FINISH_TIMEOUT = timedelta(days=2)
 

@@ -8,6 +8,7 @@ on one node its all-to-alls stay on NVLink. Nothing else in the project creates 
 
 from __future__ import annotations
 
+import socket
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, replace
 from typing import Callable, TypeVar
@@ -17,6 +18,7 @@ import torch.distributed as dist
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
 from bindweave.errors import BindWeaveInputError
+from bindweave.model.host_buffer import HostBuffer
 from parallel.cfg import parallel_guided_velocity
 from parallel.distributed import Processes
 from parallel.layout import ParallelLayout
@@ -39,9 +41,10 @@ class Runtime:
     rank: int = 0
     world_size: int = 1
     local_rank: int = 0
+    local_world_size: int = 1  # processes of the launch on this machine
     mesh: DeviceMesh | None = None
     fsdp_mesh: DeviceMesh | None = None
-    sample_mesh: DeviceMesh | None = None  # 1-D: the cfg x sequence ranks of one sample (parallel decode)  # 1-D: the ranks that share one copy of the sharded parameters
+    sample_mesh: DeviceMesh | None = None  # 1-D: the cfg x sequence ranks of one sample (parallel decode)
 
     @classmethod
     def single_process(cls, device: torch.device) -> Runtime:
@@ -59,7 +62,7 @@ class Runtime:
             if layout.decode == "split" and layout.cfg * layout.sequence > 1:
                 sample_mesh = _group_mesh(layout, device.type)
         return cls(layout=layout, device=device, rank=processes.rank, world_size=processes.world_size,
-                   local_rank=processes.local_rank, mesh=mesh, fsdp_mesh=fsdp_mesh, sample_mesh=sample_mesh)
+                   local_rank=processes.local_rank, local_world_size=processes.local_world_size, mesh=mesh, fsdp_mesh=fsdp_mesh, sample_mesh=sample_mesh)
 
     def _coordinate(self, dim: str) -> int:
         return 0 if self.mesh is None else self.mesh.get_local_rank(dim)
@@ -111,6 +114,34 @@ class Runtime:
             raise error if self.rank == 0 else RaisedOnRank0(str(error))
         return value
 
+
+    def share_host_buffer(self, nbytes: int, fill: Callable[[torch.Tensor], None]) -> HostBuffer:
+        """One host buffer per machine (bindweave.model.host_buffer): local rank 0 creates it and
+        ``fill``s it, then the launch's other processes on that machine map the same pages. A
+        collective: every rank calls it. A fill that fails on local rank 0 stops its peers too."""
+        if self.mesh is None:
+            return HostBuffer.filled(nbytes, fill)
+        made = failure = None
+        if self.local_rank == 0:
+            try:
+                made = HostBuffer.filled(nbytes, fill)
+            except BindWeaveInputError as error:
+                failure = error
+        machine = socket.gethostname()
+        shared = [None] * self.world_size
+        dist.all_gather_object(shared, (machine, made.handle if made else None, str(failure) if failure else None))
+        if failure is not None:
+            raise failure
+        if made is not None:
+            return made
+        leaders = [(handle, problem) for host, handle, problem in shared if host == machine and (handle or problem)]
+        if len(leaders) != 1:
+            raise BindWeaveInputError(f"{len(leaders)} processes of the launch on {machine} say they are its local "
+                                      f"rank 0: the launcher's LOCAL_RANK / SLURM_LOCALID are inconsistent")
+        handle, problem = leaders[0]
+        if problem is not None:
+            raise RaisedOnRank0(f"local rank 0 could not load the DiT: {problem}")
+        return HostBuffer.attach(handle)
 
     def own_samples(self, samples: Sequence[SampleT]) -> list[SampleT]:
         """This data group's share: the samples sorted by id, strided over the data groups.

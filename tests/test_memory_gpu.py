@@ -2,6 +2,8 @@
 latents to the resident one, and between uses every block's weights are back on the host, pinned.
 Skipped without a CUDA GPU (CI)."""
 
+import json
+
 import pytest
 import torch
 
@@ -16,6 +18,7 @@ from bindweave.stages.generate import dit_predictor, load_stage3_models, prepare
 from bindweave.stages.memory import JobSize, plan_memory
 from bindweave.io.inputs import read_meta
 from bindweave.testing.demo import demo_meta_with_hidden_states
+from parallel_launch import run_script
 from test_transformer import inputs as tiny_inputs
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
@@ -74,3 +77,14 @@ def test_offload_with_compiled_blocks_gives_the_resident_output():
     assert offloaded_blocks(streamed) == list(range(config["num_layers"]))
     for index, block in enumerate(streamed.blocks):
         assert all(tensor.device.type == "cpu" and tensor.is_pinned() for tensor in block.parameters()), index
+
+
+def test_two_processes_stream_from_one_shared_host_buffer(tmp_path):
+    """Two ranks on one GPU (our GPU host has one): rank 0 reads the files into the buffer, rank 1
+    maps it; each page-locks its mapping and streams bit-identical latents (tests/gpu_shared_offload.py)."""
+    run_script("tests/gpu_shared_offload.py", tmp_path / "tiny", tmp_path, processes=2, timeout=300)
+    reports = [json.loads((tmp_path / f"rank{rank}.json").read_text()) for rank in range(2)]
+    for report in reports:
+        assert report["identical_latents"] and report["registered"], report
+        assert report["all_pinned"] and report["all_in_buffer"], report
+    assert reports[0]["read_by"] == reports[0]["pid"] == reports[1]["read_by"] != reports[1]["pid"]

@@ -136,7 +136,10 @@ def build_models(model_settings, runtime: Runtime, device_type: str, memory_plan
         folder, runtime.fsdp_mesh, dtype, device, fuse=model_settings.fuse_projections)[0]) \
         if "dit" in sharded else None
     sharder = (lambda module: shard_t5(module, runtime.fsdp_mesh)) if "t5" in sharded else None
-    models = load_stage3_models(model_settings, build_dit=build_dit, shard_t5=sharder, memory_plan=memory_plan)
+    # Processes on one machine stream an offloaded DiT from one shared host buffer (a copy each would not fit).
+    share = runtime.share_host_buffer if runtime.local_world_size > 1 else None
+    models = load_stage3_models(model_settings, build_dit=build_dit, shard_t5=sharder, memory_plan=memory_plan,
+                                share_host_buffer=share)
     chosen_kernel = models.transformer.attention_hook.kernel  # `auto` settled by bindweave.model.speed
     parallelize(models.transformer, runtime)
     models.attention_kernels = attention_call_sites(chosen_kernel, runtime.layout, device_type, model_settings.dtype)
@@ -254,13 +257,15 @@ def _refuse_changed_finished_samples(job: GenerateConfig, samples, finished: set
 def memory_plan(model_settings, video, layout, rank: int, processes_on_host: int = 1):
     """``model.memory`` settled for this rank's GPU, its share of the job's tokens and its share of
     the host memory (logged by rank 0). Under FSDP the shards are the memory lever: ``auto`` keeps everything resident there
-    (``offload`` with FSDP was refused with the other combinations)."""
+    (``offload`` with FSDP was refused with the other combinations). Every rank plans for the
+    smallest free memory of all: they load and stream the DiT alike (one shared host buffer)."""
     from bindweave.stages.generate import job_size, memory_plan_for
+    from parallel.distributed import smallest_across_ranks
 
     settings = replace(model_settings, memory="resident") if layout.fsdp and model_settings.memory == "auto" \
         else model_settings
     plan = memory_plan_for(settings, job_size(settings, video, dit_config(settings), layout.sequence),
-                           settings.resolved_device(), processes_on_host)
+                           settings.resolved_device(), processes_on_host, agree=smallest_across_ranks)
     if rank == 0:
         log.info("memory=%s: %s (%s)", model_settings.memory, plan.mode, plan.reason)
     return plan

@@ -7,6 +7,8 @@ The model file (transformer.py) imports no loader; this module joins the two.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -14,6 +16,7 @@ from diffusers.models.transformers.transformer_wan import WanRotaryPosEmbed
 
 from bindweave.io.checkpoint import (checked_index, load_strict, read_config, read_stacked_rows, resolve_folder,
                                      set_load_dtypes)
+from bindweave.model.host_buffer import HostBuffer
 from bindweave.model.transformer import BINDWEAVE_14B_CONFIG, BindWeaveTransformer
 
 
@@ -51,15 +54,20 @@ HOST_BUFFER_ALIGNMENT = 256
 
 @torch.no_grad()
 def load_bindweave_to_host_buffer(path_or_repo_id, dtype: torch.dtype = torch.bfloat16, fuse: bool = False,
-                                  pinned: bool = False, revision: str | None = None):
+                                  pinned: bool = False, revision: str | None = None,
+                                  share: Callable[[int, Callable[[torch.Tensor], None]], HostBuffer] | None = None):
     """The DiT on the host for block offload, every weight a view of ONE buffer filled straight
     from the files (``pinned``: page-locked, what the side stream copies from; ``fuse``: q/k/v and
     K/V fused on the meta model, filled from the separate tensors).
 
+    The buffer is this process's own (PyTorch's page-locked allocator), or with ``share(nbytes,
+    fill)`` a shared one (bindweave.model.host_buffer; parallel.runtime's fills one per machine and
+    maps it in the launch's other processes there), kept as ``model.host_buffer``.
+
     Why one buffer: group offloading needs page-locked weights, and pinning them one by one holds
     the loaded copy and the pinned one at once and rounds every allocation up to a power of two
     (PyTorch's pinned allocator): 104 GiB of host RSS for the 14B DiT and the encoders (NVIDIA H200
-    machine, 2026-12-01). One 31.7 GiB buffer rounds to 32 GiB, and nothing is held twice.
+    machine, 2026-12-01). One 31.9 GiB buffer rounds to 32 GiB, and nothing is held twice.
     """
     from bindweave.model.speed import fuse_projections
 
@@ -68,22 +76,45 @@ def load_bindweave_to_host_buffer(path_or_repo_id, dtype: torch.dtype = torch.bf
     tensors = checked_index(model, folder)
     stacked = fuse_projections(model, keep_separate=False) if fuse else {}
     set_load_dtypes(model, dtype)
-    place_in_one_host_buffer(model, pinned)
-    for name, parameter in model.named_parameters():
-        read_stacked_rows(tensors, stacked.get(name, [name]), 0, parameter.shape[0], out=parameter.data)
+    spans, nbytes = host_buffer_spans(model)
+
+    def fill(buffer: torch.Tensor) -> None:
+        for span in spans:
+            read_stacked_rows(tensors, stacked.get(span.name, [span.name]), 0, span.shape[0], out=span.view(buffer))
+
+    if share is None:
+        buffer = torch.empty(nbytes, dtype=torch.uint8, pin_memory=pinned)
+        fill(buffer)
+    else:
+        model.host_buffer = share(nbytes, fill)
+        if pinned:
+            model.host_buffer.pin()
+        buffer = model.host_buffer.tensor
+    for span in spans:
+        owner, _, attribute = span.name.rpartition(".")
+        model.get_submodule(owner)._parameters[attribute] = torch.nn.Parameter(span.view(buffer), requires_grad=False)
     return finish_loading(model, "cpu")
 
 
-def place_in_one_host_buffer(model: torch.nn.Module, pinned: bool) -> None:
-    """Replace every (meta) parameter of ``model`` by an uninitialised view of one host buffer."""
-    parameters = [(module, name, parameter) for module in model.modules()
-                  for name, parameter in module.named_parameters(recurse=False)]
-    nbytes = [parameter.numel() * parameter.element_size() for _, _, parameter in parameters]
-    starts = [0]
-    for size in nbytes:
-        starts.append(starts[-1] + -(-size // HOST_BUFFER_ALIGNMENT) * HOST_BUFFER_ALIGNMENT)
-    buffer = torch.empty(starts[-1], dtype=torch.uint8, pin_memory=pinned)
-    for (module, name, parameter), start, size in zip(parameters, starts, nbytes):
-        view = buffer[start:start + size].view(parameter.dtype).view(parameter.shape)
-        module._parameters[name] = torch.nn.Parameter(view, requires_grad=False)
+@dataclass(frozen=True)
+class HostSpan:
+    """Where one parameter of the DiT sits in its host buffer."""
 
+    name: str
+    start: int
+    dtype: torch.dtype
+    shape: torch.Size
+
+    def view(self, buffer: torch.Tensor) -> torch.Tensor:
+        """This parameter's view of ``buffer`` (flat uint8)."""
+        return buffer[self.start:self.start + self.dtype.itemsize * self.shape.numel()].view(self.dtype).view(self.shape)
+
+
+def host_buffer_spans(model: torch.nn.Module) -> tuple[list[HostSpan], int]:
+    """Where each (meta) parameter of ``model`` goes in one host buffer, at aligned offsets, in
+    ``named_parameters`` order, and the buffer's size in bytes."""
+    spans, start = [], 0
+    for name, parameter in model.named_parameters():
+        spans.append(HostSpan(name, start, parameter.dtype, parameter.shape))
+        start += -(-parameter.numel() * parameter.element_size() // HOST_BUFFER_ALIGNMENT) * HOST_BUFFER_ALIGNMENT
+    return spans, start

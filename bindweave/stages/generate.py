@@ -10,6 +10,7 @@ Parallelism (sequence/CFG/data) is applied from outside: this module sees only a
 from __future__ import annotations
 
 import logging
+import os
 import platform
 import sys
 import threading
@@ -45,6 +46,7 @@ from bindweave.stages.resume import bytes_sha256, file_sha256, sample_recipe
 from bindweave.sampling.sampler import Step, denoise, initial_noise, make_scheduler
 from bindweave.settings.sampling import CacheSettings, SamplerSettings
 from bindweave.sampling.step_cache import BlockCache, build_step_cache
+from bindweave.model.host_buffer import HostBuffer
 from bindweave.model.loading import load_bindweave_to_host_buffer, load_bindweave_transformer
 from bindweave.model.transformer import BindWeaveTransformer
 from bindweave.stages.coordinator import Coordinator, SingleProcess
@@ -132,13 +134,15 @@ def job_size(settings: ModelSettings, video: VideoSettings, dit_config: dict, se
 
 
 def memory_plan_for(settings: ModelSettings, size: JobSize, device: torch.device,
-                    processes_on_host: int = 1) -> MemoryPlan:
+                    processes_on_host: int = 1, agree: Callable[[float | None], float | None] = lambda free: free
+                    ) -> MemoryPlan:
     """``model.memory`` settled for this device's free memory within ``model.gpu_memory_gib`` (the
     allocator is capped there first; logged once by the caller) and for the host memory the
     ``processes_on_host`` processes of the launch share; a job that cannot fit is a
-    BindWeaveInputError before anything loads."""
+    BindWeaveInputError before anything loads. ``agree(free_gib)`` makes the ranks of a launch plan
+    alike (the app passes the smallest free memory of all ranks: they load the DiT together)."""
     try:
-        free_gib = limit_gpu_memory(device, settings.gpu_memory_gib, "model.gpu_memory_gib")
+        free_gib = agree(limit_gpu_memory(device, settings.gpu_memory_gib, "model.gpu_memory_gib"))
         plan = plan_memory(settings.memory, free_gib, size, settings.offload_encoders, settings.vae_tiling)
         if device.type == "cuda":
             check_host_memory(plan, size, processes_on_host, available_host_gib())
@@ -157,7 +161,8 @@ def memory_plan_for(settings: ModelSettings, size: JobSize, device: torch.device
 
 
 def load_stage3_models(settings: ModelSettings, build_dit: Callable | None = None,
-                       shard_t5: Callable | None = None, memory_plan: MemoryPlan | None = None) -> Stage3Models:
+                       shard_t5: Callable | None = None, memory_plan: MemoryPlan | None = None,
+                       share_host_buffer: Callable | None = None) -> Stage3Models:
     """Every stage-3 model, once per process, with the DiT's speed options (bindweave.model.speed).
 
     ``build_dit(folder, dtype, device)`` replaces the DiT loader and ``shard_t5(module)`` shards T5
@@ -165,7 +170,9 @@ def load_stage3_models(settings: ModelSettings, build_dit: Callable | None = Non
     its projections fused there if asked, each rank reading only its shards); the other speed
     options then apply to the sharded DiT, but FP8 cannot (the app refuses it before loading;
     here it is an error). ``memory_plan`` (bindweave.stages.memory; None: all resident as the
-    settings say) may offload the DiT's blocks, the encoders and tile the decode.
+    settings say) may offload the DiT's blocks, the encoders and tile the decode; an offloaded DiT's
+    host buffer comes from ``share_host_buffer(nbytes, fill)`` (the app passes parallel.runtime's:
+    one per machine for the launch's processes there; None: this process's own).
     """
     started = time.perf_counter()
     dit_folder, wan_folder = model_folders(settings)
@@ -181,9 +188,12 @@ def load_stage3_models(settings: ModelSettings, build_dit: Callable | None = Non
         # Offloaded, the DiT stays on the host, in one page-locked buffer its blocks stream from, in
         # the model's dtype (FP8 was refused with offload before loading; auto_fp8 falls back here).
         transformer = load_bindweave_to_host_buffer(dit_folder, dtype, fuse=settings.fuse_projections,
-                                                    pinned=device.type == "cuda") if offload_dit \
+                                                    pinned=device.type == "cuda",
+                                                    share=share_host_buffer) if offload_dit \
             else load_bindweave_transformer(dit_folder, dtype=dtype, device=device)
         options = settings.speed_options()
+        if offload_dit:
+            log_host_buffer(getattr(transformer, "host_buffer", None))
         if offload_dit and options.linear_precision == "auto_fp8":
             log.info("linear_precision=auto_fp8: linears stay in %s, as the DiT's blocks are offloaded", settings.dtype)
             options = replace(options, linear_precision="dtype")
@@ -211,6 +221,18 @@ def load_stage3_models(settings: ModelSettings, build_dit: Callable | None = Non
         offload_encoders=offload_encoders,
         load_s=time.perf_counter() - started,
     )
+
+
+def log_host_buffer(host: HostBuffer | None) -> None:
+    """Where the offloaded DiT's blocks wait: this process's own buffer, or one shared on the machine."""
+    if host is None:
+        log.info("the DiT's blocks wait in host memory: this process's own page-locked buffer")
+    elif host.handle.pid == os.getpid():
+        log.info("the DiT's blocks wait in host memory: %.2f GiB read from the files by this process, shared "
+                 "with the launch's other processes on this machine", host.handle.nbytes / 2**30)
+    else:
+        log.info("the DiT's blocks wait in host memory: %.2f GiB shared with process %d on this machine (no second "
+                 "copy)", host.handle.nbytes / 2**30, host.handle.pid)
 
 
 @dataclass(frozen=True)

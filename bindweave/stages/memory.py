@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import math
 import resource
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -45,8 +45,9 @@ CONDITIONING_GIB_PER_1K_TOKENS = 0.035
 MARGIN_GIB = 1.5  # allocator fragmentation, CUDA context
 PREFETCHED_BLOCKS = 2  # offload: the block in use and the one streaming in
 # A stage-3 process's host memory beside the weights it holds there (Python, PyTorch, the CUDA
-# context, buffers): offloaded, 48.6 GiB peak RSS = 32 GiB page-locked DiT + 11.8 GiB T5 and CLIP
-# + 4.8 (NVIDIA H200 machine, 2026-12-02, docs/PERFORMANCE.md).
+# context, buffers): offloaded, 48.6 GiB peak RSS = 32 GiB page-locked DiT (PyTorch's pinned
+# allocator rounded 31.9 up then) + 11.8 GiB T5 and CLIP + 4.8 (NVIDIA H200 machine, 2026-12-02,
+# docs/PERFORMANCE.md).
 HOST_PROCESS_GIB = 4.8
 
 
@@ -140,30 +141,35 @@ def plan_memory(mode: str, free_gib: float | None, job: JobSize, offload_encoder
                       f"blocks stream from pinned host memory (~{need:.1f} GiB on the GPU)")
 
 
-def host_need(plan: MemoryPlan, job: JobSize) -> float:
-    """One process's peak host memory with ``plan`` (GiB): an offloaded DiT sits in one page-locked
-    buffer, which PyTorch's pinned allocator rounds up to a power of two (31.9 -> 32 GiB), and
-    offloaded encoders wait in host memory between samples."""
-    held = 2 ** math.ceil(math.log2(job.dit_gib)) if plan.mode == "offload" else 0.0
-    return held + (ENCODERS_GIB if plan.offload_encoders else 0.0) + HOST_PROCESS_GIB
+def host_need(plan: MemoryPlan, job: JobSize, processes_on_host: int = 1) -> float:
+    """The peak host memory (GiB) of the launch's ``processes_on_host`` processes on one machine
+    with ``plan``: an offloaded DiT sits once per machine, in one page-locked buffer (one process:
+    PyTorch's pinned allocator rounds it up to a power of two, 31.9 -> 32 GiB; several: a shared one
+    they all map, bindweave.model.host_buffer); offloaded encoders wait in each process's own memory
+    between samples, beside the process itself."""
+    shared = 0.0
+    if plan.mode == "offload":
+        shared = 2 ** math.ceil(math.log2(job.dit_gib)) if processes_on_host == 1 else job.dit_gib
+    return shared + processes_on_host * ((ENCODERS_GIB if plan.offload_encoders else 0.0) + HOST_PROCESS_GIB)
 
 
 def check_host_memory(plan: MemoryPlan, job: JobSize, processes_on_host: int, available_gib: float | None) -> None:
     """Refuse, before loading, a plan whose weights held on the host do not fit in the host's
     available memory (shared by the launch's ``processes_on_host`` processes): better than the
-    kernel's out-of-memory killer part-way through pinning 32 GiB. Nothing to check where nothing is
+    kernel's out-of-memory killer part-way through loading 32 GiB. Nothing to check where nothing is
     offloaded, or where the available memory is unknown (``None``: not Linux)."""
     if available_gib is None or not (plan.mode == "offload" or plan.offload_encoders):
         return
-    need = host_need(plan, job)
-    if need * processes_on_host > available_gib:
-        held = "the DiT's blocks (page-locked) and T5 + CLIP" if plan.mode == "offload" else "T5 + CLIP"
-        each = f" x {processes_on_host} processes on this machine = {need * processes_on_host:.1f} GiB" \
-            if processes_on_host > 1 else ""
+    need = host_need(plan, job, processes_on_host)
+    if need > available_gib:
+        per_process = host_need(replace(plan, mode="resident"), job)
+        dit = need - processes_on_host * per_process
+        parts = [f"the DiT's blocks {dit:.1f} GiB, once per machine"] if plan.mode == "offload" else []
+        parts.append(f"{processes_on_host} x {per_process:.1f} GiB per process (T5 + CLIP, PyTorch)")
         raise MemoryError(
-            f"{held} wait in host memory: ~{need:.1f} GiB per process{each}, but {available_gib:.1f} GiB of host "
-            f"memory are available (MemAvailable); free host memory, start fewer processes per machine, or use "
-            f"GPUs with room for the DiT (~{resident_need(job, True, True):.1f} GiB keeps it resident)")
+            f"offloaded weights wait in host memory: ~{need:.1f} GiB on this machine ({' + '.join(parts)}), but "
+            f"{available_gib:.1f} GiB are available (MemAvailable); free host memory, start fewer processes per "
+            f"machine, or use GPUs with room for the DiT (~{resident_need(job, True, True):.1f} GiB keeps it resident)")
 
 
 def available_host_gib(meminfo: Path = Path("/proc/meminfo")) -> float | None:
