@@ -171,3 +171,21 @@ def test_the_default_backend_runs_the_chosen_kernel_and_ring_attention_takes_xfu
     assert ParallelLayout(ring=2, ulysses=2).attention_backend("cuda") == "xfuser"
     assert ParallelLayout(ulysses=2, backend="xfuser").attention_backend("cuda") == "xfuser"
     assert ParallelLayout(ulysses=2).attention_backend("cpu") == "deepspeed"
+
+
+@pytest.mark.parametrize("each_rank, smallest", [([24.0, 20.5, 80.0], 20.5), ([None, None], None), ([7.0], 7.0)])
+def test_every_rank_plans_memory_for_the_smallest_free_gpu_memory_of_all(monkeypatch, each_rank, smallest):
+    """Ranks load and stream the DiT together (one shared host buffer): a rank with more free memory
+    must not pick another plan than its peers."""
+    import torch.distributed as dist
+
+    from parallel.distributed import smallest_across_ranks
+
+    def all_gather_object(values, value):
+        assert value == each_rank[0]  # this process's own value goes in
+        values[:] = each_rank
+
+    monkeypatch.setattr(dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(dist, "get_world_size", lambda: len(each_rank))
+    monkeypatch.setattr(dist, "all_gather_object", all_gather_object)
+    assert smallest_across_ranks(each_rank[0]) == smallest

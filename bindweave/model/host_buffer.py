@@ -1,13 +1,14 @@
-"""The one host buffer an offloaded DiT's weights are views of (bindweave.model.loading).
+"""The shared host buffer an offloaded DiT's weights are views of when several processes of a
+launch run on one machine (bindweave.model.loading; one process alone uses PyTorch's own
+page-locked allocator).
 
-It is anonymous shared memory (a Linux memfd), so that the processes of a launch on one machine
-map the same pages: local rank 0 fills it from the files, the others map it (parallel.runtime
-hands them its handle), and the 14B DiT is held once per machine instead of once per process
-(2 x 24 GB GPUs with ulysses2: ~32 GiB of host memory for the DiT, not ~64). A process alone on its
-machine uses PyTorch's own page-locked allocator instead (bindweave.model.loading). A memfd is not bound by
-the size of /dev/shm (64 MiB in a default container). On CUDA each process page-locks the mapping
-with ``cudaHostRegister`` (what the side stream copies from); PyTorch then sees the weights as
-pinned, and diffusers' group offloading streams from them without another copy.
+It is anonymous shared memory (a Linux memfd), so that those processes map the same pages: local
+rank 0 fills it from the files, the others map it (parallel.runtime hands them its handle), and
+the 14B DiT is held once per machine instead of once per process (2 x 24 GB GPUs with ulysses2:
+~32 GiB of host memory for the DiT, not ~64). A memfd is not bound by the size of /dev/shm (64 MiB
+in a default container). On CUDA each process page-locks its mapping with ``cudaHostRegister``
+(what the side stream copies from); PyTorch then sees the weights as pinned, and diffusers' group
+offloading streams from them without another copy.
 """
 
 from __future__ import annotations
@@ -20,6 +21,9 @@ from dataclasses import dataclass
 import torch
 
 from bindweave.errors import BindWeaveInputError
+
+
+CUDA_HOST_REGISTER_PORTABLE = 1  # cudaHostRegisterPortable: pinned for every CUDA context of the process
 
 
 @dataclass(frozen=True)
@@ -53,8 +57,8 @@ class HostBuffer:
     @classmethod
     def create(cls, nbytes: int, name: str = "bindweave-dit") -> HostBuffer:
         if not hasattr(os, "memfd_create"):
-            raise BindWeaveInputError("model.memory=offload needs Linux (its shared host buffer is a memfd): use "
-                                      "model.memory=resident")
+            raise BindWeaveInputError("offloading with several processes per machine needs Linux (their shared host "
+                                      "buffer is a memfd): start one process per machine, or use model.memory=resident")
         fd = os.memfd_create(name, os.MFD_CLOEXEC)
         try:
             os.ftruncate(fd, nbytes)
@@ -66,7 +70,7 @@ class HostBuffer:
 
     @classmethod
     def filled(cls, nbytes: int, fill: Callable[[torch.Tensor], None]) -> HostBuffer:
-        """A new buffer, filled by ``fill(tensor)`` (one process: nobody to share it with)."""
+        """A new buffer, filled here by ``fill(tensor)``: the creator's side."""
         buffer = cls.create(nbytes)
         fill(buffer.tensor)
         return buffer
@@ -86,7 +90,7 @@ class HostBuffer:
     def pin(self) -> None:
         """Page-lock the mapping for CUDA copies (unlocked when this object goes)."""
         address = self.tensor.data_ptr()
-        error = torch.cuda.cudart().cudaHostRegister(address, self.handle.nbytes, 0)
+        error = torch.cuda.cudart().cudaHostRegister(address, self.handle.nbytes, CUDA_HOST_REGISTER_PORTABLE)
         if int(error) != 0:
             raise RuntimeError(f"cudaHostRegister of the DiT's {self.handle.nbytes / 2**30:.1f} GiB shared host "
                                f"buffer failed: CUDA error {int(error)}")
