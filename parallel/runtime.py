@@ -118,9 +118,8 @@ class Runtime:
     def share_host_buffer(self, nbytes: int, fill: Callable[[torch.Tensor], None]) -> HostBuffer:
         """One host buffer per machine (bindweave.model.host_buffer): local rank 0 creates it and
         ``fill``s it, then the launch's other processes on that machine map the same pages. A
-        collective: every rank calls it. A fill that fails on local rank 0 stops its peers too."""
-        if self.mesh is None:
-            return HostBuffer.filled(nbytes, fill)
+        collective of the default group: every rank calls it. A fill that fails on local rank 0
+        stops its peers too."""
         made = failure = None
         if self.local_rank == 0:
             try:

@@ -62,7 +62,7 @@ def load_bindweave_to_host_buffer(path_or_repo_id, dtype: torch.dtype = torch.bf
 
     The buffer is this process's own (PyTorch's page-locked allocator), or with ``share(nbytes,
     fill)`` a shared one (bindweave.model.host_buffer; parallel.runtime's fills one per machine and
-    maps it in the launch's other processes there), kept as ``model.host_buffer``.
+    maps it in the launch's other processes there), kept as ``model.host_buffer`` (None: its own).
 
     Why one buffer: group offloading needs page-locked weights, and pinning them one by one holds
     the loaded copy and the pinned one at once and rounds every allocation up to a power of two
@@ -82,11 +82,11 @@ def load_bindweave_to_host_buffer(path_or_repo_id, dtype: torch.dtype = torch.bf
         for span in spans:
             read_stacked_rows(tensors, stacked.get(span.name, [span.name]), 0, span.shape[0], out=span.view(buffer))
 
-    if share is None:
+    model.host_buffer = None if share is None else share(nbytes, fill)
+    if model.host_buffer is None:
         buffer = torch.empty(nbytes, dtype=torch.uint8, pin_memory=pinned)
         fill(buffer)
     else:
-        model.host_buffer = share(nbytes, fill)
         if pinned:
             model.host_buffer.pin()
         buffer = model.host_buffer.tensor

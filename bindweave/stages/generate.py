@@ -193,7 +193,7 @@ def load_stage3_models(settings: ModelSettings, build_dit: Callable | None = Non
             else load_bindweave_transformer(dit_folder, dtype=dtype, device=device)
         options = settings.speed_options()
         if offload_dit:
-            log_host_buffer(getattr(transformer, "host_buffer", None))
+            log_host_buffer(transformer.host_buffer)
         if offload_dit and options.linear_precision == "auto_fp8":
             log.info("linear_precision=auto_fp8: linears stay in %s, as the DiT's blocks are offloaded", settings.dtype)
             options = replace(options, linear_precision="dtype")

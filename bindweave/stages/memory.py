@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import math
 import resource
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -141,16 +141,24 @@ def plan_memory(mode: str, free_gib: float | None, job: JobSize, offload_encoder
                       f"blocks stream from pinned host memory (~{need:.1f} GiB on the GPU)")
 
 
+def host_dit_gib(plan: MemoryPlan, job: JobSize, processes_on_host: int = 1) -> float:
+    """The host memory (GiB) an offloaded DiT takes on one machine: once, in one page-locked buffer
+    (one process: PyTorch's pinned allocator rounds it up to a power of two, 31.9 -> 32 GiB;
+    several: a shared one they all map, bindweave.model.host_buffer)."""
+    if plan.mode != "offload":
+        return 0.0
+    return 2 ** math.ceil(math.log2(job.dit_gib)) if processes_on_host == 1 else job.dit_gib
+
+
+def host_process_gib(plan: MemoryPlan) -> float:
+    """One process's own host memory (GiB): offloaded encoders wait there between samples, beside
+    the process itself."""
+    return (ENCODERS_GIB if plan.offload_encoders else 0.0) + HOST_PROCESS_GIB
+
+
 def host_need(plan: MemoryPlan, job: JobSize, processes_on_host: int = 1) -> float:
-    """The peak host memory (GiB) of the launch's ``processes_on_host`` processes on one machine
-    with ``plan``: an offloaded DiT sits once per machine, in one page-locked buffer (one process:
-    PyTorch's pinned allocator rounds it up to a power of two, 31.9 -> 32 GiB; several: a shared one
-    they all map, bindweave.model.host_buffer); offloaded encoders wait in each process's own memory
-    between samples, beside the process itself."""
-    shared = 0.0
-    if plan.mode == "offload":
-        shared = 2 ** math.ceil(math.log2(job.dit_gib)) if processes_on_host == 1 else job.dit_gib
-    return shared + processes_on_host * ((ENCODERS_GIB if plan.offload_encoders else 0.0) + HOST_PROCESS_GIB)
+    """The peak host memory (GiB) of the launch's ``processes_on_host`` processes on one machine."""
+    return host_dit_gib(plan, job, processes_on_host) + processes_on_host * host_process_gib(plan)
 
 
 def check_host_memory(plan: MemoryPlan, job: JobSize, processes_on_host: int, available_gib: float | None) -> None:
@@ -162,10 +170,9 @@ def check_host_memory(plan: MemoryPlan, job: JobSize, processes_on_host: int, av
         return
     need = host_need(plan, job, processes_on_host)
     if need > available_gib:
-        per_process = host_need(replace(plan, mode="resident"), job)
-        dit = need - processes_on_host * per_process
-        parts = [f"the DiT's blocks {dit:.1f} GiB, once per machine"] if plan.mode == "offload" else []
-        parts.append(f"{processes_on_host} x {per_process:.1f} GiB per process (T5 + CLIP, PyTorch)")
+        parts = [f"the DiT's blocks {host_dit_gib(plan, job, processes_on_host):.1f} GiB, once per machine"] \
+            if plan.mode == "offload" else []
+        parts.append(f"{processes_on_host} x {host_process_gib(plan):.1f} GiB per process (T5 + CLIP, PyTorch)")
         raise MemoryError(
             f"offloaded weights wait in host memory: ~{need:.1f} GiB on this machine ({' + '.join(parts)}), but "
             f"{available_gib:.1f} GiB are available (MemAvailable); free host memory, start fewer processes per "
