@@ -29,3 +29,21 @@ def exits_2_on_input_error(command):
             return 2
 
     return run
+
+
+SHOWN_KEYS = 8
+
+
+def refuse_incomplete_load(loading_info: dict, what: str, fix: str, ignorable: tuple[str, ...] = ()) -> None:
+    """The one strict check after a library's ``from_pretrained(..., output_loading_info=True)``
+    (diffusers and transformers only warn, and keep random weights where keys are missing):
+    missing keys, unexpected keys or wrong shapes are one error naming ``what`` (the folder) and
+    the first keys, then ``fix``. ``ignorable``: prefixes of checkpoint keys the class does not use
+    by design (e.g. a ``visual_projection`` saved beside a CLIP vision tower), which cannot change
+    its outputs."""
+    unexpected = [key for key in loading_info.get("unexpected_keys") or () if not key.startswith(ignorable)]
+    found = {"missing keys": loading_info.get("missing_keys") or (), "unexpected keys": unexpected,
+             "wrong shapes": loading_info.get("mismatched_keys") or ()}
+    problems = [f"{label}: {sorted(map(str, keys))[:SHOWN_KEYS]}" for label, keys in found.items() if keys]
+    if problems:
+        raise BindWeaveInputError(f"{what} does not match its config.json ({'; '.join(problems)}): {fix}")

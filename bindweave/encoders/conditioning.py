@@ -32,7 +32,7 @@ from safetensors.torch import load_file, save_file
 from transformers import AutoTokenizer, CLIPVisionModel, UMT5EncoderModel
 
 from bindweave.io.checkpoint import resolve_folder
-from bindweave.errors import BindWeaveInputError
+from bindweave.errors import BindWeaveInputError, refuse_incomplete_load
 from bindweave.io.outputs import atomic_write
 
 try:  # transformers 5: the torchvision-free class (CLIPImageProcessor warns and falls back to it)
@@ -57,25 +57,8 @@ def clean_prompt(text: str) -> str:
     return regex.sub(r"\s+", " ", text).strip()
 
 
-def _check_complete(folder: Path, loading_info: dict) -> None:
-    """from_pretrained only warns about missing keys and keeps random weights there: refuse them.
-
-    Keys the class does not use (e.g. a ``visual_projection`` saved with a CLIP vision tower)
-    cannot change its outputs, so they are only logged.
-    """
-    problems = [
-        f"{label}: {sorted(loading_info[key])[:8]}"
-        for key, label in (("missing_keys", "missing keys"), ("mismatched_keys", "wrong shapes"))
-        if loading_info.get(key)
-    ]
-    if problems:
-        raise BindWeaveInputError(
-            f"checkpoint folder {folder} does not match its config.json ({'; '.join(problems)}): "
-            "check that the download is complete and belongs to Wan2.1-I2V-14B-720P-Diffusers"
-        )
-    if loading_info.get("unexpected_keys"):
-        logger.warning("%s: ignoring %d checkpoint keys the model does not use: %s", folder,
-                       len(loading_info["unexpected_keys"]), sorted(loading_info["unexpected_keys"])[:8])
+# The CLIP vision tower is saved with the projection head of the full CLIP model, which it does not use.
+UNUSED_CHECKPOINT_KEYS = ("visual_projection.",)
 
 
 def _load_pretrained(model_class, folder: Path, **kwargs):
@@ -86,7 +69,8 @@ def _load_pretrained(model_class, folder: Path, **kwargs):
         raise BindWeaveInputError(
             f"could not load {model_class.__name__} from {folder} ({error}): re-download that folder"
         ) from error
-    _check_complete(folder, loading_info)
+    refuse_incomplete_load(loading_info, f"checkpoint folder {folder}", "check that the download is complete and "
+                           "belongs to Wan2.1-I2V-14B-720P-Diffusers", ignorable=UNUSED_CHECKPOINT_KEYS)
     return model.eval().requires_grad_(False)
 
 

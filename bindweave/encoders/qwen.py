@@ -31,9 +31,9 @@ from transformers import AutoTokenizer, Qwen2_5_VLForConditionalGeneration, Qwen
 
 from bindweave.io.checkpoint import folder_fingerprint, resolve_folder
 from bindweave.io.inputs import MAX_REFERENCES
-from bindweave.errors import BindWeaveInputError
+from bindweave.errors import BindWeaveInputError, refuse_incomplete_load
 from bindweave.settings.qwen import QwenSettings
-from bindweave.stages.memory import GIB, limit_gpu_memory
+from bindweave.stages.memory import GIB, cap_gpu_memory, gpu_memory_within
 
 # SPEC §3 pre-scale: references over 720P area shrink to 30 %, the others to 75 %.
 LARGE_IMAGE_PIXELS = 720 * 1280
@@ -97,7 +97,8 @@ def load_qwen(settings: QwenSettings) -> QwenVL:
         raise BindWeaveInputError(
             f"could not load Qwen2.5-VL from {folder} ({error}): point qwen.path at a complete "
             f"Qwen2.5-VL-7B-Instruct folder (or re-download it)") from error
-    _refuse_incomplete(folder, loading_info)
+    refuse_incomplete_load(loading_info, f"Qwen2.5-VL folder {folder}",
+                           "check that the download is complete and is Qwen2.5-VL-7B-Instruct")
     tokenizer.chat_template = processor_chat_template(folder, tokenizer)
     identity = {**folder_fingerprint(folder), "model": settings.path or str(folder), "dtype": str(dtype)}
     return QwenVL(model.eval().requires_grad_(False), tokenizer, image_processor, identity)
@@ -111,9 +112,10 @@ def refuse_what_cannot_fit(folder: Path, device: torch.device, dtype: torch.dtyp
     """Cap the allocator at ``qwen.gpu_memory_gib`` and refuse, before reading a weight, a model
     that cannot fit the GPU memory left (Qwen2.5-VL-7B: 15.5 GiB in bf16)."""
     try:
-        free_gib = limit_gpu_memory(device, limit_gib, "qwen.gpu_memory_gib")
+        free_gib = gpu_memory_within(device, limit_gib, "qwen.gpu_memory_gib")
     except ValueError as error:
         raise BindWeaveInputError(str(error)) from None
+    cap_gpu_memory(device, limit_gib)
     if free_gib is None:
         return
     on_disk = sum(path.stat().st_size for path in folder.glob("*.safetensors"))
@@ -124,18 +126,6 @@ def refuse_what_cannot_fit(folder: Path, device: torch.device, dtype: torch.dtyp
             f"Qwen2.5-VL from {folder} needs ~{need_gib:.1f} GiB on {device} in {dtype} and {free_gib:.1f} GiB are "
             f"free{limit}: free the GPU (or raise qwen.gpu_memory_gib), or run stage 2 on a larger GPU "
             f"(it runs once per sample, offline)")
-
-
-def _refuse_incomplete(folder: Path, loading_info: dict) -> None:
-    # from_pretrained only warns and keeps random weights where keys are missing.
-    problems = [f"{label}: {sorted(loading_info[key])[:8]}"
-                for key, label in (("missing_keys", "missing keys"), ("unexpected_keys", "unexpected keys"),
-                                   ("mismatched_keys", "wrong shapes"))
-                if loading_info.get(key)]
-    if problems:
-        raise BindWeaveInputError(
-            f"Qwen2.5-VL folder {folder} does not match its config.json ({'; '.join(problems)}): check that "
-            f"the download is complete and is Qwen2.5-VL-7B-Instruct")
 
 
 def processor_chat_template(folder: Path, tokenizer) -> str:

@@ -25,6 +25,8 @@ import re
 
 import torch
 
+from bindweave.model.kernels import DeviceFacts
+
 log = logging.getLogger("bindweave")
 
 # Cross-attention K/V projections (separate or fused) stay in the model's dtype (module docstring).
@@ -32,14 +34,8 @@ KEPT_IN_MODEL_DTYPE = re.compile(r"\.attn2\.(to_k|to_v|add_k_proj|add_v_proj|to_
 TORCHAO_INSTALL_HINT = "pip install torchao (0.13 or newer)"
 
 
-def fp8_support_problem(device: torch.device) -> str | None:
-    """Why FP8 linears cannot run on ``device`` (None: they can)."""
-    if device.type != "cuda":
-        return f"FP8 GEMMs need a CUDA GPU and the model is on {device}"
-    capability = torch.cuda.get_device_capability(device)
-    if capability < (8, 9):
-        return (f"FP8 GEMMs need compute capability 8.9 or newer (Ada, Hopper, Blackwell); "
-                f"{torch.cuda.get_device_name(device)} has {capability[0]}.{capability[1]}")
+def torchao_problem() -> str | None:
+    """Why torchao's FP8 quantization does not import here (None: it does)."""
     try:
         import torchao.quantization  # noqa: F401
     except ImportError as error:
@@ -47,25 +43,29 @@ def fp8_support_problem(device: torch.device) -> str | None:
     return None
 
 
-def note(notes: list[str] | None, message: str) -> None:
-    """A fallback taken by an ``auto`` choice: logged, or collected when ``notes`` is given."""
-    if notes is None:
-        log.info("%s", message)
-    else:
-        notes.append(message)
+def fp8_support_problem(facts: DeviceFacts) -> str | None:
+    """Why FP8 linears cannot run on the device (None: they can)."""
+    if facts.type != "cuda":
+        return f"FP8 GEMMs need a CUDA GPU and the model is on {facts.type}"
+    if facts.capability is not None and facts.capability < (8, 9):
+        return (f"FP8 GEMMs need compute capability 8.9 or newer (Ada, Hopper, Blackwell); "
+                f"{facts.name or 'this GPU'} has {facts.capability[0]}.{facts.capability[1]}")
+    if "torchao" not in facts.packages:
+        return facts.package_problems.get("torchao") or f"torchao is not installed: {TORCHAO_INSTALL_HINT}"
+    return None
 
 
-def resolve_linear_precision(choice: str, device: torch.device, notes: list[str] | None = None) -> bool:
+def resolve_linear_precision(choice: str, facts: DeviceFacts, notes: list[str]) -> bool:
     """Whether the blocks' linears go FP8: ``dtype`` never; ``fp8`` always (an error where it
-    cannot run); ``auto_fp8`` where it can (a fallback is noted: :func:`note`)."""
+    cannot run); ``auto_fp8`` where it can (a fallback is appended to ``notes``)."""
     if choice == "dtype":
         return False
-    problem = fp8_support_problem(device)
+    problem = fp8_support_problem(facts)
     if problem is None:
         return True
     if choice == "fp8":
         raise RuntimeError(f"linear_precision=fp8: {problem}; or choose linear_precision=dtype")
-    note(notes, f"linear_precision=auto_fp8: linears stay in the model's dtype ({problem})")
+    notes.append(f"linear_precision=auto_fp8: linears stay in the model's dtype ({problem})")
     return False
 
 

@@ -12,38 +12,32 @@ use, cached on disk) runs self-attention instead of an SDPA kernel. The fast mod
 computed function within a measured error: ``attention="sage2"`` (SageAttention 2: INT8 QK, FP8 PV)
 and FP8 linear layers (bindweave.model.fp8). docs/PERFORMANCE.md has the measurements.
 
-    apply_speed_options(model, SpeedOptions())   # cuDNN self-attention, fused QKV, compiled blocks
+    apply_speed_options(model, SpeedOptions(attention="cudnn", fuse_projections=True, compile=True))
 
 The order is fixed: fused projections, then FP8 linears (they quantize the fused weights), then the
-attention hook, then the block offload hooks (bindweave.model.offload: memory=offload), then
-compile (it traces the quantized layers and the chosen kernel inside the offloaded blocks).
+block offload hooks (bindweave.model.offload: memory=offload), then the attention kernel and the
+sequence sharding around it, then compile (it traces the quantized layers and the chosen kernel
+inside the offloaded blocks). Which kernel, and whether FP8 runs, the build plan settled before a
+weight was read (bindweave/app/build.py; the kernels' registry is bindweave/model/kernels.py).
 """
 
 import logging
 import os
 import warnings
-from dataclasses import replace
+from collections.abc import Callable
 
 import torch
 from diffusers.models.transformers.transformer_wan import WanAttention
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from bindweave.model.attention import AttentionHook, sdpa
-from bindweave.errors import BindWeaveInputError
-from bindweave.model.fp8 import note, quantize_linears_fp8, resolve_linear_precision
-from bindweave.settings.model import SDPA_KERNELS, SpeedOptions
+from bindweave.model.attention import AttentionHook
+from bindweave.model.fp8 import quantize_linears_fp8, torchao_problem
+from bindweave.model.kernels import KERNELS, SDPA_FALLBACK_ORDER, attention_function
 from bindweave.model.offload import offload_blocks
+from bindweave.settings.model import SpeedOptions
 
 log = logging.getLogger("bindweave")
 
-# Each name (bindweave.settings.model.SDPA_KERNELS) puts its kernel first and keeps the others as
-# fallbacks, in this order, so an input the preferred kernel cannot take (or a CPU tensor) still runs.
-SDPA_FALLBACK_ORDER = (SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION,
-                       SDPBackend.MATH)
-SDPA_PRIORITIES = {name: [first, *(backend for backend in SDPA_FALLBACK_ORDER if backend != first)]
-                   for name, first in zip(SDPA_KERNELS, SDPA_FALLBACK_ORDER)}
-# The kernels that are not SDPA run on CUDA GPUs only, from their own packages.
-CUDA_ONLY_KERNELS = ("fa4", "sage2")
 FA4_INSTALL_HINT = "pip install 'flash-attn-4[cu13]' (cu12 for CUDA 12), or choose attention=cudnn"
 SAGE2_INSTALL_HINT = ("SageAttention 2 is built from source: git clone https://github.com/thu-ml/SageAttention && "
                       "cd SageAttention && TORCH_CUDA_ARCH_LIST=9.0 pip install --no-build-isolation . (9.0: Hopper; "
@@ -106,79 +100,39 @@ def _(query, key, value):
     return torch.empty_like(query)
 
 
-def resolve_attention(choice: str, device: torch.device, notes: list[str] | None = None) -> str:
-    """``auto``: FA4 where it runs and is installed (CUDA, compute capability 9.x or 10.x, i.e.
-    Hopper or datacenter Blackwell), cuDNN SDPA otherwise. ``auto_8bit``: SageAttention 2 where it
-    runs and is installed (CUDA, compute capability 8.0 or newer), else what ``auto`` picks. Other
-    choices are returned as they are (FA4 and sage2 need a CUDA device: an error otherwise).
-    Each fallback is logged, or added to ``notes`` when given."""
-    if choice in CUDA_ONLY_KERNELS and device.type != "cuda":
-        raise RuntimeError(f"attention={choice} runs on CUDA GPUs only and the model is on {device}: "
-                           "choose attention=auto (or a speed preset: it falls back where a kernel cannot run)")
-    if choice == "auto_8bit":
-        if device.type == "cuda" and torch.cuda.get_device_capability(device) >= (8, 0):
-            try:
-                import_sage2()
-                return "sage2"
-            except RuntimeError as error:
-                note(notes, f"attention=auto_8bit: not SageAttention 2 ({error})")
-        else:
-            note(notes, f"attention=auto_8bit: SageAttention 2 needs a CUDA GPU of compute capability 8.0+; "
-                        f"falling back to attention=auto on {device}")
-        choice = "auto"
-    if choice != "auto":
-        return choice
-    if device.type == "cuda" and torch.cuda.get_device_capability(device)[0] in (9, 10):
-        try:
-            import_fa4()
-            return "fa4"
-        except RuntimeError as error:
-            note(notes, f"attention=auto: cuDNN SDPA ({error})")
-    return "cudnn"
-
-
-def resolve_speed_options(options: SpeedOptions, device: torch.device,
-                          notes: list[str] | None = None) -> SpeedOptions:
-    """``options`` with the ``auto`` choices settled for ``device`` (and the packages installed);
-    an explicit choice that cannot run here is a RuntimeError that names the fix."""
-    attention = resolve_attention(options.attention, device, notes)
-    if attention == "fa4":
-        import_fa4()
-    if attention == "sage2":
-        import_sage2()
-    use_fp8 = resolve_linear_precision(options.linear_precision, device, notes)
-    return replace(options, attention=attention, linear_precision="fp8" if use_fp8 else "dtype")
-
-
-def check_speed_support(options: SpeedOptions, device: torch.device) -> None:
-    """Before any weight is read: the chosen kernel and FP8 can run on ``device``."""
-    try:
-        resolve_speed_options(options, device, notes=[])
-    except RuntimeError as error:
-        raise BindWeaveInputError(f"model: {error}") from error
-
-
 class PreferredKernelAttention(AttentionHook):
-    """Single-device self-attention with an SDPA kernel tried first (``SDPA_PRIORITIES``), or FA4,
-    or SageAttention 2."""
+    """Single-device self-attention through one registry kernel (bindweave.model.kernels): an SDPA
+    kernel tried first with the others as fallbacks (so an input it cannot take, or a CPU tensor,
+    still runs), or a kernel of its own package (FA4, SageAttention 2)."""
 
     def __init__(self, kernel: str):
-        if kernel == "fa4":
-            import_fa4()  # a missing package fails here, before any weight is loaded or step run
-        if kernel == "sage2":
-            import_sage2()
         self.kernel = kernel
+        entry = KERNELS[kernel]
+        self._attend = attention_function(entry)
+        self._sdpa_priority = None if entry.sdpa_first is None else [
+            getattr(SDPBackend, name) for name in (entry.sdpa_first, *(other for other in SDPA_FALLBACK_ORDER
+                                                                       if other != entry.sdpa_first))]
 
     def self_attention(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
-        if self.kernel == "default":
-            return sdpa(query, key, value)
-        if self.kernel == "fa4":
-            return fa4_attention(query, key, value)
-        if self.kernel == "sage2":
-            return sage2_attention(query, key, value)
+        if self._sdpa_priority is None:
+            return self._attend(query, key, value)
         # torch.compile records this context in the graph, so the compiled block keeps the choice.
-        with sdpa_kernel(SDPA_PRIORITIES[self.kernel], set_priority=True):
-            return sdpa(query, key, value)
+        with sdpa_kernel(self._sdpa_priority, set_priority=True):
+            return self._attend(query, key, value)
+
+
+def optional_package_problems() -> dict[str, str | None]:
+    """Each optional kernel package (bindweave.model.kernels ``Kernel.package``) and torchao: None if
+    it imports here, else why not with the fix. Asked once, by the plan, on CUDA machines."""
+    problems = {}
+    for package, load in (("flash_attn_4", import_fa4), ("sageattention", import_sage2)):
+        try:
+            load()
+            problems[package] = None
+        except RuntimeError as error:
+            problems[package] = str(error)
+    problems["torchao"] = torchao_problem()
+    return problems
 
 
 def projection_groups(attn: WanAttention) -> list[tuple[str, tuple[str, ...]]]:
@@ -223,27 +177,28 @@ def fuse_projections(model: torch.nn.Module, keep_separate: bool = True) -> dict
     return stacked
 
 
-def apply_speed_options(model: torch.nn.Module, options: SpeedOptions,
-                        offload_to: torch.device | None = None) -> torch.nn.Module:
-    """Apply ``options`` to a single-device ``BindWeaveTransformer`` in place, in the module
-    docstring's order, and return it (``fp8.fp8_layer_names`` lists the layers in FP8).
-    ``offload_to``: the model is on the host and computes there with its blocks streamed in.
-    An FSDP-sharded DiT (parallel/fsdp.py) comes with its projections already fused; its blocks
-    compile as they are, sharded.
-
-    Multi-GPU runs install their own attention hook (``parallel/``) after this; the fused
-    projections, the FP8 layers and the compiled blocks stay.
+def apply_speed_options(model: torch.nn.Module, options: SpeedOptions, offload_to: torch.device | None = None,
+                        shard_sequence: Callable[[torch.nn.Module], None] | None = None) -> torch.nn.Module:
+    """Apply resolved ``options`` (a registry kernel, ``linear_precision`` dtype or fp8: the plan
+    settled them, bindweave/app/build.py) to a single-device ``BindWeaveTransformer`` in place, in
+    the module docstring's order, and return it. ``offload_to``: the model is on the host and
+    computes there with its blocks streamed in. ``shard_sequence(model)`` (parallel/parallelize.py)
+    wraps the kernel hook in the sequence-parallel one before the blocks compile. An FSDP-sharded
+    DiT (parallel/fsdp.py) comes with its projections already fused; its blocks compile as they
+    are, sharded.
     """
-    compute_device = offload_to or next(model.parameters()).device
-    options = resolve_speed_options(options, compute_device)  # fails before the work
-    log.debug("single-device self-attention kernel: %s", options.attention)  # the job logs what runs under its layout
+    if options.attention not in KERNELS or options.linear_precision not in ("dtype", "fp8"):
+        raise ValueError(f"apply_speed_options takes resolved options (a kernel of {', '.join(KERNELS)}, "
+                         f"linear_precision dtype or fp8), not {options}: the build plan resolves them")
     if options.fuse_projections:
         fuse_projections(model)
     if options.linear_precision == "fp8":
         quantize_linears_fp8(model)
-    model.set_attention_hook(PreferredKernelAttention(options.attention))
     if offload_to is not None:
         offload_blocks(model, offload_to)
+    model.set_attention_hook(PreferredKernelAttention(options.attention))
+    if shard_sequence is not None:
+        shard_sequence(model)
     if options.compile:
         # Regional compile, every block in place: what diffusers' compile_repeated_blocks does, but
         # that finds the blocks by class name, which FSDP2 changes (FSDPWanTransformerBlock).

@@ -16,6 +16,7 @@ from diffusers.configuration_utils import register_to_config
 from diffusers.models.transformers.transformer_wan import WanTransformer3DModel
 from torch import nn
 
+from bindweave.errors import refuse_incomplete_load
 from bindweave.model.attention import AttentionHook, CrossAttnProcessor, SelfAttnProcessor
 
 # The published 14B checkpoint's config (diffusers' Wan2.1-I2V-14B plus BindWeave's three keys).
@@ -123,6 +124,20 @@ class BindWeaveTransformer(WanTransformer3DModel):
         for block in self.blocks:
             block.attn1.set_processor(SelfAttnProcessor(self.attention_hook))
             block.attn2.set_processor(CrossAttnProcessor(image_tokens_per_reference))
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, **kwargs):
+        """diffusers' ``from_pretrained``, made strict: a checkpoint with a missing (e.g. no text
+        projector), unexpected (a renamed key) or wrongly shaped tensor is a BindWeaveInputError
+        naming the keys, where diffusers would only warn and keep random weights there.
+        ``output_loading_info=True`` returns ``(model, loading_info)`` as diffusers does."""
+        wants_info = kwargs.pop("output_loading_info", False)
+        model, loading_info = super().from_pretrained(pretrained_model_name_or_path, output_loading_info=True,
+                                                      **kwargs)
+        refuse_incomplete_load(loading_info, f"BindWeave DiT checkpoint {pretrained_model_name_or_path}",
+                               "check that the download is complete and is ByteDance/BindWeave (diffusers key names "
+                               "plus condition_embedder.text_projector.*)")
+        return (model, loading_info) if wants_info else model
 
     def set_attention_hook(self, hook: AttentionHook) -> None:
         """Route token split/gather and every block's self-attention through ``hook``."""

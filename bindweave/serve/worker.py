@@ -30,7 +30,7 @@ from bindweave.serve.job_request import JobDefaults, VideoRequest
 from bindweave.serve.metrics import Metrics
 from bindweave.serve.store import JobRecord, JobStore
 from bindweave.stages.engine import Stage3Engine
-from bindweave.stages.generate import JobProgress, Stage3Job
+from bindweave.stages.job import JobProgress, Stage3Job
 
 log = logging.getLogger("bindweave")
 

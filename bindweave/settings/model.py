@@ -8,31 +8,34 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from bindweave.errors import BindWeaveInputError
+from bindweave.model.kernels import KERNEL_CHOICES
 
 if TYPE_CHECKING:
     import torch
 
 MODEL_DTYPES = ("bfloat16", "float16", "float32")
 DEVICE_PATTERN = re.compile(r"auto|cpu|cuda(:\d+)?")
-SDPA_KERNELS = ("cudnn", "flash", "efficient")  # the SDPA backends tried first (bindweave/model/speed.py)
-ATTENTION_CHOICES = (*SDPA_KERNELS, "fa4", "sage2", "default", "auto", "auto_8bit")
+ATTENTION_CHOICES = KERNEL_CHOICES  # the kernels' registry and its auto policies (bindweave/model/kernels.py)
 LINEAR_PRECISIONS = ("dtype", "fp8", "auto_fp8")  # bindweave/model/fp8.py
 MEMORY_MODES = ("auto", "resident", "offload")  # bindweave/stages/memory.py
 
 
 @dataclass(frozen=True)
 class SpeedOptions:
-    """``attention``: the SDPA kernel tried first for self-attention (``default``: PyTorch's own
-    order; ``fa4``: FlashAttention-4, not SDPA; ``sage2``: SageAttention 2, 8-bit; ``auto`` /
-    ``auto_8bit``: see ``resolve_attention``); ``fuse_projections``: one GEMM for q/k/v (and for
+    """The DiT's speed options, their defaults held here once (``model.*`` takes them from here).
+
+    ``attention``: a kernel of the registry (bindweave/model/kernels.py: ``cudnn``, ``flash``,
+    ``efficient`` SDPA tried first; ``default``: PyTorch's own order; ``fa4``: FlashAttention-4;
+    ``sage2``: SageAttention 2, 8-bit) or a policy over it (``auto``, ``auto_8bit``);
+    ``fuse_projections``: one GEMM for q/k/v (and for
     each cross-attention K/V pair); ``linear_precision``: ``dtype`` (the model's), ``fp8`` or
     ``auto_fp8`` (bindweave.model.fp8); ``compile``: ``torch.compile`` each transformer block (one
     graph, reused by all 40 blocks) with ``compile_backend`` (``aot_eager`` traces the same graph
     without generating code: CPU tests)."""
 
-    attention: str = "cudnn"
-    fuse_projections: bool = True
-    compile: bool = True
+    attention: str = "auto"
+    fuse_projections: bool = False
+    compile: bool = False
     linear_precision: str = "dtype"
     compile_backend: str = "inductor"
 
@@ -84,10 +87,11 @@ class ModelSettings:
     offload_encoders: bool = False  # move T5 + CLIP to the CPU after each sample's conditioning
     # Speed options of the DiT (bindweave/model/speed.py; same function, measured in docs/PERFORMANCE.md).
     # self-attention: auto | auto_8bit | fa4 | sage2 | cudnn | flash | efficient | default (speed.py)
-    attention_kernel: str = "auto"
-    fuse_projections: bool = False  # one GEMM for q/k/v (weights held once)
-    compile: bool = False  # torch.compile each block (one graph for all 40; ~20 s once per process)
-    linear_precision: str = "dtype"  # dtype | fp8 | auto_fp8: the blocks' linears in FP8 (bindweave/model/fp8.py)
+    attention_kernel: str = SpeedOptions.attention
+    fuse_projections: bool = SpeedOptions.fuse_projections  # one GEMM for q/k/v (weights held once)
+    compile: bool = SpeedOptions.compile  # torch.compile each block (one graph for all 40; ~20 s once per process)
+    # dtype | fp8 | auto_fp8: the blocks' linears in FP8 (bindweave/model/fp8.py)
+    linear_precision: str = SpeedOptions.linear_precision
     memory: str = "auto"  # auto | resident | offload: the DiT's blocks on the GPU or streamed in (stages/memory.py)
     gpu_memory_gib: float | None = None  # the GPU memory this process may use (null: all; 24: as on a 24 GB card)
 

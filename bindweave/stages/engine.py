@@ -1,11 +1,11 @@
-"""The stage-3 engine: built once (models loaded, layout applied), then runs job after job.
+"""The stage-3 engine: built once (bindweave/app/build.py ``build_engine``: models loaded as the
+plan says, layout applied), then runs job after job.
 
-The command line, a Hydra multirun (the app holds the engine between jobs) and a resident server
-all drive the same object: :meth:`Stage3Engine.run` makes one video from an in-memory
-:class:`~bindweave.stages.generate.Stage3Job` (prompt, images and hidden states as files or
-tensors, seed, size, steps, guidance, output target), reports its phases and steps, can be
-cancelled between two steps, and returns the job's outcome instead of ending the process;
-:meth:`Stage3Engine.run_meta` makes every video of a meta JSON (resume, on_error).
+The command line and a Hydra multirun (bindweave/stages/batch.py loops over a meta JSON), the
+calibration, the resident server and the Python API all drive the same :meth:`Stage3Engine.run`:
+one video from an in-memory :class:`~bindweave.stages.job.Stage3Job`, its phases and steps
+reported, cancellable between two steps (every rank of the job agrees on the step: the
+coordinator's ``agree_to_stop``), and its outcome returned instead of ending the process.
 """
 
 from __future__ import annotations
@@ -15,11 +15,10 @@ import threading
 from dataclasses import dataclass, field
 
 from bindweave.errors import BindWeaveInputError
-from bindweave.settings.sampling import CacheSettings, SamplerSettings
 from bindweave.stages.coordinator import Coordinator, SingleProcess
-from bindweave.stages.generate import (JobCancelled, ProgressFn, RunSettings, Stage3Job, Stage3Models,
-                                       generate_sample, run_generation)
-from bindweave.settings.model import VideoSettings
+from bindweave.stages.job import JobCancelled, ProgressFn, Stage3Job
+from bindweave.stages.models import Stage3Models
+from bindweave.stages.phases import generate_sample
 
 log = logging.getLogger("bindweave")
 
@@ -27,13 +26,15 @@ log = logging.getLogger("bindweave")
 @dataclass
 class JobResult:
     """One job's outcome: ``done`` (``record`` is its sidecar record; ``frames`` too when nothing was
-    written), ``failed`` (``error`` says why: a bad input of this job), or ``cancelled``."""
+    written), ``failed`` (``error`` says why: a bad input of this job; ``exception`` is it), or
+    ``cancelled``."""
 
     sample_id: str
     status: str
     record: dict | None = None
     error: str | None = None
     frames: object = field(default=None, repr=False)
+    exception: BaseException | None = field(default=None, repr=False)
 
 
 class Stage3Engine:
@@ -43,22 +44,27 @@ class Stage3Engine:
         self.models = models
         self.coordinator = coordinator or SingleProcess()
 
+    @property
+    def plan(self):
+        """The build plan the models were loaded by (bindweave/stages/plan.py)."""
+        return self.models.plan
+
     def run(self, job: Stage3Job, on_progress: ProgressFn | None = None, cancel: threading.Event | None = None,
-            progress_bars: bool = False) -> JobResult:
+            progress_bars: bool = False, step_cache=None) -> JobResult:
         """Make one video. A bad input of this job, or a cancel, is this job's result; the engine
-        stays ready for the next job. Other exceptions (a bug, out of memory) propagate."""
+        stays ready for the next job. Other exceptions (a bug, out of memory) propagate.
+
+        ``cancel``: set by any rank's caller, the job stops before the next step on every rank of
+        the job (the coordinator agrees on it each step). ``step_cache`` replaces the job's own
+        (``job.cache``): calibration passes its statistics here."""
+        should_stop = None if cancel is None else (lambda step: self.coordinator.agree_to_stop(cancel.is_set()))
         try:
             record = generate_sample(self.models, job, progress=progress_bars, runtime=self.coordinator,
-                                     on_progress=on_progress, cancel=cancel)
+                                     on_progress=on_progress, should_stop=should_stop, step_cache=step_cache)
         except JobCancelled as stop:
             log.info("%s", stop)
             return JobResult(job.sample_id, "cancelled", error=str(stop))
         except BindWeaveInputError as error:
-            return JobResult(job.sample_id, "failed", error=str(error))
+            return JobResult(job.sample_id, "failed", error=str(error), exception=error)
         frames = record.pop("frames", None) if record is not None else None
         return JobResult(job.sample_id, "done", record=record, frames=frames)
-
-    def run_meta(self, run: RunSettings, video: VideoSettings, sampler: SamplerSettings,
-                 known_bad: dict[str, str] | None = None, cache: CacheSettings = CacheSettings()) -> dict:
-        """Every sample of a meta JSON (this data group's share), resumable; see ``run_generation``."""
-        return run_generation(self.models, run, video, sampler, self.coordinator, known_bad=known_bad, cache=cache)

@@ -190,11 +190,11 @@ def available_host_gib(meminfo: Path = Path("/proc/meminfo")) -> float | None:
     return None
 
 
-def limit_gpu_memory(device, limit_gib: float | None, setting: str) -> float | None:
-    """Cap PyTorch's allocator on ``device`` at ``limit_gib`` (``setting`` names the option in
-    errors) and return the GiB this process may still take there: the free memory, within the
-    cap. None on a CPU (no cap applies). A cap is how a job runs as on a smaller card, or beside
-    another process on the same GPU."""
+def gpu_memory_within(device, limit_gib: float | None, setting: str) -> float | None:
+    """The GiB this process may take on ``device``: the free memory, within ``limit_gib`` (``setting``
+    names the option in errors; a ValueError if the GPU is smaller). None on a CPU (no cap applies).
+    A cap is how a job runs as on a smaller card, or beside another process on the same GPU;
+    :func:`cap_gpu_memory` applies it."""
     if device.type != "cuda":
         return None
     free, total = (value / GIB for value in torch.cuda.mem_get_info(device))
@@ -203,8 +203,14 @@ def limit_gpu_memory(device, limit_gib: float | None, setting: str) -> float | N
     if not 0 < limit_gib <= total:
         raise ValueError(f"{setting}={limit_gib} GiB: the GPU ({torch.cuda.get_device_name(device)}) has "
                          f"{total:.1f} GiB; give a value in (0, {total:.1f}] or null for all of it")
-    torch.cuda.set_per_process_memory_fraction(limit_gib / total, device)
     return min(free, limit_gib - torch.cuda.memory_reserved(device) / GIB)
+
+
+def cap_gpu_memory(device, limit_gib: float | None) -> None:
+    """Cap PyTorch's allocator on ``device`` at ``limit_gib`` (checked by :func:`gpu_memory_within`)."""
+    if device.type == "cuda" and limit_gib is not None:
+        total = torch.cuda.mem_get_info(device)[1] / GIB
+        torch.cuda.set_per_process_memory_fraction(limit_gib / total, device)
 
 
 def memory_snapshot(device) -> dict:
