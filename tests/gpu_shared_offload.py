@@ -27,7 +27,7 @@ from torch.distributed.device_mesh import init_device_mesh  # noqa: E402
 
 from bindweave.io.inputs import read_meta  # noqa: E402
 from bindweave.settings.model import ModelSettings  # noqa: E402
-from bindweave.stages.generate import load_stage3_models  # noqa: E402
+from bindweave.stages.MISSING_load_stage3_models  # noqa: E402 import load_stage3_models  # noqa: E402
 from bindweave.stages.memory import JobSize, plan_memory  # noqa: E402
 from bindweave.testing.demo import demo_meta_with_hidden_states  # noqa: E402
 from bindweave.testing.tiny import write_tiny_models  # noqa: E402
@@ -46,9 +46,9 @@ def main(tiny_root: Path, out: Path) -> None:
     dist.barrier()
     tiny = tiny or write_tiny_models(tiny_root)
     settings = ModelSettings(tiny_root=str(tiny_root), dtype="bfloat16", device="cuda", cache_dir=str(out / "cache"))
-    offloaded = load_stage3_models(settings, memory_plan=plan_memory("offload", 1.0, JobSize(video_tokens=100)),
+    offloaded = build_models(settings, memory_plan=plan_memory("offload", 1.0, JobSize(video_tokens=100)),
                                    share_host_buffer=runtime.share_host_buffer)
-    resident = load_stage3_models(settings)
+    resident = build_models(settings)
     meta = demo_meta_with_hidden_states(out / f"demo{rank}", hidden_dim=resident.hidden_dim, qwen_folder=tiny.qwen)
     sample = read_meta(meta)[0]
     identical = torch.equal(latents_of(offloaded, sample), latents_of(resident, sample))

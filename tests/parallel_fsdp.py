@@ -38,7 +38,7 @@ def main(checkpoint: Path, out: Path, ulysses: int, speed: bool) -> None:
     model, stats = load_sharded_bindweave(checkpoint, world_mesh, torch.float32, torch.device("cpu"), fuse=speed)
     rss_loaded = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     if speed:
-        apply_speed_options(model, SpeedOptions(fuse_projections=True, compile=True, compile_backend="aot_eager"))
+        apply_speed_options(model, SpeedOptions(attention="cudnn", fuse_projections=True, compile=True, compile_backend="aot_eager"))
     if ulysses > 1:
         from parallel.deepspeed_backend import DeepSpeedUlyssesAttention
         from parallel.sequence import SequenceParallelHook

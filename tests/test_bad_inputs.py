@@ -33,7 +33,8 @@ from safetensors.torch import load_file, save_file
 from bindweave.io.inputs import load_reference_image, save_hidden_states
 from bindweave.errors import BindWeaveInputError
 from bindweave.io.outputs import read_mp4_info
-from bindweave.stages.generate import RunSettings, load_stage3_models, run_generation
+from bindweave.stages.batch import RunSettings, run_batch
+from support.engines import build_models
 from bindweave.settings.model import ModelSettings, VideoSettings
 from bindweave.settings.sampling import SamplerSettings
 
@@ -56,7 +57,7 @@ def tiny(tiny_models):
 def models(tiny, tmp_path_factory):
     settings = ModelSettings(dit=None, wan=None, tiny_root=str(tiny.bindweave.parent), dtype="float32",
                              device="cpu", cache_dir=str(tmp_path_factory.mktemp("cache")))
-    return load_stage3_models(settings)
+    return build_models(settings)
 
 
 class Workspace:
@@ -365,7 +366,7 @@ def dit_copy(tiny, tmp_path):
 def load_with_dit(tiny, dit_folder, tmp_path):
     settings = ModelSettings(dit=str(dit_folder), wan=str(tiny.wan), dtype="float32", device="cpu",
                              cache_dir=str(tmp_path / "cache"))
-    return load_stage3_models(settings)
+    return build_models(settings)
 
 
 def test_checkpoint_folder_missing(tiny, tmp_path):

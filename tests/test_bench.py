@@ -11,11 +11,10 @@ import torch
 from diffusers.models.transformers.transformer_wan import WanAttention
 
 import bindweave.testing.benchmark as bench
-from bindweave.errors import BindWeaveInputError
 from bindweave.model.attention import AttentionHook, CrossAttnProcessor
 from bindweave.model.attention import sdpa
-from bindweave.model.speed import (PreferredKernelAttention, apply_speed_options, check_speed_support,
-                                   fuse_projections, resolve_attention)
+from bindweave.model.kernels import resolve_kernel
+from bindweave.model.speed import PreferredKernelAttention, apply_speed_options, fuse_projections, probe_kernel_facts
 from bindweave.settings.model import SpeedOptions
 from bindweave.model.flops import ForwardTokens, dit_forward_flops, video_tokens
 from bindweave.model.transformer import TINY_CONFIG, BindWeaveTransformer
@@ -34,7 +33,7 @@ def tiny_model(seed=0):
 def test_speed_options_keep_the_output(attention):
     x = tiny_inputs()
     expected = tiny_model()(**x)
-    fast = apply_speed_options(tiny_model(), SpeedOptions(attention=attention, compile=False))
+    fast = apply_speed_options(tiny_model(), SpeedOptions(attention=attention, fuse_projections=True, compile=False))
     torch.testing.assert_close(fast(**x), expected, rtol=1e-5, atol=1e-5)
     assert all(attn.fused_projections for attn in fast.modules() if isinstance(attn, WanAttention))
 
@@ -75,10 +74,15 @@ def test_compiled_blocks_match_eager_with_one_graph_for_all_blocks():
 
 def test_fa4_without_the_package_or_a_gpu_fails_before_anything_runs(monkeypatch):
     monkeypatch.setitem(sys.modules, "flash_attn", None)  # as if flash-attn-4 were not installed
-    with pytest.raises(BindWeaveInputError, match=r"attention=fa4 needs FlashAttention-4.*flash-attn-4.*attention=cudnn"):
-        check_speed_support(SpeedOptions(attention="fa4"), torch.device("cuda"))
-    with pytest.raises(RuntimeError, match=r"attention=fa4 runs on CUDA GPUs only and the model is on cpu"):
-        apply_speed_options(tiny_model(), SpeedOptions(attention="fa4", compile=False))
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA H100")
+    with pytest.raises(RuntimeError, match=r"attention=fa4 needs FlashAttention-4.*flash-attn-4.*attention=cudnn"):
+        resolve_kernel("fa4", probe_kernel_facts(torch.device("cuda")), [])
+    with pytest.raises(RuntimeError, match=r"attention=fa4: FlashAttention-4 .* runs on CUDA GPUs only and the model "
+                                           r"is on cpu"):
+        resolve_kernel("fa4", probe_kernel_facts(torch.device("cpu")), [])
+    with pytest.raises(ValueError, match="takes resolved options"):  # the plan resolves; the model code does not
+        apply_speed_options(tiny_model(), SpeedOptions(attention="auto"))
 
 
 @pytest.fixture
@@ -105,7 +109,6 @@ def fa4_recorder(monkeypatch):
 @torch.no_grad()
 def test_fa4_runs_self_attention_token_major_eager_and_compiled(fa4_recorder, monkeypatch, compile):
     # The glue on the CPU: the device check (FA4 is CUDA-only) is what lets the recorder stand in.
-    monkeypatch.setattr("bindweave.model.speed.resolve_attention", lambda choice, device, notes=None: choice)
     x = tiny_inputs()
     expected = tiny_model()(**x)
     torch._dynamo.reset()
@@ -129,11 +132,13 @@ def test_fa4_runs_self_attention_token_major_eager_and_compiled(fa4_recorder, mo
     ((9, 0), True, "fa4"), ((10, 0), True, "fa4"), ((9, 0), False, "cudnn"), ((8, 0), True, "cudnn")])
 def test_auto_attention_takes_fa4_where_it_runs(fa4_recorder, monkeypatch, capability, installed, expected):
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "a GPU")
     if not installed:
         monkeypatch.setitem(sys.modules, "flash_attn.cute.interface", None)
-    assert resolve_attention("auto", torch.device("cuda")) == expected
-    assert resolve_attention("auto", torch.device("cpu")) == "cudnn"
-    assert resolve_attention("flash", torch.device("cuda")) == "flash"
+    cuda = probe_kernel_facts(torch.device("cuda"))
+    assert resolve_kernel("auto", cuda, []) == expected
+    assert resolve_kernel("auto", probe_kernel_facts(torch.device("cpu")), []) == "cudnn"
+    assert resolve_kernel("flash", cuda, []) == "flash"
 
 
 def test_preferred_kernel_rejects_unknown_names():
@@ -152,7 +157,7 @@ def test_bench_variants_switch_on_one_model():
     variants = [bench.DitVariant("stock_eager", stock=True, compiled=False),
                 bench.DitVariant("ours_eager", stock=False, compiled=False),
                 bench.DitVariant("fast", stock=False, compiled=False,
-                                 options=SpeedOptions(attention="flash", compile=False))]
+                                 options=SpeedOptions(attention="flash", fuse_projections=True, compile=False))]
     states = bench.DitStates(model, variants, x, compile_backend="inductor")
     for variant in variants + variants:
         torch.testing.assert_close(states.call(variant)(), expected, rtol=1e-5, atol=1e-5)

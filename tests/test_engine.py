@@ -16,7 +16,8 @@ from bindweave.io.inputs import load_reference_image, load_sample_hidden_states,
 from bindweave.settings.sampling import SamplerSettings
 from bindweave.stages import generate as stage3
 from bindweave.stages.engine import Stage3Engine
-from bindweave.stages.generate import Stage3Job, load_stage3_models
+from bindweave.stages.job import Stage3Job
+from support.engines import build_models
 from bindweave.settings.model import ModelSettings, VideoSettings
 from bindweave.testing.demo import demo_meta_with_hidden_states
 
@@ -27,7 +28,7 @@ SAMPLER = SamplerSettings(num_steps=3)
 @pytest.fixture(scope="module")
 def engine(tiny_models, tmp_path_factory):
     root = tiny_models.bindweave.parent
-    models = load_stage3_models(ModelSettings(tiny_root=str(root), dtype="float32", device="cpu",
+    models = build_models(ModelSettings(tiny_root=str(root), dtype="float32", device="cpu",
                                               cache_dir=str(tmp_path_factory.mktemp("cache"))))
     return Stage3Engine(models)
 

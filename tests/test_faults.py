@@ -26,7 +26,8 @@ import pytest
 import torch
 
 from bindweave.io.outputs import read_mp4_info
-from bindweave.stages.generate import RunSettings, load_stage3_models, run_generation
+from bindweave.stages.batch import RunSettings, run_batch
+from support.engines import build_models
 from bindweave.settings.model import ModelSettings, VideoSettings
 from bindweave.settings.sampling import SamplerSettings
 from parallel_launch import plain_env  # tests/ is on sys.path
@@ -160,7 +161,7 @@ def test_a_rank_killed_mid_run_ends_the_job_promptly_and_the_rerun_finishes_the_
 
 @pytest.fixture(scope="module")
 def models(work):
-    return load_stage3_models(ModelSettings(dit=None, wan=None, tiny_root=str(work / ".cache" / "tiny-models"),
+    return build_models(ModelSettings(dit=None, wan=None, tiny_root=str(work / ".cache" / "tiny-models"),
                                             dtype="float32", device="cpu", cache_dir=str(work / ".cache" / "bw")))
 
 

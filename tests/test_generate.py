@@ -15,7 +15,9 @@ from bindweave.io.inputs import load_hidden_states, read_meta, save_hidden_state
 from bindweave.testing.demo_cases import write_demo_cases
 from bindweave.errors import BindWeaveInputError
 from bindweave.io.outputs import read_mp4_info
-from bindweave.stages.generate import RunSettings, dit_predictor, load_stage3_models, prepare_inputs, run_generation
+from bindweave.stages.batch import RunSettings, run_batch
+from bindweave.stages.phases import dit_predictor, prepare_inputs
+from support.engines import build_models
 from bindweave.settings.model import ModelSettings, VideoSettings
 from bindweave.encoders.prompts import T5_NEGATIVE_PROMPT
 from bindweave.sampling.sampler import Step
@@ -35,7 +37,7 @@ def tiny_root(tiny_models):
 def models(tiny_root, tmp_path_factory):
     settings = ModelSettings(dit=None, wan=None, tiny_root=str(tiny_root), dtype="float32", device="cpu",
                              cache_dir=str(tmp_path_factory.mktemp("cache")))
-    return load_stage3_models(settings)
+    return build_models(settings)
 
 
 @pytest.fixture

@@ -6,20 +6,23 @@ tests/test_memory_gpu.py."""
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
 
 from bindweave.errors import BindWeaveInputError
 from bindweave.model.offload import offloaded_blocks
-from bindweave.stages.generate import job_size, load_stage3_models, memory_plan_for
+from bindweave.app.build import BuildRequest, job_size, plan_build, plan_memory_for, probe_device
+from support.engines import build_models, simulate_gpu
 from bindweave.settings.model import ModelSettings, VideoSettings
 from bindweave.model.transformer import BINDWEAVE_14B_CONFIG, TINY_CONFIG
-from bindweave.stages.memory import (JobSize, MemoryPlan, available_host_gib, check_host_memory, host_need,
+from bindweave.stages.memory import (JobSize, cap_gpu_memory, MemoryPlan, available_host_gib, check_host_memory, host_need,
                                      plan_memory)
-from parallel.layout import ParallelLayout
-from parallel.parallelize import refuse_inapplicable_speed_options
+from parallel.layout import ParallelSettings
 from test_transformer import inputs as tiny_inputs
 
+P720_VIDEO = VideoSettings(height=720, width=1280, num_frames=81)
 P720 = JobSize(video_tokens=90_000)  # 720P x 81 frames
 P480 = JobSize(video_tokens=39_000)  # 832 x 480 x 81 frames
 
@@ -58,27 +61,30 @@ def test_explicit_modes_and_the_users_own_options_stay():
     assert (kept.mode, kept.offload_encoders, kept.vae_tiling) == ("resident", True, True)
 
 
+def memory_plan_for(settings: ModelSettings, size: JobSize, device: torch.device, processes_on_host: int = 1):
+    """The build plan's memory step for ``device`` as probed (the GPU faked by FakeGpu)."""
+    return plan_memory_for(settings, size, probe_device(device, settings.gpu_memory_gib), processes_on_host)
+
+
 def test_the_job_size_is_the_ranks_share_of_the_real_token_count():
-    settings = ModelSettings(dit="d", wan="w")
-    assert job_size(settings, VideoSettings(), BINDWEAVE_14B_CONFIG).video_tokens == 90_000
-    assert job_size(settings, VideoSettings(), BINDWEAVE_14B_CONFIG, sequence_ranks=4).video_tokens == 22_500
-    assert job_size(ModelSettings(dit="d", wan="w", linear_precision="auto_fp8"), VideoSettings(),
-                    BINDWEAVE_14B_CONFIG).fp8
-    assert memory_plan_for(settings, P720, torch.device("cpu")).mode == "resident"
+    assert job_size(BINDWEAVE_14B_CONFIG, VideoSettings()).video_tokens == 90_000
+    assert job_size(BINDWEAVE_14B_CONFIG, VideoSettings(), sequence_ranks=4).video_tokens == 22_500
+    assert job_size(BINDWEAVE_14B_CONFIG, VideoSettings(), fp8=True).fp8
+    assert memory_plan_for(ModelSettings(dit="d", wan="w"), P720, torch.device("cpu")).mode == "resident"
 
 
 def test_offloaded_dit_has_every_block_hooked_and_computes_the_same(tiny_models, tmp_path):
     settings = ModelSettings(tiny_root=str(tiny_models.bindweave.parent), dtype="float32", device="cpu",
                              cache_dir=str(tmp_path), memory="offload")
-    plan = plan_memory("offload", None, JobSize(video_tokens=100, num_layers=TINY_CONFIG["num_layers"]))
-    offloaded = load_stage3_models(settings, memory_plan=plan)
-    resident = load_stage3_models(settings, memory_plan=None)
+    offloaded = build_models(settings)
+    resident = build_models(replace(settings, memory="resident"))
     assert offloaded_blocks(offloaded.transformer) == list(range(TINY_CONFIG["num_layers"]))
     assert offloaded_blocks(resident.transformer) == []
     # Applied after the attention hook: every block's self-attention still runs the chosen kernel's hook.
     assert all(block.attn1.processor.hook is offloaded.transformer.attention_hook
                for block in offloaded.transformer.blocks)
-    assert offloaded.offload_encoders and offloaded.vae.model.use_tiling and offloaded.memory_plan is plan
+    assert offloaded.offload_encoders and offloaded.vae.model.use_tiling
+    assert offloaded.plan.memory.mode == "offload" and offloaded.plan.dit_loader == "host_buffer"
     x = tiny_inputs()
     with torch.no_grad():
         # Not bit-equal on a CPU: the strict loader's float32 weights stay in the file's mapping at
@@ -87,12 +93,16 @@ def test_offloaded_dit_has_every_block_hooked_and_computes_the_same(tiny_models,
         torch.testing.assert_close(offloaded.transformer(**x), resident.transformer(**x), rtol=1e-5, atol=1e-6)
 
 
-def test_offload_with_fsdp_is_refused_before_loading():
+def test_offload_with_fsdp_is_refused_before_loading(tiny_models):
+    from parallel.distributed import Processes
+
+    settings = ModelSettings(tiny_root=str(tiny_models.bindweave.parent), dtype="float32", memory="offload")
+    two = Processes(rank=0, world_size=2, local_world_size=2)
     with pytest.raises(BindWeaveInputError, match=r"model.memory=offload cannot apply with parallel.fsdp=\['dit'\]"):
-        refuse_inapplicable_speed_options("auto", ParallelLayout(fsdp=("dit",)), "cuda", "bfloat16",
-                                          memory="offload")
-    refuse_inapplicable_speed_options("auto", ParallelLayout(ulysses=2), "cuda", "bfloat16",
-                                      memory="offload")  # sequence parallel + offload: each rank streams its own
+        plan_build(BuildRequest(settings, P720_VIDEO, ParallelSettings(cfg=2, fsdp=("dit",))), two)
+    # sequence parallel + offload: each rank streams its share (one host buffer per machine)
+    plan = plan_build(BuildRequest(settings, P720_VIDEO, ParallelSettings(ulysses=2)), two)
+    assert plan.dit_loader == "host_buffer" and plan.share_host_buffer
 
 
 def test_a_bad_memory_mode_names_the_choices():
@@ -108,7 +118,8 @@ class FakeGpu:
     def __init__(self, monkeypatch, reserved_gib=0.5, host_gib=120.0):
         self.fraction = None
         gib = 2**30
-        monkeypatch.setattr("bindweave.stages.generate.available_host_gib", lambda: host_gib)
+        monkeypatch.setattr("bindweave.app.build.available_host_gib", lambda: host_gib)
+        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
         monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device: (137 * gib, 139 * gib))
         monkeypatch.setattr(torch.cuda, "memory_reserved", lambda device: reserved_gib * gib)
         monkeypatch.setattr(torch.cuda, "get_device_name", lambda device: "Fake H200")
@@ -123,6 +134,8 @@ def test_a_gpu_memory_cap_bounds_the_allocator_and_the_plan(monkeypatch, cap, mo
     settings = ModelSettings(dit="d", wan="w", gpu_memory_gib=cap)
     plan = memory_plan_for(settings, P720, torch.device("cuda", 0))
     assert (plan.mode, plan.offload_encoders) == (mode, offload_encoders), plan
+    assert gpu.fraction is None  # planning changes nothing; build_engine caps the allocator first
+    cap_gpu_memory(torch.device("cuda", 0), cap)
     assert gpu.fraction == (cap / 139 if cap else None)
     # What the process already holds counts against its cap.
     assert f"{(cap - 0.5) if cap else 137:.1f} GiB" in plan.reason
@@ -156,17 +169,17 @@ def test_qwen_that_cannot_fit_the_cap_is_refused_before_its_weights_are_read(mon
         refuse_what_cannot_fit(tmp_path, torch.device("cuda", 0), torch.bfloat16, 16)
 
 
-def test_fp8_with_offloaded_blocks_is_refused_and_auto_fp8_keeps_the_dtype(monkeypatch, tiny_models, tmp_path, caplog):
-    FakeGpu(monkeypatch)
+def test_fp8_with_offloaded_blocks_is_refused_and_auto_fp8_keeps_the_dtype(monkeypatch, tiny_models):
+    simulate_gpu(monkeypatch, free_gib=20.0)  # an FP8 GPU where a 720P x 161 job must offload
+    settings = ModelSettings(tiny_root=str(tiny_models.bindweave.parent), dtype="bfloat16", linear_precision="fp8")
+    long_video = VideoSettings(height=720, width=1280, num_frames=161)
     with pytest.raises(BindWeaveInputError, match="model.linear_precision=fp8 cannot apply with offloaded blocks"):
-        memory_plan_for(ModelSettings(dit="d", wan="w", gpu_memory_gib=24, linear_precision="fp8"), P720,
-                        torch.device("cuda", 0))
-    settings = ModelSettings(tiny_root=str(tiny_models.bindweave.parent), dtype="float32", device="cpu",
-                             cache_dir=str(tmp_path), linear_precision="auto_fp8")
-    plan = plan_memory("offload", None, JobSize(video_tokens=100, num_layers=TINY_CONFIG["num_layers"]))
-    with caplog.at_level("INFO", logger="bindweave"):
-        models = load_stage3_models(settings, memory_plan=plan)
-    assert models.fp8_layers == [] and "linears stay in float32, as the DiT's blocks are offloaded" in caplog.text
+        plan_build(BuildRequest(settings, long_video))
+    plan = plan_build(BuildRequest(replace(settings, linear_precision="auto_fp8"), long_video))
+    assert plan.memory.mode == "offload" and plan.speed.linear_precision == "dtype"
+    assert "linear_precision=auto_fp8: linears stay in bfloat16, as the DiT's blocks are offloaded" in plan.notes
+    # Where the DiT stays resident, auto_fp8 is FP8.
+    assert plan_build(BuildRequest(replace(settings, linear_precision="auto_fp8"), P720_VIDEO)).fp8
 
 
 def test_the_offload_loader_fills_one_host_buffer_with_the_checkpoints_weights(tiny_models):

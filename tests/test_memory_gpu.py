@@ -14,7 +14,8 @@ from bindweave.model.transformer import TINY_CONFIG, BindWeaveTransformer
 from bindweave.sampling.sampler import denoise, initial_noise, make_scheduler
 from bindweave.settings.sampling import SamplerSettings
 from bindweave.stages.coordinator import SingleProcess
-from bindweave.stages.generate import dit_predictor, load_stage3_models, prepare_inputs
+from bindweave.stages.phases import dit_predictor, prepare_inputs
+from support.engines import build_models
 from bindweave.stages.memory import JobSize, plan_memory
 from bindweave.io.inputs import read_meta
 from bindweave.testing.demo import demo_meta_with_hidden_states
@@ -36,8 +37,8 @@ def latents_of(models, sample) -> torch.Tensor:
 def test_offloaded_blocks_give_the_resident_latents_and_rest_on_the_host(tiny_models, tmp_path):
     settings = ModelSettings(tiny_root=str(tiny_models.bindweave.parent), dtype="bfloat16", device="cuda",
                              cache_dir=str(tmp_path))
-    resident = load_stage3_models(settings)
-    offloaded = load_stage3_models(settings, memory_plan=plan_memory("offload", 1.0, JobSize(video_tokens=100)))
+    resident = build_models(settings)
+    offloaded = build_models(settings, memory_plan=plan_memory("offload", 1.0, JobSize(video_tokens=100)))
     meta = demo_meta_with_hidden_states(tmp_path / "demo", hidden_dim=resident.hidden_dim,
                                         qwen_folder=tiny_models.qwen)
     sample = read_meta(meta)[0]

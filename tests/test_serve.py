@@ -162,14 +162,15 @@ def batch_video(tiny_models, image: Path, prompt: str, seed: int, steps: int, fo
     from bindweave.settings.sampling import SamplerSettings
     from bindweave.stages.engine import Stage3Engine
     from bindweave.stages.extract import ExtractSettings, run_extract
-    from bindweave.stages.generate import Stage3Job, load_stage3_models
+    from bindweave.stages.job import Stage3Job
+    from support.engines import build_models
     from bindweave.settings.model import ModelSettings, VideoSettings
 
     meta = folder / "meta.json"
     meta.write_text(json.dumps({"case": {"img_paths": [str(image)], "prompt": prompt, "seed": seed}}))
     qwen = load_qwen(QwenSettings(path=str(tiny_models.qwen), device="cpu"))
     (sample,) = read_meta(run_extract(qwen, meta, None, ExtractSettings(output_dir=folder, progress=False)))
-    models = load_stage3_models(ModelSettings(tiny_root=str(tiny_models.bindweave.parent), dtype="float32",
+    models = build_models(ModelSettings(tiny_root=str(tiny_models.bindweave.parent), dtype="float32",
                                               device="cpu", cache_dir=str(folder / "cache")))
     job = Stage3Job(sample, VideoSettings(height=48, width=64, num_frames=5), SamplerSettings(num_steps=steps),
                     folder / "case.mp4")

@@ -102,7 +102,8 @@ def work(tmp_path_factory):
     before any job starts, so no two processes ever build them at once; `meta9.json` has 9 samples
     (the 3 demo cases x 3 seeds); `reference/` is what ONE process makes of them."""
     from bindweave.testing.demo import demo_meta_with_hidden_states
-    from bindweave.stages.generate import RunSettings, load_stage3_models, run_generation
+    from bindweave.stages.batch import RunSettings, run_batch
+    from support.engines import build_models
     from bindweave.settings.model import ModelSettings, VideoSettings
     from bindweave.settings.sampling import SamplerSettings
     from bindweave.testing.tiny import write_tiny_models
@@ -119,7 +120,7 @@ def work(tmp_path_factory):
     (work / "logs").mkdir()
     # The 1-process reference, in this process (it already has torch & co. imported): the same
     # settings the entry point builds from conf/model/tiny.yaml and the overrides in TINY.
-    models = load_stage3_models(ModelSettings(dit=None, wan=None, tiny_root=str(work / ".cache" / "tiny-models"),
+    models = build_models(ModelSettings(dit=None, wan=None, tiny_root=str(work / ".cache" / "tiny-models"),
                                               dtype="float32", device="cpu", cache_dir=str(work / ".cache" / "bindweave")))
     run = RunSettings(meta_path=Path(demo_meta).parent / "meta9.json", image_root=None,
                       output_dir=work / "reference", progress=False)

@@ -14,7 +14,8 @@ import torch
 from bindweave.app.config import compose_config, settings_of
 from bindweave.errors import BindWeaveInputError
 from bindweave.model.attention import sdpa
-from bindweave.model.speed import apply_speed_options, check_speed_support, resolve_attention
+from bindweave.model.kernels import DeviceFacts, resolve_kernel
+from bindweave.model.speed import apply_speed_options, probe_kernel_facts
 from bindweave.settings.model import SpeedOptions
 from bindweave.model.transformer import TINY_CONFIG, BindWeaveTransformer
 from test_transformer import inputs as tiny_inputs
@@ -43,7 +44,6 @@ def tiny_model() -> BindWeaveTransformer:
 @pytest.mark.parametrize("compile", [False, True])
 @torch.no_grad()
 def test_sage2_runs_self_attention_token_major_eager_and_compiled(sage_recorder, monkeypatch, compile):
-    monkeypatch.setattr("bindweave.model.speed.resolve_attention", lambda choice, device, notes=None: choice)
     x = tiny_inputs()
     expected = tiny_model()(**x)
     torch._dynamo.reset()
@@ -62,29 +62,30 @@ def test_sage2_runs_self_attention_token_major_eager_and_compiled(sage_recorder,
 
 def test_sage2_without_the_package_or_a_gpu_is_a_clear_error(monkeypatch):
     monkeypatch.setitem(sys.modules, "sageattention", None)
-    with pytest.raises(RuntimeError, match="attention=sage2 runs on CUDA GPUs only and the model is on cpu"):
-        apply_speed_options(tiny_model(), SpeedOptions(attention="sage2", compile=False))
-    with pytest.raises(BindWeaveInputError, match="attention=sage2 runs on CUDA GPUs only"):
-        check_speed_support(SpeedOptions(attention="sage2"), torch.device("cpu"))
+    with pytest.raises(RuntimeError, match=r"attention=sage2: SageAttention 2 .* runs on CUDA GPUs only and the model "
+                                           r"is on cpu"):
+        resolve_kernel("sage2", probe_kernel_facts(torch.device("cpu")), [])
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
-    with pytest.raises(BindWeaveInputError, match=r"attention=sage2 needs SageAttention 2.*thu-ml/SageAttention.*"
-                                                  r"TORCH_CUDA_ARCH_LIST=9.0"):
-        check_speed_support(SpeedOptions(attention="sage2"), torch.device("cuda"))
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA H100")
+    with pytest.raises(RuntimeError, match=r"attention=sage2 needs SageAttention 2.*thu-ml/SageAttention.*"
+                                           r"TORCH_CUDA_ARCH_LIST=9.0"):
+        resolve_kernel("sage2", probe_kernel_facts(torch.device("cuda")), [])
 
 
 @pytest.mark.parametrize("capability, installed, expected", [
     ((9, 0), True, "sage2"), ((8, 0), True, "sage2"), ((7, 5), True, "cudnn"), ((9, 0), False, "cudnn")])
 def test_auto_8bit_takes_sage2_where_it_runs_else_auto(sage_recorder, monkeypatch, capability, installed, expected):
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "a GPU")
     monkeypatch.setitem(sys.modules, "flash_attn.cute.interface", None)  # no FA4: auto is cuDNN
     if not installed:
         monkeypatch.setitem(sys.modules, "sageattention", None)
     notes = []
-    assert resolve_attention("auto_8bit", torch.device("cuda"), notes) == expected
+    assert resolve_kernel("auto_8bit", probe_kernel_facts(torch.device("cuda")), notes) == expected
     assert bool(notes) == (expected != "sage2")
     notes = []
-    assert resolve_attention("auto_8bit", torch.device("cpu"), notes) == "cudnn"
-    assert "falling back to attention=auto on cpu" in notes[0]
+    assert resolve_kernel("auto_8bit", DeviceFacts(type="cpu"), notes) == "cudnn"
+    assert "not sage2 (SageAttention 2" in notes[0] and "runs on CUDA GPUs only" in notes[0]
 
 
 @pytest.mark.parametrize("preset, attention, precision, cache", [

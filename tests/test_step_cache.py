@@ -17,7 +17,9 @@ from bindweave.sampling.calibration import (PUBLISHED_WAN21_I2V_720P, Calibratio
 from bindweave.sampling.sampler import SIDES, Step, denoise, initial_noise, make_scheduler
 from bindweave.settings.sampling import CacheSettings, SamplerSettings
 from bindweave.sampling.step_cache import StepCache, StepStatistics, calibration_from
-from bindweave.stages.generate import Stage3Job, dit_predictor, generate_sample, load_stage3_models, prepare_inputs
+from bindweave.stages.job import Stage3Job
+from bindweave.stages.phases import dit_predictor, generate_sample, prepare_inputs
+from support.engines import build_models
 from bindweave.settings.model import ModelSettings, VideoSettings
 from bindweave.stages.coordinator import SingleProcess
 from bindweave.testing.demo import demo_meta_with_hidden_states
@@ -28,7 +30,7 @@ STEPS = 10
 
 @pytest.fixture(scope="module")
 def models(tiny_models, tmp_path_factory):
-    return load_stage3_models(ModelSettings(tiny_root=str(tiny_models.bindweave.parent), dtype="float32",
+    return build_models(ModelSettings(tiny_root=str(tiny_models.bindweave.parent), dtype="float32",
                                             device="cpu", cache_dir=str(tmp_path_factory.mktemp("cache"))))
 
 

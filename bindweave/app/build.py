@@ -25,8 +25,8 @@ from dataclasses import dataclass, replace
 import torch
 
 from bindweave.errors import BindWeaveInputError
-from bindweave.model.fp8 import resolve_linear_precision
-from bindweave.model.kernels import CROSS_ATTENTION, KERNELS, DeviceFacts, resolve_kernel, sequence_local_kernel
+from bindweave.model.kernels import CROSS_ATTENTION, KERNELS, DeviceFacts, sequence_local_kernel
+from bindweave.model.speed import probe_kernel_facts, resolve_speed_options
 from bindweave.settings.model import ModelSettings, SpeedOptions, VideoSettings
 from bindweave.stages.engine import Stage3Engine
 from bindweave.stages.memory import (JobSize, available_host_gib, cap_gpu_memory, check_host_memory,
@@ -75,7 +75,7 @@ def plan_build(request: BuildRequest, processes: Processes = Processes(), facts:
     # Under FSDP the shards are the memory lever: auto keeps the model resident there.
     memory_mode = "resident" if fsdp and settings.memory == "auto" else settings.memory
     size = job_size(dit_config, request.video, layout.sequence, speed.linear_precision == "fp8")
-    memory = _plan_memory(settings, memory_mode, size, facts, agree, processes.local_world_size)
+    memory = plan_memory_for(settings, size, facts, processes.local_world_size, agree, memory_mode)
     if memory.mode == "offload" and speed.linear_precision == "fp8":
         if settings.linear_precision == "fp8":
             raise BindWeaveInputError(
@@ -85,7 +85,8 @@ def plan_build(request: BuildRequest, processes: Processes = Processes(), facts:
                 f"resident) or dtype")
         notes.append(f"linear_precision=auto_fp8: linears stay in {settings.dtype}, as the DiT's blocks are offloaded")
         speed = replace(speed, linear_precision="dtype")
-        memory = _plan_memory(settings, memory_mode, replace(size, fp8=False), facts, agree, processes.local_world_size)
+        memory = plan_memory_for(settings, replace(size, fp8=False), facts, processes.local_world_size, agree,
+                                 memory_mode)
     if memory.offload_encoders and "t5" in fsdp:
         raise BindWeaveInputError("model.memory=auto would offload T5 and CLIP, which cannot apply with "
                                   "parallel.fsdp=[t5]: a sharded T5 stays spread over the GPUs of its group; use "
@@ -156,21 +157,14 @@ def probe_device(device: torch.device, gpu_memory_gib: float | None = None) -> D
     """The facts the plan needs about ``device``, asked once: capability, which optional kernel
     packages import, the GPU memory this process may take (within ``gpu_memory_gib``) and the
     host's available memory."""
+    facts = replace(probe_kernel_facts(device), host_available_gib=available_host_gib())
     if device.type != "cuda":
-        return DeviceFacts(type=device.type, host_available_gib=available_host_gib())
-    from bindweave.model.speed import optional_package_problems
-
-    problems = optional_package_problems()
+        return facts
     try:
         free_gib = gpu_memory_within(device, gpu_memory_gib, "model.gpu_memory_gib")
     except ValueError as error:
         raise BindWeaveInputError(str(error)) from None
-    return DeviceFacts(type="cuda", name=torch.cuda.get_device_name(device),
-                       capability=torch.cuda.get_device_capability(device),
-                       packages=frozenset(name for name, problem in problems.items() if problem is None),
-                       package_problems={name: problem for name, problem in problems.items() if problem},
-                       free_gib=free_gib, total_gib=torch.cuda.mem_get_info(device)[1] / 2**30,
-                       host_available_gib=available_host_gib())
+    return replace(facts, free_gib=free_gib, total_gib=torch.cuda.mem_get_info(device)[1] / 2**30)
 
 
 def job_size(dit_config: dict, video: VideoSettings, sequence_ranks: int = 1, fp8: bool = False) -> JobSize:
@@ -203,16 +197,13 @@ def _resolve_speed(settings: ModelSettings, facts: DeviceFacts, fsdp: tuple[str,
             "model.linear_precision=fp8 cannot apply with parallel.fsdp=[dit]: FP8 weights are not sharded by FSDP2 "
             "here; FP8 already halves the DiT's memory, so use it instead of FSDP (parallel.fsdp=[]), or keep FSDP "
             "with model.linear_precision=dtype (auto_fp8 stays in the model's dtype under FSDP)")
+    if "dit" in fsdp and options.linear_precision == "auto_fp8":
+        notes.append(f"linear_precision=auto_fp8: linears stay in {settings.dtype} under parallel.fsdp=[dit]")
+        options = replace(options, linear_precision="dtype")
     try:
-        kernel = resolve_kernel(options.attention, facts, notes)
-        if "dit" in fsdp and options.linear_precision == "auto_fp8":
-            notes.append(f"linear_precision=auto_fp8: linears stay in {settings.dtype} under parallel.fsdp=[dit]")
-            fp8 = False
-        else:
-            fp8 = resolve_linear_precision(options.linear_precision, facts, notes)
+        return resolve_speed_options(options, facts, notes)
     except RuntimeError as error:
         raise BindWeaveInputError(f"model: {error}") from None
-    return replace(options, attention=kernel, linear_precision="fp8" if fp8 else "dtype")
 
 
 def _refuse_layout_conflicts(settings: ModelSettings, layout: ParallelLayout, speed: SpeedOptions,
@@ -238,12 +229,14 @@ def _refuse_layout_conflicts(settings: ModelSettings, layout: ParallelLayout, sp
         raise BindWeaveInputError("; ".join(problems))
 
 
-def _plan_memory(settings: ModelSettings, mode: str, size: JobSize, facts: DeviceFacts, agree, processes_on_host: int):
+def plan_memory_for(settings: ModelSettings, size: JobSize, facts: DeviceFacts, processes_on_host: int = 1,
+                    agree: Callable[[float | None], float | None] = lambda free: free, mode: str | None = None):
     """``model.memory`` settled for the free GPU memory (agreed across ranks) and the host memory the
-    launch's processes on this machine share; a job that cannot fit is refused."""
+    launch's processes on this machine share; a job that cannot fit is refused. ``mode``: the
+    memory mode to plan (None: ``model.memory``)."""
     try:
         free_gib = agree(facts.free_gib)
-        plan = plan_memory(mode, free_gib, size, settings.offload_encoders, settings.vae_tiling)
+        plan = plan_memory(mode or settings.memory, free_gib, size, settings.offload_encoders, settings.vae_tiling)
         if facts.type == "cuda":
             check_host_memory(plan, size, processes_on_host, facts.host_available_gib)
         return plan

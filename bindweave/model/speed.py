@@ -25,14 +25,15 @@ import logging
 import os
 import warnings
 from collections.abc import Callable
+from dataclasses import replace
 
 import torch
 from diffusers.models.transformers.transformer_wan import WanAttention
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from bindweave.model.attention import AttentionHook
-from bindweave.model.fp8 import quantize_linears_fp8, torchao_problem
-from bindweave.model.kernels import KERNELS, SDPA_FALLBACK_ORDER, attention_function
+from bindweave.model.fp8 import quantize_linears_fp8, resolve_linear_precision, torchao_problem
+from bindweave.model.kernels import KERNELS, SDPA_FALLBACK_ORDER, DeviceFacts, attention_function, resolve_kernel
 from bindweave.model.offload import offload_blocks
 from bindweave.settings.model import SpeedOptions
 
@@ -119,6 +120,28 @@ class PreferredKernelAttention(AttentionHook):
         # torch.compile records this context in the graph, so the compiled block keeps the choice.
         with sdpa_kernel(self._sdpa_priority, set_priority=True):
             return self._attend(query, key, value)
+
+
+def resolve_speed_options(options: SpeedOptions, facts: DeviceFacts, notes: list[str]) -> SpeedOptions:
+    """``options`` with the kernel and the linear precision settled for the device (``auto``
+    choices: the first that runs, each one passed over appended to ``notes``); an explicit choice
+    that cannot run is a RuntimeError naming the fix. The build plan calls it once
+    (bindweave/app/build.py); the benchmarks of a bare DiT too."""
+    kernel = resolve_kernel(options.attention, facts, notes)
+    fp8 = resolve_linear_precision(options.linear_precision, facts, notes)
+    return replace(options, attention=kernel, linear_precision="fp8" if fp8 else "dtype")
+
+
+def probe_kernel_facts(device: torch.device) -> DeviceFacts:
+    """What the kernel and FP8 choices need to know about ``device``: its capability and which
+    optional packages import there (asked once; memory facts are the plan's to add)."""
+    if device.type != "cuda":
+        return DeviceFacts(type=device.type)
+    problems = optional_package_problems()
+    return DeviceFacts(type="cuda", name=torch.cuda.get_device_name(device),
+                       capability=torch.cuda.get_device_capability(device),
+                       packages=frozenset(name for name, problem in problems.items() if problem is None),
+                       package_problems={name: problem for name, problem in problems.items() if problem})
 
 
 def optional_package_problems() -> dict[str, str | None]:

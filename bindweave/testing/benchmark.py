@@ -50,7 +50,7 @@ from bindweave.testing.fullsize import (
 )
 from bindweave.model.fp8 import quantize_linears_fp8
 from bindweave.model.speed import (PreferredKernelAttention, fa4_attention, fuse_projections, import_fa4,
-                                   resolve_speed_options)
+                                   probe_kernel_facts, resolve_speed_options)
 from bindweave.settings.model import SpeedOptions
 from bindweave.model.flops import ForwardTokens, dit_forward_flops, video_tokens
 from bindweave.model.transformer import BINDWEAVE_14B_CONFIG, TINY_CONFIG, BindWeaveTransformer
@@ -363,7 +363,7 @@ def kernel_available(variant: DitVariant, device: torch.device, report: Report) 
     if variant.options is None:
         return True
     try:
-        resolve_speed_options(variant.options, device, notes=[])
+        resolve_speed_options(variant.options, probe_kernel_facts(device), notes=[])
     except RuntimeError as error:
         report.skip(f"dit_{variant.name}", str(error))
         return False

@@ -21,7 +21,7 @@ from omegaconf import DictConfig
 
 from bindweave.model.attention import AttentionHook
 from bindweave.model.flops import video_tokens
-from bindweave.model.speed import apply_speed_options, resolve_speed_options
+from bindweave.model.speed import apply_speed_options, probe_kernel_facts, resolve_speed_options
 from bindweave.settings.model import SpeedOptions
 from bindweave.testing.benchmark import (Clock, Report, build_dit, compile_stats, compute_dtype, dit_configs,
                                          dit_inputs, first_blocks, measure, peak_memory, scaled_to_full_depth)
@@ -121,7 +121,8 @@ def run_ulysses(cfg: DictConfig, shape: dict, device: torch.device, report: Repo
     layers, full_layers, heads = config["num_layers"], full_config["num_layers"], config["num_attention_heads"]
     try:  # an unavailable kernel is noted, as the DiT part does
         options = resolve_speed_options(SpeedOptions(**dict(cfg.ulysses_options), compile=cfg.compile,
-                                                     compile_backend=cfg.compile_backend), device, notes=[])
+                                                     compile_backend=cfg.compile_backend),
+                                        probe_kernel_facts(device), notes=[])
     except RuntimeError as error:
         report.skip("ulysses", str(error))
         return
