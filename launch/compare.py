@@ -1,4 +1,4 @@
-"""Judge a fast run against a reference run of the same jobs: PSNR, SSIM, latent error, speed-up.
+"""Judge a fast run against a reference run of the same jobs: PSNR, SSIM, latent error, motion, speed-up.
 
     python launch/compare.py outputs/exact outputs/fastest                  # -> outputs/fastest/compare/
     python launch/compare.py outputs/exact outputs/fastest --out report --frame-stride 4 --tile-width 192

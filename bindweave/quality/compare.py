@@ -10,12 +10,16 @@ samples finished in one folder only are listed. Per sample, over the decoded uin
 PSNR in dB over all frames (data range 255), the mean SSIM of every `frame_stride`-th frame
 (scikit-image, data range 255) and, when both runs wrote `ID.latents.safetensors`, the relative
 error of the final latents ||reference - candidate|| / ||reference|| in float64 (else null, with
-the reason in `latent_note`). Each sidecar's `speed` record is copied; the speed-up is the
-reference's `timings.denoise_s` over the candidate's.
+the reason in `latent_note`), and each video's motion amplitude (`reference_motion`,
+`candidate_motion`: mean optical-flow displacement in pixels per frame, bindweave/quality/motion.py;
+`motion_ratio` candidate / reference, below 1 when the candidate moves less: a draft that "kills
+the motion" shows here while its PSNR may still look fine). Each sidecar's `speed` record is
+copied; the speed-up is the reference's `timings.denoise_s` over the candidate's.
 
 Identical decoded videos have an infinite PSNR: compare.json writes it as the string "inf" (JSON
 has no infinity). The summary's mean PSNR is over the samples whose videos differ
-(`identical_videos` counts the others), "inf" when all are identical.
+(`identical_videos` counts the others), "inf" when all are identical. The summary's motion is the
+mean amplitude of each run over the compared samples, and their ratio.
 
 A sample whose videos differ in frame count or size, or whose files cannot be read, gets an
 `error` and no PSNR, SSIM or latent error, and is left out of the summary; the others are still
@@ -42,6 +46,7 @@ from skimage.metrics import structural_similarity
 
 from bindweave.errors import BindWeaveInputError
 from bindweave.io.outputs import atomic_write, latents_path, video_done, write_json
+from bindweave.quality.motion import motion_amplitude
 
 LABEL_BAND_PX = 14  # PIL's default font is 12 px high
 JSON_NAME, MARKDOWN_NAME, SHEET_NAME = "compare.json", "compare.md", "contact_sheet.png"
@@ -120,6 +125,7 @@ def compare_sample(sample_id: str, reference_dir: Path, candidate_dir: Path, fra
     (none when one of its videos cannot be read)."""
     record = {"sample_id": sample_id, "error": None, "frames": None, "height": None, "width": None,
               "psnr_db": None, "ssim": None, "latent_rel_error": None, "latent_note": None,
+              "reference_motion": None, "candidate_motion": None, "motion_ratio": None,
               "reference_denoise_s": None, "candidate_denoise_s": None, "speedup": None,
               "reference_speed": None, "candidate_speed": None}
     tiles = []
@@ -136,6 +142,7 @@ def compare_sample(sample_id: str, reference_dir: Path, candidate_dir: Path, fra
         frames, height, width = reference.shape[:3]
         record.update(frames=frames, height=height, width=width, psnr_db=psnr(reference, candidate),
                       ssim=mean_ssim(reference, candidate, frame_stride))
+        record.update(motion_fields(motion_amplitude(reference), motion_amplitude(candidate)))
         record.update(latent_fields(sample_id, reference_dir, candidate_dir))
     except BindWeaveInputError as error:
         record.update(error=str(error), psnr_db=None, ssim=None)
@@ -172,6 +179,11 @@ def latent_fields(sample_id: str, reference_dir: Path, candidate_dir: Path) -> d
     if missing:
         return {"latent_rel_error": None, "latent_note": f"no latents file: {', '.join(missing)}"}
     return {"latent_rel_error": latent_relative_error(*paths), "latent_note": None}
+
+
+def motion_fields(reference: float | None, candidate: float | None) -> dict:
+    return {"reference_motion": reference, "candidate_motion": candidate,
+            "motion_ratio": candidate / reference if reference and candidate is not None else None}
 
 
 def speed_fields(reference_sidecar: dict, candidate_sidecar: dict) -> dict:
@@ -236,6 +248,9 @@ def summarize(samples: list[dict], frame_stride: int) -> dict:
     differing = [sample["psnr_db"] for sample in compared if math.isfinite(sample["psnr_db"])]
     latent_errors = [sample["latent_rel_error"] for sample in compared if sample["latent_rel_error"] is not None]
     timed = [sample for sample in compared if sample["speedup"] is not None]
+    moving = [sample for sample in compared if sample["reference_motion"] is not None]
+    mean_motion = {side: float(np.mean([sample[f"{side}_motion"] for sample in moving])) if moving else None
+                   for side in ("reference", "candidate")}
     return {
         "compared": len(compared), "failed": len(samples) - len(compared),
         "identical_videos": len(compared) - len(differing),
@@ -243,6 +258,8 @@ def summarize(samples: list[dict], frame_stride: int) -> dict:
         "mean_ssim": float(np.mean([sample["ssim"] for sample in compared])) if compared else None,
         "ssim_frame_stride": frame_stride,
         "max_latent_rel_error": max(latent_errors, default=None), "latents_compared": len(latent_errors),
+        "mean_reference_motion": mean_motion["reference"], "mean_candidate_motion": mean_motion["candidate"],
+        "motion_ratio": motion_fields(mean_motion["reference"], mean_motion["candidate"])["motion_ratio"],
         # Total over total: long samples weigh as much as they cost.
         "denoise_speedup": (sum(sample["reference_denoise_s"] for sample in timed)
                             / sum(sample["candidate_denoise_s"] for sample in timed)) if timed else None,
@@ -264,17 +281,20 @@ def markdown_report(report: dict) -> str:
     """compare.md: the folders, one table row per sample plus the summary row, then the notes."""
     summary = report["summary"]
     lines = [f"Reference: `{summary['reference_dir']}`  ", f"Candidate: `{summary['candidate_dir']}`", "",
-             "| sample | PSNR (dB) | SSIM | latent rel. error | denoise ref (s) | denoise cand (s) | speed-up |",
-             "|---|---:|---:|---:|---:|---:|---:|"]
+             "| sample | PSNR (dB) | SSIM | latent rel. error | motion ref (px/frame) | motion cand (px/frame) "
+             "| denoise ref (s) | denoise cand (s) | speed-up |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for sample in report["samples"]:
         lines.append(table_row(sample["sample_id"].replace("|", "\\|"), sample["psnr_db"], sample["ssim"],
-                               sample["latent_rel_error"], sample["reference_denoise_s"],
-                               sample["candidate_denoise_s"], sample["speedup"]))
+                               sample["latent_rel_error"], sample["reference_motion"], sample["candidate_motion"],
+                               sample["reference_denoise_s"], sample["candidate_denoise_s"], sample["speedup"]))
     lines.append(table_row(f"**all ({summary['compared']})**", summary["mean_psnr_db"], summary["mean_ssim"],
-                           summary["max_latent_rel_error"], None, None, summary["denoise_speedup"]))
+                           summary["max_latent_rel_error"], summary["mean_reference_motion"],
+                           summary["mean_candidate_motion"], None, None, summary["denoise_speedup"]))
     lines += ["", f"All: mean PSNR over the samples whose videos differ ({summary['identical_videos']} identical: "
               f"PSNR inf), mean SSIM (frame stride {summary['ssim_frame_stride']}), max latent error, "
-              f"total denoise time ratio."]
+              f"mean motion amplitude of each run (optical flow, pixels per frame; candidate / reference "
+              f"{ratio_text(summary['motion_ratio'])}), total denoise time ratio."]
     notes = [f"- {sample['sample_id']}: **not compared**: {sample['error']}"
              for sample in report["samples"] if sample["error"]]
     notes += [f"- {sample['sample_id']}: {sample['latent_note']}"
@@ -284,11 +304,16 @@ def markdown_report(report: dict) -> str:
     return "\n".join(lines + ([""] + notes if notes else [])) + "\n"
 
 
-def table_row(sample: str, psnr_db, ssim, latent_error, reference_s, candidate_s, speedup) -> str:
+def table_row(sample: str, psnr_db, ssim, latent_error, reference_motion, candidate_motion, reference_s,
+              candidate_s, speedup) -> str:
     cells = [sample, number(psnr_db, ".2f"), number(ssim, ".4f"), number(latent_error, ".3e"),
-             number(reference_s, ".1f"), number(candidate_s, ".1f"),
-             "—" if speedup is None else f"{speedup:.2f}x"]
+             number(reference_motion, ".3f"), number(candidate_motion, ".3f"),
+             number(reference_s, ".1f"), number(candidate_s, ".1f"), ratio_text(speedup)]
     return "| " + " | ".join(cells) + " |"
+
+
+def ratio_text(ratio: float | None) -> str:
+    return "—" if ratio is None else f"{ratio:.2f}x"
 
 
 def number(value: float | None, spec: str) -> str:
