@@ -1,7 +1,9 @@
-"""Judge a fast run against a reference run of the same jobs: PSNR, SSIM, latent error, speed-up.
+"""Judge a fast run against a reference run of the same jobs: PSNR, SSIM, latent error, motion, speed-up.
 
     python launch/compare.py outputs/exact outputs/fastest                  # -> outputs/fastest/compare/
     python launch/compare.py outputs/exact outputs/fastest --out report --frame-stride 4 --tile-width 192
+    python launch/compare.py outputs/exact outputs/draft --aesthetic-clip weights/clip-vit-large-patch14
+        --aesthetic-head weights/OpenS2V-Weight/aesthetic-model.pth      # (one line) + the aesthetic score
 
 Writes compare.json, compare.md and contact_sheet.png (bindweave/quality/compare.py says what they
 hold) and prints the markdown table. Exit code 0: every sample finished in both folders was
@@ -28,14 +30,35 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="SSIM of every K-th frame (default 1: every frame; PSNR always uses all)")
     parser.add_argument("--tile-width", type=int, default=256, metavar="PX",
                         help="width of each contact-sheet tile in pixels (default 256)")
+    parser.add_argument("--aesthetic-clip", type=Path, metavar="DIR",
+                        help="local openai/clip-vit-large-patch14 folder: score each video's aesthetics (with "
+                             "--aesthetic-head)")
+    parser.add_argument("--aesthetic-head", type=Path, metavar="FILE",
+                        help="the LAION aesthetic predictor's weights (OpenS2V-Weight's aesthetic-model.pth)")
+    parser.add_argument("--device", default=None, help="where the aesthetic scorer runs (default: cuda if present)")
     return parser.parse_args(argv)
+
+
+def aesthetic_scorer(args: argparse.Namespace):
+    """The scorer of --aesthetic-clip/--aesthetic-head, None without them; one of the two alone is refused."""
+    if args.aesthetic_clip is None and args.aesthetic_head is None:
+        return None
+    if args.aesthetic_clip is None or args.aesthetic_head is None:
+        raise BindWeaveInputError("The aesthetic score needs both --aesthetic-clip DIR and --aesthetic-head FILE.")
+    import torch
+
+    from bindweave.quality.aesthetic import AestheticScorer  # transformers loads only when asked for
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    return AestheticScorer.from_files(args.aesthetic_clip, args.aesthetic_head, device)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     out_dir = args.out or args.candidate_dir / "compare"
     try:
-        comparison = compare_runs(args.reference_dir, args.candidate_dir, args.frame_stride, args.tile_width)
+        comparison = compare_runs(args.reference_dir, args.candidate_dir, args.frame_stride, args.tile_width,
+                                  aesthetic_scorer(args))
         written = write_comparison(comparison, out_dir)
     except BindWeaveInputError as error:
         print(f"error: {error}", file=sys.stderr)

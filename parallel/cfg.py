@@ -12,6 +12,7 @@ import torch
 import torch.distributed as dist
 
 from bindweave.sampling.sampler import SIDES, PredictFn, Step, VelocityFn, combine_guidance, guided_velocity
+from bindweave.settings.sampling import refuse_cfg_parallel_without_guidance
 
 
 def parallel_guided_velocity(predict: PredictFn, guidance_scale: float, cfg_degree: int, cfg_rank: int,
@@ -20,6 +21,7 @@ def parallel_guided_velocity(predict: PredictFn, guidance_scale: float, cfg_degr
     ``cfg_group``); sequential when ``cfg_degree == 1``. ``parallel.runtime.Runtime`` calls it."""
     if cfg_degree == 1:
         return guided_velocity(predict, guidance_scale)
+    refuse_cfg_parallel_without_guidance(guidance_scale, cfg_degree)  # the plan refuses it first; a direct caller here
     side = SIDES[cfg_rank]
 
     def velocity(latents: torch.Tensor, step: Step) -> torch.Tensor:

@@ -16,6 +16,7 @@ from safetensors.torch import save_file
 from bindweave.errors import BindWeaveInputError
 from bindweave.io.outputs import write_json, write_mp4
 from bindweave.quality.compare import LABEL_BAND_PX, compare_runs, mean_ssim, psnr, write_comparison
+from bindweave.quality.motion import FLOW_SIDE, motion_amplitude
 
 REPO = Path(__file__).resolve().parents[1]
 FRAMES, HEIGHT, WIDTH = 5, 32, 48
@@ -27,6 +28,17 @@ def smooth_frames(count: int = FRAMES) -> np.ndarray:
     y, x = np.mgrid[:HEIGHT, :WIDTH]
     frames = [np.stack([x * 5 + 8 * t, y * 7, (x + y) * 3], axis=-1) % 256 for t in range(count)]
     return np.stack(frames).astype(np.uint8)
+
+
+def moving_square(speed: int, count: int = 9, height: int = HEIGHT, width: int = WIDTH) -> np.ndarray:
+    """A bright textured 12-pixel square crossing a dark frame at `speed` pixels per frame (0: a still
+    video). Contrast at every scale: the flow's coarse levels must see the square too."""
+    texture = np.kron(np.random.default_rng(1).integers(128, 256, (6, 6, 3)), np.ones((2, 2, 1))).astype(np.uint8)
+    frames = np.full((count, height, width, 3), 20, np.uint8)
+    for index, frame in enumerate(frames):
+        left = 2 + speed * index
+        frame[height // 4:height // 4 + 12, left:left + 12] = texture
+    return frames
 
 
 def noisy(frames: np.ndarray, sigma: float) -> np.ndarray:
@@ -113,6 +125,32 @@ def test_no_sample_in_common_names_both_folders(tmp_path):
     assert str(tmp_path / "exact") in str(info.value) and str(tmp_path / "fast") in str(info.value)
 
 
+def test_motion_amplitude_is_zero_when_still_and_grows_with_the_speed():
+    still, slow, fast = (motion_amplitude(moving_square(speed, height=48, width=96)) for speed in (0, 2, 4))
+    assert still == 0.0 and slow > 0.1
+    assert 1.8 < fast / slow < 2.2, (slow, fast)  # twice the speed, twice the amplitude
+    assert motion_amplitude(moving_square(2, count=1)) is None  # no pair of frames
+    # In the video's pixels: 2x the size, shrunk back to FLOW_SIDE for the flow, reads 2x.
+    video = moving_square(2, height=48, width=FLOW_SIDE)
+    doubled = np.repeat(np.repeat(video, 2, axis=1), 2, axis=2)
+    assert motion_amplitude(doubled) / motion_amplitude(video) == pytest.approx(2, rel=0.1)
+
+
+def test_a_candidate_that_kills_the_motion_shows_it_for_both_runs(tmp_path):
+    write_sample(tmp_path / "exact", "a", moving_square(4))
+    write_sample(tmp_path / "draft", "a", moving_square(0), speed="draft")
+    comparison = compare_runs(tmp_path / "exact", tmp_path / "draft")
+    (sample,) = comparison.report["samples"]
+    assert sample["reference_motion"] > 0.1 and sample["candidate_motion"] < 0.01 and sample["motion_ratio"] < 0.1
+    summary = comparison.report["summary"]
+    assert (summary["mean_reference_motion"], summary["mean_candidate_motion"], summary["motion_ratio"]) == (
+        sample["reference_motion"], sample["candidate_motion"], sample["motion_ratio"])
+    row = next(line for line in comparison.markdown.splitlines() if line.startswith("| a |"))
+    assert f"| {sample['reference_motion']:.3f} | {sample['candidate_motion']:.3f} |" in row
+    assert "motion ref (px/frame) | motion cand (px/frame)" in comparison.markdown
+    assert f"candidate / reference {sample['motion_ratio']:.2f}x" in comparison.markdown
+
+
 # Through the entry point: its three outcomes run as concurrent subprocesses (each start imports
 # torch and diffusers, ~5 s).
 
@@ -154,6 +192,7 @@ def test_cli_writes_the_report(cli_runs):
     assert summary["compared"] == 2 and summary["failed"] == 0
     assert summary["only_in_reference"] == ["only_ref"] and summary["only_in_candidate"] == ["only_fast"]
     assert summary["max_latent_rel_error"] == pytest.approx(0.1, rel=1e-5)
+    assert summary["mean_reference_motion"] > 0 and summary["mean_candidate_motion"] > 0
     markdown = (report / "compare.md").read_text()
     assert "only in the reference: only_ref" in markdown and "only in the candidate: only_fast" in markdown
     tile_height = HEIGHT * TILE_WIDTH // WIDTH

@@ -10,12 +10,18 @@ samples finished in one folder only are listed. Per sample, over the decoded uin
 PSNR in dB over all frames (data range 255), the mean SSIM of every `frame_stride`-th frame
 (scikit-image, data range 255) and, when both runs wrote `ID.latents.safetensors`, the relative
 error of the final latents ||reference - candidate|| / ||reference|| in float64 (else null, with
-the reason in `latent_note`). Each sidecar's `speed` record is copied; the speed-up is the
-reference's `timings.denoise_s` over the candidate's.
+the reason in `latent_note`), and each video's motion amplitude (`reference_motion`,
+`candidate_motion`: mean optical-flow displacement in pixels per frame, bindweave/quality/motion.py;
+`motion_ratio` candidate / reference, below 1 when the candidate moves less: a draft that "kills
+the motion" shows here while its PSNR may still look fine) and, with a scorer given, each video's
+aesthetic score (`reference_aesthetic`, `candidate_aesthetic`: OpenS2V-Eval's, bindweave/quality/aesthetic.py;
+else null). Each sidecar's `speed` record is copied; the speed-up is the reference's `timings.denoise_s` over the candidate's.
 
 Identical decoded videos have an infinite PSNR: compare.json writes it as the string "inf" (JSON
 has no infinity). The summary's mean PSNR is over the samples whose videos differ
-(`identical_videos` counts the others), "inf" when all are identical.
+(`identical_videos` counts the others), "inf" when all are identical. The summary's motion is the
+mean amplitude of each run over the compared samples, and their ratio; likewise the mean aesthetic
+scores.
 
 A sample whose videos differ in frame count or size, or whose files cannot be read, gets an
 `error` and no PSNR, SSIM or latent error, and is left out of the summary; the others are still
@@ -42,6 +48,7 @@ from skimage.metrics import structural_similarity
 
 from bindweave.errors import BindWeaveInputError
 from bindweave.io.outputs import atomic_write, latents_path, video_done, write_json
+from bindweave.quality.motion import motion_amplitude
 
 LABEL_BAND_PX = 14  # PIL's default font is 12 px high
 JSON_NAME, MARKDOWN_NAME, SHEET_NAME = "compare.json", "compare.md", "contact_sheet.png"
@@ -58,8 +65,10 @@ class Comparison:
 
 
 def compare_runs(reference_dir: str | os.PathLike, candidate_dir: str | os.PathLike, frame_stride: int = 1,
-                 tile_width: int = 256) -> Comparison:
-    """Compare every sample finished in both folders; nothing is written.
+                 tile_width: int = 256, aesthetic=None) -> Comparison:
+    """Compare every sample finished in both folders; nothing is written. ``aesthetic``: an
+    :class:`bindweave.quality.aesthetic.AestheticScorer` (or anything with ``score(frames) -> float``)
+    scores each video; None leaves the aesthetic fields null.
 
     Raises BindWeaveInputError for a missing folder, an option below 1 or no sample in common."""
     reference_dir, candidate_dir = Path(reference_dir).resolve(), Path(candidate_dir).resolve()
@@ -79,7 +88,7 @@ def compare_runs(reference_dir: str | os.PathLike, candidate_dir: str | os.PathL
         )
     samples, rows = [], []
     for sample_id in common:
-        record, tiles = compare_sample(sample_id, reference_dir, candidate_dir, frame_stride, tile_width)
+        record, tiles = compare_sample(sample_id, reference_dir, candidate_dir, frame_stride, tile_width, aesthetic)
         samples.append(record)
         if tiles:
             rows.append(tiles)
@@ -115,11 +124,13 @@ def finished_samples(folder: Path) -> set[str]:
 
 
 def compare_sample(sample_id: str, reference_dir: Path, candidate_dir: Path, frame_stride: int = 1,
-                   tile_width: int = 256) -> tuple[dict, list[Image.Image]]:
+                   tile_width: int = 256, aesthetic=None) -> tuple[dict, list[Image.Image]]:
     """One sample's record (its numbers, or an `error`) and its six labelled contact-sheet tiles
     (none when one of its videos cannot be read)."""
     record = {"sample_id": sample_id, "error": None, "frames": None, "height": None, "width": None,
               "psnr_db": None, "ssim": None, "latent_rel_error": None, "latent_note": None,
+              "reference_motion": None, "candidate_motion": None, "motion_ratio": None,
+              "reference_aesthetic": None, "candidate_aesthetic": None,
               "reference_denoise_s": None, "candidate_denoise_s": None, "speedup": None,
               "reference_speed": None, "candidate_speed": None}
     tiles = []
@@ -136,6 +147,9 @@ def compare_sample(sample_id: str, reference_dir: Path, candidate_dir: Path, fra
         frames, height, width = reference.shape[:3]
         record.update(frames=frames, height=height, width=width, psnr_db=psnr(reference, candidate),
                       ssim=mean_ssim(reference, candidate, frame_stride))
+        record.update(motion_fields(motion_amplitude(reference), motion_amplitude(candidate)))
+        if aesthetic is not None:
+            record.update(reference_aesthetic=aesthetic.score(reference), candidate_aesthetic=aesthetic.score(candidate))
         record.update(latent_fields(sample_id, reference_dir, candidate_dir))
     except BindWeaveInputError as error:
         record.update(error=str(error), psnr_db=None, ssim=None)
@@ -172,6 +186,11 @@ def latent_fields(sample_id: str, reference_dir: Path, candidate_dir: Path) -> d
     if missing:
         return {"latent_rel_error": None, "latent_note": f"no latents file: {', '.join(missing)}"}
     return {"latent_rel_error": latent_relative_error(*paths), "latent_note": None}
+
+
+def motion_fields(reference: float | None, candidate: float | None) -> dict:
+    return {"reference_motion": reference, "candidate_motion": candidate,
+            "motion_ratio": candidate / reference if reference and candidate is not None else None}
 
 
 def speed_fields(reference_sidecar: dict, candidate_sidecar: dict) -> dict:
@@ -236,6 +255,8 @@ def summarize(samples: list[dict], frame_stride: int) -> dict:
     differing = [sample["psnr_db"] for sample in compared if math.isfinite(sample["psnr_db"])]
     latent_errors = [sample["latent_rel_error"] for sample in compared if sample["latent_rel_error"] is not None]
     timed = [sample for sample in compared if sample["speedup"] is not None]
+    means = {f"{side}_{metric}": mean_of(compared, f"{side}_{metric}")
+             for side in ("reference", "candidate") for metric in ("motion", "aesthetic")}
     return {
         "compared": len(compared), "failed": len(samples) - len(compared),
         "identical_videos": len(compared) - len(differing),
@@ -243,10 +264,20 @@ def summarize(samples: list[dict], frame_stride: int) -> dict:
         "mean_ssim": float(np.mean([sample["ssim"] for sample in compared])) if compared else None,
         "ssim_frame_stride": frame_stride,
         "max_latent_rel_error": max(latent_errors, default=None), "latents_compared": len(latent_errors),
+        "mean_reference_motion": means["reference_motion"], "mean_candidate_motion": means["candidate_motion"],
+        "motion_ratio": motion_fields(means["reference_motion"], means["candidate_motion"])["motion_ratio"],
+        "mean_reference_aesthetic": means["reference_aesthetic"],
+        "mean_candidate_aesthetic": means["candidate_aesthetic"],
         # Total over total: long samples weigh as much as they cost.
         "denoise_speedup": (sum(sample["reference_denoise_s"] for sample in timed)
                             / sum(sample["candidate_denoise_s"] for sample in timed)) if timed else None,
     }
+
+
+def mean_of(samples: list[dict], field: str) -> float | None:
+    """The mean of ``field`` over the samples that have it (None: none has)."""
+    values = [sample[field] for sample in samples if sample[field] is not None]
+    return float(np.mean(values)) if values else None
 
 
 def json_safe(value):
@@ -260,21 +291,37 @@ def json_safe(value):
     return value
 
 
+# compare.md's table: (header, the sample's field, the summary's field, format); the aesthetic
+# columns only when a scorer ran.
+COLUMNS = [("PSNR (dB)", "psnr_db", "mean_psnr_db", ".2f"), ("SSIM", "ssim", "mean_ssim", ".4f"),
+           ("latent rel. error", "latent_rel_error", "max_latent_rel_error", ".3e"),
+           ("motion ref (px/frame)", "reference_motion", "mean_reference_motion", ".3f"),
+           ("motion cand (px/frame)", "candidate_motion", "mean_candidate_motion", ".3f")]
+AESTHETIC_COLUMNS = [("aesthetic ref", "reference_aesthetic", "mean_reference_aesthetic", ".3f"),
+                     ("aesthetic cand", "candidate_aesthetic", "mean_candidate_aesthetic", ".3f")]
+TIMING_COLUMNS = [("denoise ref (s)", "reference_denoise_s", None, ".1f"),
+                  ("denoise cand (s)", "candidate_denoise_s", None, ".1f"), ("speed-up", "speedup", "denoise_speedup", "x")]
+
+
 def markdown_report(report: dict) -> str:
     """compare.md: the folders, one table row per sample plus the summary row, then the notes."""
     summary = report["summary"]
+    scored = summary["mean_reference_aesthetic"] is not None
+    columns = COLUMNS + (AESTHETIC_COLUMNS if scored else []) + TIMING_COLUMNS
     lines = [f"Reference: `{summary['reference_dir']}`  ", f"Candidate: `{summary['candidate_dir']}`", "",
-             "| sample | PSNR (dB) | SSIM | latent rel. error | denoise ref (s) | denoise cand (s) | speed-up |",
-             "|---|---:|---:|---:|---:|---:|---:|"]
+             "| sample | " + " | ".join(header for header, *_ in columns) + " |",
+             "|---|" + "---:|" * len(columns)]
     for sample in report["samples"]:
-        lines.append(table_row(sample["sample_id"].replace("|", "\\|"), sample["psnr_db"], sample["ssim"],
-                               sample["latent_rel_error"], sample["reference_denoise_s"],
-                               sample["candidate_denoise_s"], sample["speedup"]))
-    lines.append(table_row(f"**all ({summary['compared']})**", summary["mean_psnr_db"], summary["mean_ssim"],
-                           summary["max_latent_rel_error"], None, None, summary["denoise_speedup"]))
+        lines.append(table_row(sample["sample_id"].replace("|", "\\|"),
+                               [(sample[field], spec) for _, field, _, spec in columns]))
+    lines.append(table_row(f"**all ({summary['compared']})**",
+                           [(summary[field] if field else None, spec) for _, _, field, spec in columns]))
     lines += ["", f"All: mean PSNR over the samples whose videos differ ({summary['identical_videos']} identical: "
               f"PSNR inf), mean SSIM (frame stride {summary['ssim_frame_stride']}), max latent error, "
-              f"total denoise time ratio."]
+              f"mean motion amplitude of each run (optical flow, pixels per frame; candidate / reference "
+              f"{ratio_text(summary['motion_ratio'])}), "
+              + ("mean aesthetic score of each run (LAION predictor on CLIP ViT-L/14, as OpenS2V-Eval), " if scored
+                 else "") + "total denoise time ratio."]
     notes = [f"- {sample['sample_id']}: **not compared**: {sample['error']}"
              for sample in report["samples"] if sample["error"]]
     notes += [f"- {sample['sample_id']}: {sample['latent_note']}"
@@ -284,11 +331,14 @@ def markdown_report(report: dict) -> str:
     return "\n".join(lines + ([""] + notes if notes else [])) + "\n"
 
 
-def table_row(sample: str, psnr_db, ssim, latent_error, reference_s, candidate_s, speedup) -> str:
-    cells = [sample, number(psnr_db, ".2f"), number(ssim, ".4f"), number(latent_error, ".3e"),
-             number(reference_s, ".1f"), number(candidate_s, ".1f"),
-             "—" if speedup is None else f"{speedup:.2f}x"]
-    return "| " + " | ".join(cells) + " |"
+def table_row(sample: str, cells: list[tuple[float | None, str]]) -> str:
+    """One row: ``cells`` are (value, format); format "x" writes a ratio."""
+    texts = [ratio_text(value) if spec == "x" else number(value, spec) for value, spec in cells]
+    return "| " + " | ".join([sample] + texts) + " |"
+
+
+def ratio_text(ratio: float | None) -> str:
+    return "—" if ratio is None else f"{ratio:.2f}x"
 
 
 def number(value: float | None, spec: str) -> str:

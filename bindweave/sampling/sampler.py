@@ -1,8 +1,17 @@
-"""UniPC flow sampling with classifier-free guidance, as the reference runs it (SPEC §6).
+"""Flow sampling with classifier-free guidance: UniPC as the reference runs it (SPEC §6), or the
+step-distill schedule of LightX2V's few-step Wan2.1 checkpoints.
 
-The schedule is diffusers 0.33.1's (the version the reference pins). Newer diffusers compute a
-different flow-sigma grid from the same config; passing the unshifted grid as ``sigmas``
+UniPC: the schedule is diffusers 0.33.1's (the version the reference pins). Newer diffusers compute
+a different flow-sigma grid from the same config; passing the unshifted grid as ``sigmas``
 reproduces 0.33.1's sigmas, timesteps and updates exactly.
+
+Step distill (``sampler.scheduler=step_distill``): LightX2V's ``WanStepDistillScheduler`` takes
+each listed timestep t as sigma u = t / 1000 on its 1000-step training grid, shifts it
+(``shift * u / (1 + (shift - 1) * u)``), feeds the DiT ``1000 * sigma`` and steps the latents
+``x - sigma * v + sigma_next * v`` (sigma_next 0 after the last). That is diffusers'
+``FlowMatchEulerDiscreteScheduler`` with ``shift`` and those unshifted ``sigmas``
+(``x + (sigma_next - sigma) * v``, the same step): tests/test_sampler.py checks both against the
+formula.
 """
 
 from __future__ import annotations
@@ -12,9 +21,10 @@ from typing import Callable, Iterable
 
 import numpy as np
 import torch
-from diffusers import UniPCMultistepScheduler
+from diffusers import FlowMatchEulerDiscreteScheduler, UniPCMultistepScheduler
+from diffusers.schedulers.scheduling_utils import SchedulerMixin
 
-from bindweave.settings.sampling import SamplerSettings
+from bindweave.settings.sampling import NO_GUIDANCE, SamplerSettings
 
 SIDES = ("positive", "negative")  # the two CFG passes: the prompt's text inputs, the negative prompt's
 
@@ -56,12 +66,27 @@ def unipc_config(settings: SamplerSettings) -> dict:
     )
 
 
-def make_scheduler(settings: SamplerSettings) -> UniPCMultistepScheduler:
+def make_scheduler(settings: SamplerSettings) -> SchedulerMixin:
+    """The scheduler of ``sampler.scheduler`` with its steps set."""
+    if settings.scheduler == "step_distill":
+        return make_step_distill_scheduler(settings)
+    return make_unipc_scheduler(settings)
+
+
+def make_unipc_scheduler(settings: SamplerSettings) -> UniPCMultistepScheduler:
     """SPEC §6's UniPC config with the reference's (diffusers 0.33.1) sigma grid set."""
     scheduler = UniPCMultistepScheduler(**unipc_config(settings))
     steps = settings.num_steps
     unshifted = (1 - np.linspace(1, 1 / settings.num_train_timesteps, steps + 1))[::-1][:-1].copy()
     scheduler.set_timesteps(sigmas=unshifted)
+    return scheduler
+
+
+def make_step_distill_scheduler(settings: SamplerSettings) -> FlowMatchEulerDiscreteScheduler:
+    """Euler flow steps at ``settings.timesteps`` shifted by ``flow_shift`` (module docstring)."""
+    scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=settings.num_train_timesteps,
+                                                shift=settings.flow_shift)
+    scheduler.set_timesteps(sigmas=[t / settings.num_train_timesteps for t in settings.timesteps])
     return scheduler
 
 
@@ -78,7 +103,10 @@ def combine_guidance(cond: torch.Tensor, uncond: torch.Tensor, guidance_scale: f
 
 
 def guided_velocity(predict: PredictFn, guidance_scale: float) -> VelocityFn:
-    """Sequential CFG: the positive pass, then the negative one, combined."""
+    """Sequential CFG: the positive pass, then the negative one, combined; without guidance
+    (``guidance_scale`` 1) the positive pass alone, one forward per step."""
+    if guidance_scale == NO_GUIDANCE:
+        return lambda latents, step: predict(latents, step.for_side(SIDES[0]))
 
     def velocity(latents: torch.Tensor, step: Step) -> torch.Tensor:
         cond, uncond = (predict(latents, step.for_side(side)) for side in SIDES)
@@ -89,7 +117,7 @@ def guided_velocity(predict: PredictFn, guidance_scale: float) -> VelocityFn:
 
 def denoise(
     noise: torch.Tensor,
-    scheduler: UniPCMultistepScheduler,
+    scheduler: SchedulerMixin,
     velocity: VelocityFn,
     progress: Callable[[Iterable], Iterable] = iter,
 ) -> torch.Tensor:

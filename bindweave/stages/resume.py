@@ -44,7 +44,7 @@ def sample_recipe(prompt: str, inputs: dict[str, list[str]], seed: int, video, s
         "images": inputs["images"],
         "hidden_states": inputs["hidden_states"],
         "seed": seed,
-        "sampler": {key: value for key, value in asdict(sampler).items() if key != "seed"},
+        "sampler": sampler.recipe(),
         "video": asdict(video),
         "models": {name: {key: info[key] for key in ("revision", "fingerprint")} for name, info in models.items()},
         "model_options": model_options,
