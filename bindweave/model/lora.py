@@ -1,0 +1,299 @@
+"""LoRA adapters merged into the BindWeave DiT as its tensors are read (``model.loras``).
+
+Each file's keys name a parameter of Wan2.1-I2V-14B in one of the layouts people have:
+
+- original Wan names, ``diffusion_model.blocks.3.self_attn.q.lora_down.weight`` (LightX2V, kijai;
+  also without the prefix),
+- diffusers/PEFT names, ``transformer.blocks.3.attn1.to_q.lora_A.weight`` (also ``base_model.model.``
+  or no prefix),
+- musubi-tuner names, ``lora_unet_blocks_3_self_attn_q.lora_down.weight``,
+
+with the endings ``lora_A/lora_down.weight`` + ``lora_B/lora_up.weight`` (a low-rank pair, scaled
+by ``.alpha`` / rank when the file has an alpha, else 1), ``lora_B.bias`` (PEFT's bias of the pair,
+scaled the same), ``.diff`` (a full weight delta), ``.diff_b`` (a bias delta) and ``.diff_m``
+(LightX2V's modulation delta). What each file adds to a parameter ``W``, in float32, files in order:
+
+    W' = W + strength * (alpha / rank) * (B @ A)  +  strength * diff     (cast once to W's dtype)
+
+Original Wan names are renamed with diffusers' own table (``convert_wan_transformer_to_diffusers``,
+what its single-file loader uses for Wan checkpoints), which covers every module. diffusers' LoRA
+converters are not used: ``_convert_non_diffusers_wan_lora_to_diffusers`` drops the norm ``.diff``
+and ``.diff_b`` keys and every weight ``.diff`` (the lightx2v I2V LoRA carries both), drops the
+``time_projection`` keys of a LoRA without a pair there, and folds alpha into A and B in the file's
+dtype (bf16 rounding); its musubi converter needs all 14 modules of every block with an alpha.
+
+Everything is checked from the files' headers against the DiT's parameter shapes before any weight
+of the DiT is read: a key that names no parameter, a shape that is not the parameter's (a LoRA for
+Wan 1.3B or 5B), an unknown ending or a pair without its other half is one error naming the file and
+the keys. The loaders (bindweave.model.loading, parallel/fsdp.py) call :meth:`LoraMerge.apply` on
+every tensor they read, on the rows they read, so the merge is the same resident, offloaded
+(merged once, into the host buffer) and FSDP-sharded (each rank its own rows), and it happens
+before projections are fused, linears go FP8 or blocks are compiled.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+
+from bindweave.errors import BindWeaveInputError
+from bindweave.io.checkpoint import FLOAT_DTYPES, SHOWN_KEYS
+from bindweave.settings.lora import LoraSettings
+
+log = logging.getLogger("bindweave")
+
+# Key ending -> (its role, the leaf of the parameter it changes under the key's module).
+ENDINGS = {
+    ".lora_A.weight": ("down", "weight"), ".lora_down.weight": ("down", "weight"),
+    ".lora_B.weight": ("up", "weight"), ".lora_up.weight": ("up", "weight"),
+    ".alpha": ("alpha", "weight"),
+    ".lora_B.bias": ("up_bias", "bias"),
+    ".diff": ("diff", "weight"), ".diff_b": ("diff_b", "bias"), ".diff_m": ("diff_m", "modulation"),
+}
+FULL_DELTAS = ("diff", "diff_b", "diff_m")
+ORIGINAL_PREFIXES = ("model.diffusion_model.", "diffusion_model.")
+DIFFUSERS_PREFIXES = ("transformer.", "base_model.model.")
+MUSUBI_PREFIX = "lora_unet_"
+# Original Wan module names with an underscore, which musubi's names cannot tell from its separators
+# (longest first: norm_k_img before k_img and norm_k).
+MUSUBI_COMPOUNDS = ("norm_k_img", "self_attn", "cross_attn", "k_img", "v_img", "norm_q", "norm_k",
+                    "text_embedding", "time_embedding", "time_projection", "img_emb", "patch_embedding")
+FORMATS = ("original Wan names (diffusion_model.blocks.N.self_attn.q.lora_down.weight), diffusers/PEFT names "
+           "(transformer.blocks.N.attn1.to_q.lora_A.weight) or musubi names (lora_unet_blocks_N_self_attn_q."
+           "lora_down.weight)")
+
+
+@dataclass(frozen=True)
+class LowRankTerm:
+    """``factor * B @ A`` (``factor``: strength * alpha / rank) from two tensors of one file."""
+
+    file: Path
+    down: str
+    up: str
+    factor: float
+
+    def rows(self, start: int, stop: int, shape: torch.Size) -> torch.Tensor:
+        with safe_open(self.file, framework="pt") as handle:
+            down = handle.get_tensor(self.down).float()
+            up = handle.get_slice(self.up)[start:stop].float()
+        return (self.factor * (up.flatten(1) @ down.flatten(1))).reshape(stop - start, *shape[1:])
+
+
+@dataclass(frozen=True)
+class FullTerm:
+    """``factor * delta`` (``factor``: the strength, or strength * alpha / rank for a pair's bias)."""
+
+    file: Path
+    key: str
+    factor: float
+
+    def rows(self, start: int, stop: int, shape: torch.Size) -> torch.Tensor:
+        with safe_open(self.file, framework="pt") as handle:
+            return self.factor * handle.get_slice(self.key)[start:stop].float()
+
+
+@dataclass(frozen=True)
+class LoraFile:
+    """One file of ``model.loras``, checked: its fingerprint and the parameters it changes."""
+
+    path: Path
+    strength: float
+    sha256: str
+    parameters: tuple[str, ...]
+
+
+class LoraMerge:
+    """What the LoRA files add to each parameter of the DiT (checkpoint names, diffusers' Wan keys)."""
+
+    def __init__(self, files: Sequence[LoraFile], terms: Mapping[str, list[LowRankTerm | FullTerm]],
+                 parameter_shapes: Mapping[str, torch.Size]):
+        self.files = list(files)
+        self._terms = dict(terms)
+        self._shapes = dict(parameter_shapes)
+
+    @classmethod
+    def from_settings(cls, loras: Sequence[LoraSettings], parameter_shapes: Mapping[str, torch.Size]) -> LoraMerge:
+        """Read the headers of ``loras``' files, map their keys onto ``parameter_shapes`` (the meta
+        DiT's, unfused) and check them; raise one BindWeaveInputError for every file that does not fit."""
+        files, terms, problems = [], {}, []
+        for lora in loras:
+            path = Path(lora.path).expanduser()
+            file_terms, file_problems = _read_terms(path, lora.strength, parameter_shapes)
+            if file_problems:
+                problems.append(f"{path}: " + "; ".join(file_problems))
+                continue
+            for name, term in file_terms:
+                terms.setdefault(name, []).append(term)
+            with open(path, "rb") as handle:
+                digest = hashlib.file_digest(handle, "sha256").hexdigest()
+            files.append(LoraFile(path, lora.strength, digest, tuple(sorted({name for name, _ in file_terms}))))
+        if problems:
+            raise BindWeaveInputError(
+                f"{len(problems)} LoRA file(s) in model.loras do not fit the BindWeave DiT (Wan2.1-I2V-14B "
+                "with a text projector; nothing was loaded):\n  - " + "\n  - ".join(problems)
+                + f"\nUse LoRAs made for Wan2.1-14B in {FORMATS}, or remove them from model.loras")
+        merge = cls(files, terms, parameter_shapes)
+        if files:
+            log.info("%s", merge.summary())
+        return merge
+
+    def changes(self, name: str) -> bool:
+        return name in self._terms
+
+    def apply(self, name: str, rows: torch.Tensor, row_start: int = 0) -> torch.Tensor:
+        """Rows ``[row_start, row_start + len(rows))`` of parameter ``name`` with every file's delta
+        added, in float32 (the caller casts once to the model's dtype); ``rows`` as they are when no
+        file changes ``name``."""
+        if name not in self._terms:
+            return rows
+        merged = rows.to(torch.float32, copy=True)
+        for term in self._terms[name]:
+            merged += term.rows(row_start, row_start + merged.shape[0], self._shapes[name])
+        return merged
+
+    def record(self) -> list[dict]:
+        """Per file, for sidecars and resume recipes: path, sha256, strength, parameters changed."""
+        return [{"path": str(file.path), "sha256": file.sha256, "strength": file.strength,
+                 "parameters": len(file.parameters)} for file in self.files]
+
+    def summary(self) -> str:
+        blocks = {name.split(".")[1] for name in self._shapes if name.startswith("blocks.")}
+        lines = []
+        for file in self.files:
+            touched = {name.split(".")[1] for name in file.parameters if name.startswith("blocks.")}
+            outside = sum(not name.startswith("blocks.") for name in file.parameters)
+            lines.append(f"LoRA {file.path.name} (strength {file.strength:g}, sha256 {file.sha256[:12]}): "
+                         f"{len(file.parameters)} parameters in {len(touched)} of {len(blocks)} blocks"
+                         + (f" and {outside} outside them" if outside else ""))
+        return "\n".join(lines)
+
+
+def _read_terms(path: Path, strength: float, shapes: Mapping[str, torch.Size]):
+    """One file's terms as (parameter, term) pairs, and what is wrong with it (shapes only)."""
+    if not path.is_file():
+        return [], [f"no such file (fix model.loras' path)"]
+    try:
+        with safe_open(path, framework="pt") as handle:
+            headers = {key: (tuple(handle.get_slice(key).get_shape()), handle.get_slice(key).get_dtype())
+                       for key in handle.keys()}
+    except Exception as error:  # truncated, or not a safetensors file
+        return [], [f"not a readable safetensors file ({error})"]
+    if not headers:
+        return [], ["it holds no tensors"]
+
+    unknown, unmatched, wrong, groups = [], [], [], {}
+    for key, (shape, dtype) in headers.items():
+        ending = next((ending for ending in ENDINGS if key.endswith(ending)), None)
+        if ending is None:
+            unknown.append(key)
+            continue
+        if dtype not in FLOAT_DTYPES:
+            wrong.append(f"{key} is {dtype}, not a float")
+        role, leaf = ENDINGS[ending]
+        module = key[:-len(ending)]
+        target = _parameter_name(module, leaf, shapes)
+        if target is None:
+            unmatched.append(key)
+            continue
+        roles = groups.setdefault(module, {})
+        if role in roles:
+            wrong.append(f"{roles[role][0]} and {key} both give the {role} of {module}")
+        roles[role] = (key, shape, target)
+
+    terms, incomplete = [], []
+    for module, roles in groups.items():
+        for key, shape, target in (roles[role] for role in FULL_DELTAS if role in roles):
+            if shape != tuple(shapes[target]):
+                wrong.append(f"{key} {list(shape)} (the DiT's {target} is {list(shapes[target])})")
+            terms.append((target, FullTerm(path, key, strength)))
+        pair = [roles.get("down"), roles.get("up")]
+        if pair == [None, None]:
+            incomplete += [f"{roles[role][0]} without its lora_A/lora_B pair" for role in ("alpha", "up_bias")
+                           if role in roles]
+            continue
+        if None in pair:
+            have = (pair[0] or pair[1])[0]
+            incomplete.append(f"{have} without its {'lora_B (lora_up)' if pair[1] is None else 'lora_A (lora_down)'}")
+            continue
+        (down, down_shape, target), (up, up_shape, _) = pair
+        problem = _pair_shape_problem(down, down_shape, up, up_shape, target, tuple(shapes[target]))
+        if problem:
+            wrong.append(problem)
+            continue
+        rank = down_shape[0]
+        scale = 1.0
+        if "alpha" in roles:
+            alpha_key, alpha_shape, _ = roles["alpha"]
+            if torch.Size(alpha_shape).numel() != 1:
+                wrong.append(f"{alpha_key} {list(alpha_shape)} (an alpha is one number)")
+                continue
+            with safe_open(path, framework="pt") as handle:
+                scale = handle.get_tensor(alpha_key).item() / rank
+        terms.append((target, LowRankTerm(path, down, up, strength * scale)))
+        if "up_bias" in roles:
+            key, shape, bias = roles["up_bias"]
+            if shape != tuple(shapes[bias]):
+                wrong.append(f"{key} {list(shape)} (the DiT's {bias} is {list(shapes[bias])})")
+            terms.append((bias, FullTerm(path, key, strength * scale)))
+
+    problems = []
+    for label, keys in ((f"keys with an unknown ending (known: {', '.join(ENDINGS)})", unknown),
+                        ("keys that name no parameter of the DiT", unmatched),
+                        ("wrong shapes or dtypes", wrong), ("incomplete pairs", incomplete)):
+        if keys:
+            more = f" (+{len(keys) - SHOWN_KEYS} more)" if len(keys) > SHOWN_KEYS else ""
+            problems.append(f"{len(keys)} {label}: {', '.join(sorted(keys)[:SHOWN_KEYS])}{more}")
+    return terms, problems
+
+
+def _pair_shape_problem(down: str, down_shape, up: str, up_shape, target: str, shape) -> str | None:
+    """A pair fits ``shape`` (out, in, *kernel) when A is (rank, in, *kernel) and B (out, rank, 1...)."""
+    fits = (len(shape) >= 2 and len(down_shape) >= 2 and len(up_shape) >= 2
+            and up_shape[0] == shape[0] and up_shape[1] == down_shape[0]
+            and torch.Size(up_shape[2:]).numel() == 1
+            and torch.Size(down_shape[1:]).numel() == torch.Size(shape[1:]).numel())
+    if fits:
+        return None
+    return f"{down} {list(down_shape)} / {up} {list(up_shape)} (the DiT's {target} is {list(shape)})"
+
+
+def _parameter_name(module: str, leaf: str, shapes: Mapping[str, torch.Size]) -> str | None:
+    """The DiT parameter (diffusers' Wan key) that ``module.leaf`` names in the key's layout, if any."""
+    for prefix in DIFFUSERS_PREFIXES:
+        if module.startswith(prefix):
+            return _existing(f"{module[len(prefix):]}.{leaf}", shapes)
+    for prefix in ORIGINAL_PREFIXES:
+        if module.startswith(prefix):
+            return _existing(_from_original(f"{module[len(prefix):]}.{leaf}"), shapes)
+    if module.startswith(MUSUBI_PREFIX):
+        return _existing(_from_original(f"{_from_musubi(module[len(MUSUBI_PREFIX):])}.{leaf}"), shapes)
+    # No prefix: diffusers' name if the DiT has it, else an original Wan name (the two never collide:
+    # the original blocks' affine norm is norm3, diffusers' norm2).
+    return _existing(f"{module}.{leaf}", shapes) or _existing(_from_original(f"{module}.{leaf}"), shapes)
+
+
+def _existing(name: str, shapes: Mapping[str, torch.Size]) -> str | None:
+    return name if name in shapes else None
+
+
+def _from_original(name: str) -> str:
+    """An original Wan parameter name in diffusers' naming, by diffusers' own table."""
+    from diffusers.loaders.single_file_utils import convert_wan_transformer_to_diffusers
+
+    (converted,) = convert_wan_transformer_to_diffusers({name: None})
+    return converted
+
+
+def _from_musubi(module: str) -> str:
+    """``blocks_3_self_attn_q`` -> ``blocks.3.self_attn.q`` (musubi writes the original name's dots as _)."""
+    name = module.replace("_", ".")
+    for compound in MUSUBI_COMPOUNDS:
+        name = re.sub(rf"(?<![^.]){re.escape(compound.replace('_', '.'))}(?![^.])", compound, name)
+    return name

@@ -1,0 +1,223 @@
+"""LoRA merging (bindweave/model/lora.py): every key layout merges to exactly W + strength * alpha / rank
+* B @ A (and the full deltas), computed here independently; stacked files add; the resident, host-buffer
+and FSDP loaders give the same weights; a LoRA that does not fit is refused from the headers alone."""
+
+import hashlib
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from bindweave.errors import BindWeaveInputError
+from bindweave.model.loading import (load_bindweave_to_host_buffer, load_bindweave_transformer,
+                                     meta_bindweave_transformer)
+from bindweave.model.lora import LoraMerge
+from bindweave.model.speed import fuse_projections
+from bindweave.settings.lora import LoraSettings
+
+REPO = Path(__file__).resolve().parents[1]
+WEIGHTS = "diffusion_pytorch_model.safetensors"
+RANK = 4
+
+# (the DiT's module in diffusers' names, the same module in original Wan names): a self-attention and
+# an image K projection, an FFN linear of another shape, a linear outside the blocks, the patch conv.
+MODULES = [("blocks.0.attn1.to_q", "blocks.0.self_attn.q"),
+           ("blocks.1.attn2.add_k_proj", "blocks.1.cross_attn.k_img"),
+           ("blocks.1.ffn.net.0.proj", "blocks.1.ffn.0"),
+           ("condition_embedder.text_embedder.linear_1", "text_embedding.0"),
+           ("patch_embedding", "patch_embedding")]
+# Full deltas in original Wan names (LightX2V's I2V distill LoRA has these kinds) -> the DiT's parameter.
+FULL_DELTAS = {"blocks.0.norm3.diff": "blocks.0.norm2.weight", "blocks.0.norm3.diff_b": "blocks.0.norm2.bias",
+               "blocks.1.cross_attn.k_img.diff_b": "blocks.1.attn2.add_k_proj.bias",
+               "blocks.1.cross_attn.norm_k_img.diff": "blocks.1.attn2.norm_added_k.weight",
+               "blocks.0.diff_m": "blocks.0.scale_shift_table"}
+# layout -> (the module's key stem from (diffusers, original) names, A ending, B ending, with alpha, with diffs)
+LAYOUTS = {
+    "wan_down_up_alpha": (lambda d, o: f"diffusion_model.{o}", "lora_down.weight", "lora_up.weight", True, True),
+    "wan_A_B": (lambda d, o: f"diffusion_model.{o}", "lora_A.weight", "lora_B.weight", False, True),
+    "wan_unprefixed": (lambda d, o: o, "lora_down.weight", "lora_up.weight", True, True),
+    "diffusers": (lambda d, o: f"transformer.{d}", "lora_A.weight", "lora_B.weight", False, False),
+    "peft_alpha": (lambda d, o: f"base_model.model.{d}", "lora_A.weight", "lora_B.weight", True, False),
+    "musubi": (lambda d, o: "lora_unet_" + o.replace(".", "_"), "lora_down.weight", "lora_up.weight", True, False),
+}
+
+
+@pytest.fixture(scope="module")
+def shapes(tiny_dit_folder):
+    return {name: parameter.shape for name, parameter in meta_bindweave_transformer(tiny_dit_folder).named_parameters()}
+
+
+def write_lora(path: Path, layout: str, shapes, seed: int, dtype=torch.bfloat16, strength: float = 1.0) -> dict:
+    """A random LoRA in ``layout``; returns what it adds to each parameter, computed from its tensors."""
+    stem, down_end, up_end, with_alpha, with_diffs = LAYOUTS[layout]
+    generator = torch.Generator().manual_seed(seed)
+    tensors, deltas = {}, {}
+    for diffusers_name, original_name in MODULES:
+        shape = shapes[f"{diffusers_name}.weight"]
+        down = torch.randn(RANK, *shape[1:], generator=generator).to(dtype)
+        up = torch.randn(shape[0], RANK, *[1] * (len(shape) - 2), generator=generator).to(dtype)
+        key = stem(diffusers_name, original_name)
+        tensors[f"{key}.{down_end}"], tensors[f"{key}.{up_end}"] = down, up
+        scale = 1.0
+        if with_alpha:
+            alpha = float(RANK + seed % 3)
+            tensors[f"{key}.alpha"] = torch.tensor(alpha)
+            scale = alpha / RANK
+        deltas[f"{diffusers_name}.weight"] = (strength * scale) * (up.float().flatten(1) @ down.float().flatten(1)).reshape(shape)
+    if layout == "diffusers":  # PEFT's bias of a pair: scaled as the pair
+        bias = torch.randn(shapes["blocks.0.attn1.to_q.bias"], generator=generator).to(dtype)
+        tensors["transformer.blocks.0.attn1.to_q.lora_B.bias"] = bias
+        deltas["blocks.0.attn1.to_q.bias"] = strength * bias.float()
+    if with_diffs:
+        prefix = stem("", "")
+        for key, name in FULL_DELTAS.items():
+            diff = torch.randn(shapes[name], generator=generator).to(dtype)
+            tensors[prefix + key] = diff
+            deltas[name] = strength * diff.float()
+    save_file(tensors, path)
+    return deltas
+
+
+def merge_of(*files: tuple[Path, float], shapes) -> LoraMerge:
+    return LoraMerge.from_settings([LoraSettings(str(path), strength) for path, strength in files], shapes)
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_each_layout_merges_exactly_into_the_models_dtype(layout, tiny_dit_folder, shapes, tmp_path):
+    strength = 0.75
+    deltas = write_lora(tmp_path / "lora.safetensors", layout, shapes, seed=1, strength=strength)
+    merge = merge_of((tmp_path / "lora.safetensors", strength), shapes=shapes)
+    model = load_bindweave_transformer(tiny_dit_folder, torch.bfloat16, lora=merge)
+    stored = load_file(tiny_dit_folder / WEIGHTS)  # float32, as save_pretrained wrote it
+    loaded = model.state_dict()
+    for name, tensor in loaded.items():
+        expected = stored[name] + deltas[name] if name in deltas else stored[name]
+        assert torch.equal(tensor, expected.to(tensor.dtype)), name  # the sum rounded once
+    assert {name for name in shapes if merge.changes(name)} == set(deltas)
+    # Rounding the weight to bf16 before adding would differ: the check above sees the order.
+    name = "blocks.0.attn1.to_q.weight"
+    assert not torch.equal(loaded[name], (stored[name].bfloat16().float() + deltas[name]).bfloat16())
+
+
+def test_stacked_loras_add_in_order(tiny_dit_folder, shapes, tmp_path):
+    first = write_lora(tmp_path / "a.safetensors", "wan_down_up_alpha", shapes, seed=2, strength=0.5)
+    second = write_lora(tmp_path / "b.safetensors", "musubi", shapes, seed=3, strength=-1.25)
+    merge = merge_of((tmp_path / "a.safetensors", 0.5), (tmp_path / "b.safetensors", -1.25), shapes=shapes)
+    loaded = load_bindweave_transformer(tiny_dit_folder, torch.float32, lora=merge).state_dict()
+    stored = load_file(tiny_dit_folder / WEIGHTS)
+    for name, tensor in loaded.items():
+        expected = stored[name] + first[name] if name in first else stored[name].clone()
+        if name in second:
+            expected = expected + second[name]
+        assert torch.equal(tensor, expected), name
+    assert [entry["parameters"] for entry in merge.record()] == [len(first), len(second)]
+
+
+def test_the_record_has_each_files_fingerprint_strength_and_count(shapes, tmp_path):
+    write_lora(tmp_path / "partial.safetensors", "wan_A_B", shapes, seed=4)
+    merge = merge_of((tmp_path / "partial.safetensors", 0.8), shapes=shapes)
+    digest = hashlib.sha256((tmp_path / "partial.safetensors").read_bytes()).hexdigest()
+    changed = len(MODULES) + len(FULL_DELTAS)
+    assert merge.record() == [{"path": str(tmp_path / "partial.safetensors"), "sha256": digest, "strength": 0.8,
+                               "parameters": changed}]
+    # A LoRA on some layers says how many it changes: here both tiny blocks and 2 parameters outside them.
+    assert f"{changed} parameters in 2 of 2 blocks and 2 outside them" in merge.summary()
+
+
+def test_the_offload_loader_fills_the_host_buffer_with_the_resident_merge(tiny_dit_folder, shapes, tmp_path):
+    write_lora(tmp_path / "lora.safetensors", "wan_down_up_alpha", shapes, seed=5)
+    merge = merge_of((tmp_path / "lora.safetensors", 1.5), shapes=shapes)
+    resident = load_bindweave_transformer(tiny_dit_folder, torch.bfloat16, lora=merge)
+    fuse_projections(resident, keep_separate=False)  # fused rows: the buffer's, filled piece by piece
+    streamed = load_bindweave_to_host_buffer(tiny_dit_folder, torch.bfloat16, fuse=True, lora=merge)
+    expected = resident.state_dict()
+    assert streamed.state_dict().keys() == expected.keys()
+    for name, tensor in streamed.state_dict().items():
+        assert torch.equal(tensor, expected[name]), name
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(240)
+def test_fsdp_ranks_merge_their_own_rows_to_the_resident_merge(tiny_dit_folder, shapes, tmp_path):
+    write_lora(tmp_path / "a.safetensors", "wan_down_up_alpha", shapes, seed=6)
+    write_lora(tmp_path / "b.safetensors", "diffusers", shapes, seed=7)
+    loras = [[str(tmp_path / "a.safetensors"), 0.6], [str(tmp_path / "b.safetensors"), 1.0]]
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+               str(REPO / "tests/parallel_lora.py"), str(tiny_dit_folder), json.dumps(loras), str(tmp_path)]
+    result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=200)
+    assert result.returncode == 0, result.stderr[-3000:]
+    resident = load_bindweave_transformer(tiny_dit_folder, torch.float32, lora=merge_of(
+        *((Path(path), strength) for path, strength in loras), shapes=shapes))
+    fuse_projections(resident, keep_separate=False)
+    sharded = torch.load(tmp_path / "merged.pt")
+    assert sharded.keys() == resident.state_dict().keys()
+    for name, tensor in resident.state_dict().items():
+        assert torch.equal(sharded[name], tensor), name
+
+
+def bad_lora(kind: str, shapes) -> dict:
+    q = shapes["blocks.0.attn1.to_q.weight"]
+    pair = {"diffusion_model.blocks.0.self_attn.q.lora_down.weight": torch.zeros(RANK, q[1]),
+            "diffusion_model.blocks.0.self_attn.q.lora_up.weight": torch.zeros(q[0], RANK)}
+    if kind == "unmatched":  # a block the DiT does not have, a module it does not have
+        return {**pair, "diffusion_model.blocks.7.self_attn.q.lora_down.weight": torch.zeros(RANK, q[1]),
+                "diffusion_model.blocks.7.self_attn.q.lora_up.weight": torch.zeros(q[0], RANK),
+                "transformer.blocks.0.attn1.to_z.lora_A.weight": torch.zeros(RANK, q[1])}
+    if kind == "wrong_shape":  # another model's width; a T2V patch embedding (16 input channels)
+        return {"diffusion_model.blocks.0.self_attn.q.lora_down.weight": torch.zeros(RANK, 48),
+                "diffusion_model.blocks.0.self_attn.q.lora_up.weight": torch.zeros(48, RANK),
+                "diffusion_model.patch_embedding.lora_down.weight": torch.zeros(RANK, 16, 1, 2, 2),
+                "diffusion_model.patch_embedding.lora_up.weight": torch.zeros(q[0], RANK, 1, 1, 1),
+                "diffusion_model.blocks.0.norm3.diff": torch.zeros(48)}
+    if kind == "missing_half":
+        return {"diffusion_model.blocks.0.self_attn.q.lora_down.weight": torch.zeros(RANK, q[1]),
+                "diffusion_model.blocks.0.self_attn.k.lora_up.weight": torch.zeros(q[0], RANK),
+                "diffusion_model.blocks.0.self_attn.v.alpha": torch.tensor(4.0)}
+    if kind == "unknown_ending":  # DoRA's magnitude, LoHa's factors
+        return {**pair, "diffusion_model.blocks.0.self_attn.q.dora_scale": torch.ones(1, q[1]),
+                "diffusion_model.blocks.0.self_attn.k.hada_w1_a": torch.zeros(q[0], RANK)}
+    raise AssertionError(kind)
+
+
+@pytest.mark.parametrize("kind, named", [
+    ("unmatched", ["3 keys that name no parameter", "blocks.7.self_attn.q.lora_down.weight", "to_z.lora_A.weight"]),
+    ("wrong_shape", ["3 wrong shapes", "self_attn.q.lora_down.weight [4, 48]", "patch_embedding.lora_down.weight",
+                     "norm3.diff [48] (the DiT's blocks.0.norm2.weight is [32])"]),
+    ("missing_half", ["3 incomplete pairs", "q.lora_down.weight without its lora_B", "k.lora_up.weight without its "
+                      "lora_A", "v.alpha without its lora_A/lora_B pair"]),
+    ("unknown_ending", ["2 keys with an unknown ending", "q.dora_scale", "k.hada_w1_a"]),
+])
+def test_a_lora_that_does_not_fit_is_refused_from_its_headers_naming_the_keys(kind, named, shapes, tmp_path):
+    path = tmp_path / f"{kind}.safetensors"
+    save_file(bad_lora(kind, shapes), path)
+    good = tmp_path / "good.safetensors"
+    write_lora(good, "wan_A_B", shapes, seed=8)
+    # Only the meta model's shapes: no weight of the DiT exists yet.
+    with pytest.raises(BindWeaveInputError) as error:
+        merge_of((good, 1.0), (path, 1.0), shapes=shapes)
+    message = str(error.value)
+    assert message.startswith("1 LoRA file(s) in model.loras do not fit") and str(path) in message
+    assert str(good) not in message and "remove them from model.loras" in message
+    for text in named:
+        assert text in message, (text, message)
+
+
+def test_a_missing_or_unreadable_file_is_named(shapes, tmp_path):
+    (tmp_path / "truncated.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{")
+    with pytest.raises(BindWeaveInputError) as error:
+        merge_of((tmp_path / "absent.safetensors", 1.0), (tmp_path / "truncated.safetensors", 1.0), shapes=shapes)
+    assert "2 LoRA file(s)" in str(error.value)
+    assert f"{tmp_path / 'absent.safetensors'}: no such file" in str(error.value)
+    assert f"{tmp_path / 'truncated.safetensors'}: not a readable safetensors file" in str(error.value)
+
+
+def test_the_settings_check_their_values():
+    assert LoraSettings("x.safetensors").strength == 1.0
+    with pytest.raises(BindWeaveInputError, match="has no path"):
+        LoraSettings("")
+    with pytest.raises(BindWeaveInputError, match="strength=inf of x.safetensors must be a finite"):
+        LoraSettings("x.safetensors", float("inf"))
