@@ -221,3 +221,62 @@ def test_the_settings_check_their_values():
         LoraSettings("")
     with pytest.raises(BindWeaveInputError, match="strength=inf of x.safetensors must be a finite"):
         LoraSettings("x.safetensors", float("inf"))
+
+
+
+def fused_by_diffusers(folder: Path, lora, strength: float, **how) -> dict:
+    """diffusers' own LoRA path on the tiny DiT: PEFT layers from ``lora`` (a folder or a converted
+    state dict), fused with ``strength``, unloaded."""
+    model = load_bindweave_transformer(folder, torch.float32)
+    model.load_lora_adapter(lora, adapter_name="oracle", **how)
+    model.fuse_lora(lora_scale=strength)
+    model.unload_lora()
+    return model.state_dict()
+
+
+def assert_merged_as(folder: Path, merge: LoraMerge, expected: dict) -> None:
+    merged = load_bindweave_transformer(folder, torch.float32, lora=merge).state_dict()
+    assert merged.keys() == expected.keys()
+    for name, tensor in merged.items():
+        torch.testing.assert_close(tensor, expected[name], rtol=1e-6, atol=1e-6, msg=name)
+
+
+def test_an_adapter_diffusers_saved_merges_as_diffusers_fuses_it(tiny_dit_folder, shapes, tmp_path):
+    """lora_alpha, an alpha pattern (in the file's metadata) and PEFT's bias, as diffusers writes them."""
+    LoraConfig = pytest.importorskip("peft", reason="peft (the test extra) runs diffusers' LoRA layers").LoraConfig
+
+    model = load_bindweave_transformer(tiny_dit_folder, torch.float32)
+    model.add_adapter(LoraConfig(r=RANK, lora_alpha=6, alpha_pattern={"attn2.add_k_proj": 2}, lora_bias=True,
+                                 target_modules=["to_q", "add_k_proj", "net.0.proj", "proj_out"]), "trained")
+    generator = torch.Generator().manual_seed(9)
+    for name, parameter in model.named_parameters():
+        if "lora_" in name:  # lora_B starts at zero: give every factor values
+            parameter.data = torch.randn(parameter.shape, generator=generator)
+    model.save_lora_adapter(tmp_path, adapter_name="trained")
+    path = tmp_path / "pytorch_lora_weights.safetensors"
+    merge = merge_of((path, 0.6), shapes=shapes)
+    # Weight and bias of 4 linears per block (to_q twice, add_k_proj, net.0.proj), the image embedder's and proj_out.
+    assert merge.record()[0]["parameters"] == 2 * (2 * 4 + 2)
+    assert_merged_as(tiny_dit_folder, merge, fused_by_diffusers(
+        tiny_dit_folder, str(tmp_path), 0.6, prefix=None, use_safetensors=True))  # the metadata: a safetensors read
+
+
+def test_an_original_wan_lora_merges_as_diffusers_converts_and_fuses_it(tiny_dit_folder, shapes, tmp_path):
+    """diffusers' converter on the pairs and bias deltas it knows (it drops the norm and weight diffs)."""
+    pytest.importorskip("peft", reason="peft (the test extra) runs diffusers' LoRA layers")
+    from diffusers.loaders import WanLoraLoaderMixin
+
+    generator = torch.Generator().manual_seed(10)
+    tensors = {}
+    for block in range(2):
+        for attn, names in (("self_attn", "qkvo"), ("cross_attn", ("q", "k", "v", "o", "k_img", "v_img"))):
+            for name in names:
+                key = f"diffusion_model.blocks.{block}.{attn}.{name}"
+                tensors[f"{key}.lora_down.weight"] = torch.randn(RANK, 32, generator=generator)
+                tensors[f"{key}.lora_up.weight"] = torch.randn(32, RANK, generator=generator)
+                tensors[f"{key}.alpha"] = torch.tensor(float(block + 2))
+                tensors[f"{key}.diff_b"] = torch.randn(32, generator=generator)
+    save_file(tensors, tmp_path / "wan.safetensors")
+    expected = fused_by_diffusers(tiny_dit_folder, WanLoraLoaderMixin.lora_state_dict(str(tmp_path / "wan.safetensors")),
+                                  1.3, prefix="transformer")
+    assert_merged_as(tiny_dit_folder, merge_of((tmp_path / "wan.safetensors", 1.3), shapes=shapes), expected)

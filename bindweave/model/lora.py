@@ -9,8 +9,9 @@ Each file's keys name a parameter of Wan2.1-I2V-14B in one of the layouts people
 - musubi-tuner names, ``lora_unet_blocks_3_self_attn_q.lora_down.weight``,
 
 with the endings ``lora_A/lora_down.weight`` + ``lora_B/lora_up.weight`` (a low-rank pair, scaled
-by ``.alpha`` / rank when the file has an alpha, else 1), ``lora_B.bias`` (PEFT's bias of the pair,
-scaled the same), ``.diff`` (a full weight delta), ``.diff_b`` (a bias delta) and ``.diff_m``
+by ``.alpha`` / rank when the file has an alpha; else by the ``lora_alpha`` / ``alpha_pattern`` of
+the PEFT config diffusers saves in the file's metadata; else 1), ``lora_B.bias`` (PEFT's bias of the
+pair, scaled the same), ``.diff`` (a full weight delta), ``.diff_b`` (a bias delta) and ``.diff_m``
 (LightX2V's modulation delta). What each file adds to a parameter ``W``, in float32, files in order:
 
     W' = W + strength * (alpha / rank) * (B @ A)  +  strength * diff     (cast once to W's dtype)
@@ -34,7 +35,9 @@ before projections are fused, linears go FP8 or blocks are compiled.
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
+import math
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -61,6 +64,7 @@ FULL_DELTAS = ("diff", "diff_b", "diff_m")
 ORIGINAL_PREFIXES = ("model.diffusion_model.", "diffusion_model.")
 DIFFUSERS_PREFIXES = ("transformer.", "base_model.model.")
 MUSUBI_PREFIX = "lora_unet_"
+PEFT_METADATA_KEY = "lora_adapter_metadata"  # the LoraConfig diffusers' save_lora_adapter writes (alpha, patterns)
 # Original Wan module names with an underscore, which musubi's names cannot tell from its separators
 # (longest first: norm_k_img before k_img and norm_k).
 MUSUBI_COMPOUNDS = ("norm_k_img", "self_attn", "cross_attn", "k_img", "v_img", "norm_q", "norm_k",
@@ -183,10 +187,17 @@ def _read_terms(path: Path, strength: float, shapes: Mapping[str, torch.Size]):
         with safe_open(path, framework="pt") as handle:
             headers = {key: (tuple(handle.get_slice(key).get_shape()), handle.get_slice(key).get_dtype())
                        for key in handle.keys()}
+            metadata = handle.metadata() or {}
     except Exception as error:  # truncated, or not a safetensors file
         return [], [f"not a readable safetensors file ({error})"]
     if not headers:
         return [], ["it holds no tensors"]
+    try:
+        peft_config = json.loads(metadata.get(PEFT_METADATA_KEY) or "{}")
+    except json.JSONDecodeError as error:
+        return [], [f"its {PEFT_METADATA_KEY} metadata is not JSON ({error})"]
+    if peft_config.get("use_dora"):
+        return [], ["it is a DoRA (use_dora in its metadata), which is not merged here: use a plain LoRA"]
 
     unknown, unmatched, wrong, groups = [], [], [], {}
     for key, (shape, dtype) in headers.items():
@@ -228,7 +239,7 @@ def _read_terms(path: Path, strength: float, shapes: Mapping[str, torch.Size]):
             wrong.append(problem)
             continue
         rank = down_shape[0]
-        scale = 1.0
+        scale = _peft_scale(peft_config, target.removesuffix(".weight"), rank) if peft_config else 1.0
         if "alpha" in roles:
             alpha_key, alpha_shape, _ = roles["alpha"]
             if torch.Size(alpha_shape).numel() != 1:
@@ -251,6 +262,17 @@ def _read_terms(path: Path, strength: float, shapes: Mapping[str, torch.Size]):
             more = f" (+{len(keys) - SHOWN_KEYS} more)" if len(keys) > SHOWN_KEYS else ""
             problems.append(f"{len(keys)} {label}: {', '.join(sorted(keys)[:SHOWN_KEYS])}{more}")
     return terms, problems
+
+
+def _peft_scale(config: dict, module: str, rank: int) -> float:
+    """PEFT's scaling of ``module`` from the LoraConfig diffusers saves in the file's metadata:
+    lora_alpha (or the first alpha_pattern that names the module, PEFT's match) / rank (sqrt with rsLoRA)."""
+    alpha = config.get("lora_alpha", rank)
+    for pattern, pattern_alpha in (config.get("alpha_pattern") or {}).items():
+        if re.match(rf"(.*\.)?({pattern})$", module):
+            alpha = pattern_alpha
+            break
+    return alpha / (math.sqrt(rank) if config.get("use_rslora") else rank)
 
 
 def _pair_shape_problem(down: str, down_shape, up: str, up_shape, target: str, shape) -> str | None:
