@@ -67,7 +67,8 @@ def write_lora(path: Path, layout: str, shapes, seed: int, dtype=torch.bfloat16,
             alpha = float(RANK + seed % 3)
             tensors[f"{key}.alpha"] = torch.tensor(alpha)
             scale = alpha / RANK
-        deltas[f"{diffusers_name}.weight"] = (strength * scale) * (up.float().flatten(1) @ down.float().flatten(1)).reshape(shape)
+        product = (up.float().flatten(1) @ down.float().flatten(1)).reshape(shape)
+        deltas[f"{diffusers_name}.weight"] = (strength * scale) * product
     if layout == "diffusers":  # PEFT's bias of a pair: scaled as the pair
         bias = torch.randn(shapes["blocks.0.attn1.to_q.bias"], generator=generator).to(dtype)
         tensors["transformer.blocks.0.attn1.to_q.lora_B.bias"] = bias
@@ -277,6 +278,6 @@ def test_an_original_wan_lora_merges_as_diffusers_converts_and_fuses_it(tiny_dit
                 tensors[f"{key}.alpha"] = torch.tensor(float(block + 2))
                 tensors[f"{key}.diff_b"] = torch.randn(32, generator=generator)
     save_file(tensors, tmp_path / "wan.safetensors")
-    expected = fused_by_diffusers(tiny_dit_folder, WanLoraLoaderMixin.lora_state_dict(str(tmp_path / "wan.safetensors")),
-                                  1.3, prefix="transformer")
-    assert_merged_as(tiny_dit_folder, merge_of((tmp_path / "wan.safetensors", 1.3), shapes=shapes), expected)
+    path = tmp_path / "wan.safetensors"
+    expected = fused_by_diffusers(tiny_dit_folder, WanLoraLoaderMixin.lora_state_dict(str(path)), 1.3, prefix="transformer")
+    assert_merged_as(tiny_dit_folder, merge_of((path, 1.3), shapes=shapes), expected)

@@ -180,34 +180,20 @@ class LoraMerge:
 
 
 def _read_terms(path: Path, strength: float, shapes: Mapping[str, torch.Size]):
-    """One file's terms as (parameter, term) pairs, and what is wrong with it (shapes only)."""
-    if not path.is_file():
-        return [], [f"no such file (fix model.loras' path)"]
-    try:
-        with safe_open(path, framework="pt") as handle:
-            headers = {key: (tuple(handle.get_slice(key).get_shape()), handle.get_slice(key).get_dtype())
-                       for key in handle.keys()}
-            metadata = handle.metadata() or {}
-    except Exception as error:  # truncated, or not a safetensors file
-        return [], [f"not a readable safetensors file ({error})"]
-    if not headers:
-        return [], ["it holds no tensors"]
-    try:
-        peft_config = json.loads(metadata.get(PEFT_METADATA_KEY) or "{}")
-    except json.JSONDecodeError as error:
-        return [], [f"its {PEFT_METADATA_KEY} metadata is not JSON ({error})"]
-    if peft_config.get("use_dora"):
-        return [], ["it is a DoRA (use_dora in its metadata), which is not merged here: use a plain LoRA"]
-
-    unknown, unmatched, wrong, groups = [], [], [], {}
-    for key, (shape, dtype) in headers.items():
+    """One file's terms as (parameter, term) pairs, and what is wrong with it (from its header)."""
+    header = _read_header(path)
+    if isinstance(header, str):
+        return [], [header]
+    tensors, peft_config = header
+    unknown, unmatched, wrong, incomplete, groups = [], [], [], [], {}
+    for key, (shape, dtype) in tensors.items():
         ending = next((ending for ending in ENDINGS if key.endswith(ending)), None)
         if ending is None:
             unknown.append(key)
             continue
-        if dtype not in FLOAT_DTYPES:
-            wrong.append(f"{key} is {dtype}, not a float")
         role, leaf = ENDINGS[ending]
+        if dtype not in FLOAT_DTYPES and role != "alpha":  # an alpha may be stored as an integer
+            wrong.append(f"{key} is {dtype}, not a float")
         module = key[:-len(ending)]
         target = _parameter_name(module, leaf, shapes)
         if target is None:
@@ -217,42 +203,8 @@ def _read_terms(path: Path, strength: float, shapes: Mapping[str, torch.Size]):
         if role in roles:
             wrong.append(f"{roles[role][0]} and {key} both give the {role} of {module}")
         roles[role] = (key, shape, target)
-
-    terms, incomplete = [], []
-    for module, roles in groups.items():
-        for key, shape, target in (roles[role] for role in FULL_DELTAS if role in roles):
-            if shape != tuple(shapes[target]):
-                wrong.append(f"{key} {list(shape)} (the DiT's {target} is {list(shapes[target])})")
-            terms.append((target, FullTerm(path, key, strength)))
-        pair = [roles.get("down"), roles.get("up")]
-        if pair == [None, None]:
-            incomplete += [f"{roles[role][0]} without its lora_A/lora_B pair" for role in ("alpha", "up_bias")
-                           if role in roles]
-            continue
-        if None in pair:
-            have = (pair[0] or pair[1])[0]
-            incomplete.append(f"{have} without its {'lora_B (lora_up)' if pair[1] is None else 'lora_A (lora_down)'}")
-            continue
-        (down, down_shape, target), (up, up_shape, _) = pair
-        problem = _pair_shape_problem(down, down_shape, up, up_shape, target, tuple(shapes[target]))
-        if problem:
-            wrong.append(problem)
-            continue
-        rank = down_shape[0]
-        scale = _peft_scale(peft_config, target.removesuffix(".weight"), rank) if peft_config else 1.0
-        if "alpha" in roles:
-            alpha_key, alpha_shape, _ = roles["alpha"]
-            if torch.Size(alpha_shape).numel() != 1:
-                wrong.append(f"{alpha_key} {list(alpha_shape)} (an alpha is one number)")
-                continue
-            with safe_open(path, framework="pt") as handle:
-                scale = handle.get_tensor(alpha_key).item() / rank
-        terms.append((target, LowRankTerm(path, down, up, strength * scale)))
-        if "up_bias" in roles:
-            key, shape, bias = roles["up_bias"]
-            if shape != tuple(shapes[bias]):
-                wrong.append(f"{key} {list(shape)} (the DiT's {bias} is {list(shapes[bias])})")
-            terms.append((bias, FullTerm(path, key, strength * scale)))
+    terms = [term for roles in groups.values()
+             for term in _module_terms(path, strength, roles, peft_config, shapes, wrong, incomplete)]
 
     problems = []
     for label, keys in ((f"keys with an unknown ending (known: {', '.join(ENDINGS)})", unknown),
@@ -262,6 +214,69 @@ def _read_terms(path: Path, strength: float, shapes: Mapping[str, torch.Size]):
             more = f" (+{len(keys) - SHOWN_KEYS} more)" if len(keys) > SHOWN_KEYS else ""
             problems.append(f"{len(keys)} {label}: {', '.join(sorted(keys)[:SHOWN_KEYS])}{more}")
     return terms, problems
+
+
+def _read_header(path: Path) -> tuple[dict, dict] | str:
+    """The file's tensors (key -> shape, dtype) and the PEFT config in its metadata, or what is wrong."""
+    if not path.is_file():
+        return "no such file (fix model.loras' path)"
+    try:
+        with safe_open(path, framework="pt") as handle:
+            tensors = {key: (tuple(handle.get_slice(key).get_shape()), handle.get_slice(key).get_dtype())
+                       for key in handle.keys()}
+            metadata = handle.metadata() or {}
+    except Exception as error:  # truncated, or not a safetensors file
+        return f"not a readable safetensors file ({error})"
+    if not tensors:
+        return "it holds no tensors"
+    try:
+        peft_config = json.loads(metadata.get(PEFT_METADATA_KEY) or "{}")
+    except json.JSONDecodeError as error:
+        return f"its {PEFT_METADATA_KEY} metadata is not JSON ({error})"
+    if peft_config.get("use_dora"):
+        return "it is a DoRA (use_dora in its metadata), which is not merged here: use a plain LoRA"
+    return tensors, peft_config
+
+
+def _module_terms(path: Path, strength: float, roles: dict, peft_config: dict, shapes: Mapping[str, torch.Size],
+                  wrong: list[str], incomplete: list[str]) -> list:
+    """The terms of one module's keys (``roles``: role -> key, shape, parameter); problems go to
+    ``wrong`` and ``incomplete``."""
+    terms = []
+    for key, shape, target in (roles[role] for role in FULL_DELTAS if role in roles):
+        if shape != tuple(shapes[target]):
+            wrong.append(f"{key} {list(shape)} (the DiT's {target} is {list(shapes[target])})")
+        terms.append((target, FullTerm(path, key, strength)))
+    down, up = roles.get("down"), roles.get("up")
+    if down is None or up is None:
+        if down or up:
+            incomplete.append(f"{(down or up)[0]} without its "
+                              + ("lora_B (lora_up)" if up is None else "lora_A (lora_down)"))
+        else:
+            incomplete += [f"{roles[role][0]} without its lora_A/lora_B pair" for role in ("alpha", "up_bias")
+                           if role in roles]
+        return terms
+    (down_key, down_shape, target), (up_key, up_shape, _) = down, up
+    if not _pair_fits(down_shape, up_shape, tuple(shapes[target])):
+        wrong.append(f"{down_key} {list(down_shape)} / {up_key} {list(up_shape)} "
+                     f"(the DiT's {target} is {list(shapes[target])})")
+        return terms
+    rank = down_shape[0]
+    scale = _peft_scale(peft_config, target.removesuffix(".weight"), rank) if peft_config else 1.0
+    if "alpha" in roles:
+        alpha_key, alpha_shape, _ = roles["alpha"]
+        if torch.Size(alpha_shape).numel() != 1:
+            wrong.append(f"{alpha_key} {list(alpha_shape)} (an alpha is one number)")
+            return terms
+        with safe_open(path, framework="pt") as handle:
+            scale = handle.get_tensor(alpha_key).item() / rank
+    terms.append((target, LowRankTerm(path, down_key, up_key, strength * scale)))
+    if "up_bias" in roles:
+        key, shape, bias = roles["up_bias"]
+        if shape != tuple(shapes[bias]):
+            wrong.append(f"{key} {list(shape)} (the DiT's {bias} is {list(shapes[bias])})")
+        terms.append((bias, FullTerm(path, key, strength * scale)))
+    return terms
 
 
 def _peft_scale(config: dict, module: str, rank: int) -> float:
@@ -275,15 +290,12 @@ def _peft_scale(config: dict, module: str, rank: int) -> float:
     return alpha / (math.sqrt(rank) if config.get("use_rslora") else rank)
 
 
-def _pair_shape_problem(down: str, down_shape, up: str, up_shape, target: str, shape) -> str | None:
+def _pair_fits(down_shape, up_shape, shape) -> bool:
     """A pair fits ``shape`` (out, in, *kernel) when A is (rank, in, *kernel) and B (out, rank, 1...)."""
-    fits = (len(shape) >= 2 and len(down_shape) >= 2 and len(up_shape) >= 2
+    return (len(shape) >= 2 and len(down_shape) >= 2 and len(up_shape) >= 2
             and up_shape[0] == shape[0] and up_shape[1] == down_shape[0]
             and torch.Size(up_shape[2:]).numel() == 1
             and torch.Size(down_shape[1:]).numel() == torch.Size(shape[1:]).numel())
-    if fits:
-        return None
-    return f"{down} {list(down_shape)} / {up} {list(up_shape)} (the DiT's {target} is {list(shape)})"
 
 
 def _parameter_name(module: str, leaf: str, shapes: Mapping[str, torch.Size]) -> str | None:
