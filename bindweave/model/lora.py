@@ -12,9 +12,10 @@ with the endings ``lora_A/lora_down.weight`` + ``lora_B/lora_up.weight`` (a low-
 by ``.alpha`` / rank when the file has an alpha; else by the ``lora_alpha`` / ``alpha_pattern`` of
 the PEFT config diffusers saves in the file's metadata; else 1), ``lora_B.bias`` (PEFT's bias of the
 pair, scaled the same), ``.diff`` (a full weight delta), ``.diff_b`` (a bias delta) and ``.diff_m``
-(LightX2V's modulation delta). What each file adds to a parameter ``W``, in float32, files in order:
+(LightX2V's modulation delta). What each file adds to a parameter ``W``, files in order, in float32
+(the product added into W's rows by one GEMM) and cast once to W's dtype:
 
-    W' = W + strength * (alpha / rank) * (B @ A)  +  strength * diff     (cast once to W's dtype)
+    W' = W + strength * (alpha / rank) * (B @ A)  +  strength * diff
 
 Original Wan names are renamed with diffusers' own table (``convert_wan_transformer_to_diffusers``,
 what its single-file loader uses for Wan checkpoints), which covers every module. diffusers' LoRA
@@ -83,11 +84,13 @@ class LowRankTerm:
     up: str
     factor: float
 
-    def rows(self, start: int, stop: int, shape: torch.Size) -> torch.Tensor:
+    def add_to(self, merged: torch.Tensor, row_start: int) -> None:
+        """Add this term's rows ``[row_start, row_start + len(merged))`` to ``merged`` (float32)."""
         with safe_open(self.file, framework="pt") as handle:
-            down = handle.get_tensor(self.down).float()
-            up = handle.get_slice(self.up)[start:stop].float()
-        return (self.factor * (up.flatten(1) @ down.flatten(1))).reshape(stop - start, *shape[1:])
+            down = handle.get_tensor(self.down).float().flatten(1)
+            up = handle.get_slice(self.up)[row_start:row_start + merged.shape[0]].float().flatten(1)
+        # One GEMM that adds into the rows (3x faster on the CPU than a product, a scale and an add).
+        merged.view(merged.shape[0], -1).addmm_(up, down, alpha=self.factor)
 
 
 @dataclass(frozen=True)
@@ -98,9 +101,9 @@ class FullTerm:
     key: str
     factor: float
 
-    def rows(self, start: int, stop: int, shape: torch.Size) -> torch.Tensor:
+    def add_to(self, merged: torch.Tensor, row_start: int) -> None:
         with safe_open(self.file, framework="pt") as handle:
-            return self.factor * handle.get_slice(self.key)[start:stop].float()
+            merged.add_(handle.get_slice(self.key)[row_start:row_start + merged.shape[0]].float(), alpha=self.factor)
 
 
 @dataclass(frozen=True)
@@ -116,11 +119,10 @@ class LoraFile:
 class LoraMerge:
     """What the LoRA files add to each parameter of the DiT (checkpoint names, diffusers' Wan keys)."""
 
-    def __init__(self, files: Sequence[LoraFile], terms: Mapping[str, list[LowRankTerm | FullTerm]],
-                 parameter_shapes: Mapping[str, torch.Size]):
+    def __init__(self, files: Sequence[LoraFile], terms: Mapping[str, list[LowRankTerm | FullTerm]], blocks: int):
         self.files = list(files)
         self._terms = dict(terms)
-        self._shapes = dict(parameter_shapes)
+        self._blocks = blocks  # how many the DiT has (the summary says how many each file changes)
 
     @classmethod
     def from_settings(cls, loras: Sequence[LoraSettings], parameter_shapes: Mapping[str, torch.Size]) -> LoraMerge:
@@ -143,7 +145,7 @@ class LoraMerge:
                 f"{len(problems)} LoRA file(s) in model.loras do not fit the BindWeave DiT (Wan2.1-I2V-14B "
                 "with a text projector; nothing was loaded):\n  - " + "\n  - ".join(problems)
                 + f"\nUse LoRAs made for Wan2.1-14B in {FORMATS}, or remove them from model.loras")
-        merge = cls(files, terms, parameter_shapes)
+        merge = cls(files, terms, len({name.split(".")[1] for name in parameter_shapes if name.startswith("blocks.")}))
         if files:
             log.info("%s", merge.summary())
         return merge
@@ -157,9 +159,9 @@ class LoraMerge:
         file changes ``name``."""
         if name not in self._terms:
             return rows
-        merged = rows.to(torch.float32, copy=True)
+        merged = rows.to(torch.float32, memory_format=torch.contiguous_format, copy=True)
         for term in self._terms[name]:
-            merged += term.rows(row_start, row_start + merged.shape[0], self._shapes[name])
+            term.add_to(merged, row_start)
         return merged
 
     def record(self) -> list[dict]:
@@ -168,13 +170,12 @@ class LoraMerge:
                  "parameters": len(file.parameters)} for file in self.files]
 
     def summary(self) -> str:
-        blocks = {name.split(".")[1] for name in self._shapes if name.startswith("blocks.")}
         lines = []
         for file in self.files:
             touched = {name.split(".")[1] for name in file.parameters if name.startswith("blocks.")}
             outside = sum(not name.startswith("blocks.") for name in file.parameters)
             lines.append(f"LoRA {file.path.name} (strength {file.strength:g}, sha256 {file.sha256[:12]}): "
-                         f"{len(file.parameters)} parameters in {len(touched)} of {len(blocks)} blocks"
+                         f"{len(file.parameters)} parameters in {len(touched)} of {self._blocks} blocks"
                          + (f" and {outside} outside them" if outside else ""))
         return "\n".join(lines)
 
