@@ -295,3 +295,16 @@ def test_an_original_wan_lora_merges_as_diffusers_converts_and_fuses_it(tiny_dit
     path = tmp_path / "wan.safetensors"
     expected = fused_by_diffusers(tiny_dit_folder, WanLoraLoaderMixin.lora_state_dict(str(path)), 1.3, prefix="transformer")
     assert_merged_as(tiny_dit_folder, merge_of((path, 1.3), shapes=shapes), expected)
+
+
+def test_the_lightx2v_i2v_layout_maps_onto_every_block_parameter_it_names(tiny_dit_folder, shapes, tmp_path):
+    """Pairs and bias deltas on all 12 linears of a block (the image K/V too), the norms' deltas, the
+    modulation: every key of that layout is a parameter of the DiT, and the merge changes them all."""
+    from bindweave.testing.lora import write_lightx2v_style_lora
+
+    changed = write_lightx2v_style_lora(tmp_path / "distill.safetensors", shapes, rank=8, seed=12)
+    merge = merge_of((tmp_path / "distill.safetensors", 1.0), shapes=shapes)
+    assert {name for name in shapes if merge.changes(name)} == set(changed)
+    per_block = 2 * 12 + 5 + 2 + 1  # 12 linears (weight, bias), 5 RMS norm scales, the affine norm2, the modulation
+    assert len(changed) == 2 * per_block
+    assert f"{2 * per_block} parameters in 2 of 2 blocks" in merge.summary()

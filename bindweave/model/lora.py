@@ -306,23 +306,23 @@ def _parameter_name(module: str, leaf: str, shapes: Mapping[str, torch.Size]) ->
             return _existing(f"{module[len(prefix):]}.{leaf}", shapes)
     for prefix in ORIGINAL_PREFIXES:
         if module.startswith(prefix):
-            return _existing(_from_original(f"{module[len(prefix):]}.{leaf}"), shapes)
+            return _existing(diffusers_name(f"{module[len(prefix):]}.{leaf}"), shapes)
     if module.startswith(MUSUBI_PREFIX):
-        return _existing(_from_original(f"{_from_musubi(module[len(MUSUBI_PREFIX):])}.{leaf}"), shapes)
+        return _existing(diffusers_name(f"{_from_musubi(module[len(MUSUBI_PREFIX):])}.{leaf}"), shapes)
     # No prefix: diffusers' name if the DiT has it, else an original Wan name (the two never collide:
     # the original blocks' affine norm is norm3, diffusers' norm2).
-    return _existing(f"{module}.{leaf}", shapes) or _existing(_from_original(f"{module}.{leaf}"), shapes)
+    return _existing(f"{module}.{leaf}", shapes) or _existing(diffusers_name(f"{module}.{leaf}"), shapes)
 
 
 def _existing(name: str, shapes: Mapping[str, torch.Size]) -> str | None:
     return name if name in shapes else None
 
 
-def _from_original(name: str) -> str:
-    """An original Wan parameter name in diffusers' naming, by diffusers' own table."""
+def diffusers_name(original_name: str) -> str:
+    """An original Wan parameter name (``blocks.3.self_attn.q.weight``) in diffusers' naming, by diffusers' own table."""
     from diffusers.loaders.single_file_utils import convert_wan_transformer_to_diffusers
 
-    (converted,) = convert_wan_transformer_to_diffusers({name: None})
+    (converted,) = convert_wan_transformer_to_diffusers({original_name: None})
     return converted
 
 
