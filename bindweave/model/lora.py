@@ -19,8 +19,9 @@ pair, scaled the same), ``.diff`` (a full weight delta), ``.diff_b`` (a bias del
 
 Original Wan names are renamed with diffusers' own table (``convert_wan_transformer_to_diffusers``,
 what its single-file loader uses for Wan checkpoints), which covers every module. diffusers' LoRA
-converters are not used: ``_convert_non_diffusers_wan_lora_to_diffusers`` drops the norm ``.diff``
-and ``.diff_b`` keys and every weight ``.diff`` (the lightx2v I2V LoRA carries both), drops the
+converters are not used: ``_convert_non_diffusers_wan_lora_to_diffusers`` drops (logging at debug
+or info level) the norms' ``.diff`` and ``.diff_b``, every weight ``.diff`` and the ``.diff_m``
+modulation deltas (LightX2V's I2V distill LoRA has all three on every block), drops the
 ``time_projection`` keys of a LoRA without a pair there, and folds alpha into A and B in the file's
 dtype (bf16 rounding); its musubi converter needs all 14 modules of every block with an alpha.
 
