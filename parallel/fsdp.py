@@ -20,6 +20,7 @@ from torch.distributed.fsdp import fully_shard
 
 from bindweave.io.checkpoint import checked_index, read_stacked_rows, set_load_dtypes
 from bindweave.model.loading import finish_loading, meta_bindweave_transformer
+from bindweave.model.lora import LoraMerge
 from bindweave.model.speed import fuse_projections
 
 
@@ -56,9 +57,9 @@ def shard_t5(encoder: torch.nn.Module, mesh: DeviceMesh) -> None:
 
 @torch.no_grad()
 def load_sharded_dit(model: torch.nn.Module, folder: Path, mesh: DeviceMesh, dtype: torch.dtype,
-                     device: torch.device, fuse: bool = False) -> ShardedReadStats:
+                     device: torch.device, fuse: bool = False, lora: LoraMerge | None = None) -> ShardedReadStats:
     """Shard a meta-device DiT over ``mesh`` and fill each rank's shards from ``folder``
-    (``fuse``: with fused projections, module docstring)."""
+    (``fuse``: with fused projections, module docstring; ``lora``: merged into each rank's rows)."""
     tensors = checked_index(model, folder)
     stacked = fuse_projections(model, keep_separate=False) if fuse else {}
     set_load_dtypes(model, dtype)  # FSDP2 keeps each parameter's dtype: set before sharding (on meta: no memory)
@@ -69,7 +70,7 @@ def load_sharded_dit(model: torch.nn.Module, folder: Path, mesh: DeviceMesh, dty
     for name, parameter in model.named_parameters():
         start, stop = shard_rows(parameter.shape[0], mesh)
         if stop > start:
-            rows = read_stacked_rows(tensors, stacked.get(name, [name]), start, stop)
+            rows = read_stacked_rows(tensors, stacked.get(name, [name]), start, stop, deltas=lora)
             stats.bytes_read += rows.nbytes
             stats.tensors += 1
             parameter.to_local().copy_(rows.to(parameter.dtype))
@@ -77,8 +78,8 @@ def load_sharded_dit(model: torch.nn.Module, folder: Path, mesh: DeviceMesh, dty
 
 
 def load_sharded_bindweave(folder: Path, mesh: DeviceMesh, dtype: torch.dtype, device: torch.device,
-                           fuse: bool = False):
+                           fuse: bool = False, lora: LoraMerge | None = None):
     """The BindWeave DiT, FSDP-sharded over ``mesh`` and loaded rank by rank (no full copy anywhere)."""
     model = meta_bindweave_transformer(folder)
-    stats = load_sharded_dit(model, folder, mesh, dtype, device, fuse)
+    stats = load_sharded_dit(model, folder, mesh, dtype, device, fuse, lora)
     return finish_loading(model, device), stats

@@ -17,6 +17,8 @@ import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
+
 import torch
 from safetensors import safe_open
 
@@ -24,6 +26,14 @@ from bindweave.errors import BindWeaveInputError
 
 FLOAT_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
 SHOWN_KEYS = 8
+
+
+class TensorDeltas(Protocol):
+    """What a loader adds to the tensors it reads, row by row (bindweave.model.lora.LoraMerge)."""
+
+    def changes(self, name: str) -> bool: ...
+
+    def apply(self, name: str, rows: torch.Tensor, row_start: int = 0) -> torch.Tensor: ...
 
 
 def resolve_folder(path_or_repo_id: str | os.PathLike, subfolder: str | None = None, revision: str | None = None) -> Path:
@@ -175,16 +185,21 @@ def read_rows(file: Path, key: str, start: int, stop: int, out: torch.Tensor | N
 
 
 def read_stacked_rows(tensors: dict[str, TensorInfo], names: list[str], start: int, stop: int,
-                      out: torch.Tensor | None = None) -> torch.Tensor:
+                      out: torch.Tensor | None = None, deltas: TensorDeltas | None = None) -> torch.Tensor:
     """Rows ``[start, stop)`` of the checkpoint tensors ``names`` stacked by rows, reading only those
-    rows (into ``out`` when given, each tensor's rows into their slice of it)."""
+    rows (into ``out`` when given, each tensor's rows into their slice of it), with ``deltas`` added
+    to the rows they change (in float32, cast once into ``out``)."""
     pieces, offset, filled = [], 0, 0
     for name in names:
         info = tensors[name]
         first, last = max(start, offset), min(stop, offset + info.shape[0])
         if last > first:
             part = None if out is None else out[filled:filled + last - first]
-            pieces.append(read_rows(info.file, name, first - offset, last - offset, part))
+            if deltas is not None and deltas.changes(name):
+                merged = deltas.apply(name, read_rows(info.file, name, first - offset, last - offset), first - offset)
+                pieces.append(merged if part is None else part.copy_(merged))
+            else:
+                pieces.append(read_rows(info.file, name, first - offset, last - offset, part))
             filled += last - first
         offset += info.shape[0]
     return out if out is not None else torch.cat(pieces)
@@ -203,8 +218,10 @@ def keeps_fp32(name: str, fp32_modules: list[str] | None) -> bool:
     return any(module in name.split(".") for module in fp32_modules or [])
 
 
-def load_strict(model: torch.nn.Module, folder: Path, dtype: torch.dtype, device: torch.device | str) -> None:
-    """Fill a meta-device ``model`` from ``folder``, one tensor at a time, checked first."""
+def load_strict(model: torch.nn.Module, folder: Path, dtype: torch.dtype, device: torch.device | str,
+                deltas: TensorDeltas | None = None) -> None:
+    """Fill a meta-device ``model`` from ``folder``, one tensor at a time, checked first (with
+    ``deltas`` added in float32 before each tensor is cast to its dtype)."""
     tensors = checked_index(model, folder)
     fp32_modules = getattr(model, "_keep_in_fp32_modules", None)
     state = {}
@@ -215,7 +232,10 @@ def load_strict(model: torch.nn.Module, folder: Path, dtype: torch.dtype, device
         with safe_open(file, framework="pt", device="cpu") as handle:
             for key in keys:
                 target = torch.float32 if keeps_fp32(key, fp32_modules) else dtype
-                state[key] = handle.get_tensor(key).to(device=device, dtype=target)
+                tensor = handle.get_tensor(key)
+                if deltas is not None:
+                    tensor = deltas.apply(key, tensor)
+                state[key] = tensor.to(device=device, dtype=target)
     model.load_state_dict(state, strict=True, assign=True)
 
 

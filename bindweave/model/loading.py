@@ -17,6 +17,7 @@ from diffusers.models.transformers.transformer_wan import WanRotaryPosEmbed
 from bindweave.io.checkpoint import (checked_index, load_strict, read_config, read_stacked_rows, resolve_folder,
                                      set_load_dtypes)
 from bindweave.model.host_buffer import HostBuffer
+from bindweave.model.lora import LoraMerge
 from bindweave.model.transformer import BINDWEAVE_14B_CONFIG, BindWeaveTransformer
 
 
@@ -40,11 +41,13 @@ def load_bindweave_transformer(
     device: torch.device | str = "cpu",
     subfolder: str | None = None,
     revision: str | None = None,
+    lora: LoraMerge | None = None,
 ):
-    """Build the DiT on the meta device and load it strictly, tensor by tensor."""
+    """Build the DiT on the meta device and load it strictly, tensor by tensor (``lora``: merged
+    into each tensor as it is read)."""
     folder = resolve_folder(path_or_repo_id, subfolder, revision)
     model = meta_bindweave_transformer(folder)
-    load_strict(model, folder, dtype, device)
+    load_strict(model, folder, dtype, device, lora)
     return finish_loading(model, device)
 
 
@@ -55,7 +58,8 @@ HOST_BUFFER_ALIGNMENT = 256
 @torch.no_grad()
 def load_bindweave_to_host_buffer(path_or_repo_id, dtype: torch.dtype = torch.bfloat16, fuse: bool = False,
                                   pinned: bool = False, revision: str | None = None,
-                                  share: Callable[[int, Callable[[torch.Tensor], None]], HostBuffer] | None = None):
+                                  share: Callable[[int, Callable[[torch.Tensor], None]], HostBuffer] | None = None,
+                                  lora: LoraMerge | None = None):
     """The DiT on the host for block offload, every weight a view of ONE buffer filled straight
     from the files (``pinned``: page-locked, what the side stream copies from; ``fuse``: q/k/v and
     K/V fused on the meta model, filled from the separate tensors).
@@ -63,6 +67,7 @@ def load_bindweave_to_host_buffer(path_or_repo_id, dtype: torch.dtype = torch.bf
     The buffer is this process's own (PyTorch's page-locked allocator), or with ``share(nbytes,
     fill)`` a shared one (bindweave.model.host_buffer; parallel.runtime's fills one per machine and
     maps it in the launch's other processes there), kept as ``model.host_buffer`` (None: its own).
+    ``lora`` is merged as the buffer is filled: once per machine with a shared buffer.
 
     Why one buffer: group offloading needs page-locked weights, and pinning them one by one holds
     the loaded copy and the pinned one at once and rounds every allocation up to a power of two
@@ -80,7 +85,8 @@ def load_bindweave_to_host_buffer(path_or_repo_id, dtype: torch.dtype = torch.bf
 
     def fill(buffer: torch.Tensor) -> None:
         for span in spans:
-            read_stacked_rows(tensors, stacked.get(span.name, [span.name]), 0, span.shape[0], out=span.view(buffer))
+            read_stacked_rows(tensors, stacked.get(span.name, [span.name]), 0, span.shape[0], out=span.view(buffer),
+                              deltas=lora)
 
     model.host_buffer = None if share is None else share(nbytes, fill)
     if model.host_buffer is None:

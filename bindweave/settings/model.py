@@ -4,11 +4,12 @@ and the DiT's speed options."""
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from bindweave.errors import BindWeaveInputError
 from bindweave.model.kernels import KERNEL_CHOICES
+from bindweave.settings.lora import LoraSettings
 
 if TYPE_CHECKING:
     import torch
@@ -94,6 +95,8 @@ class ModelSettings:
     linear_precision: str = SpeedOptions.linear_precision
     memory: str = "auto"  # auto | resident | offload: the DiT's blocks on the GPU or streamed in (stages/memory.py)
     gpu_memory_gib: float | None = None  # the GPU memory this process may use (null: all; 24: as on a 24 GB card)
+    # LoRAs merged into the DiT at load, stacked in order: [{path: x.safetensors, strength: 1.0}] (model/lora.py)
+    loras: list[LoraSettings] = field(default_factory=list)
 
     def __post_init__(self):
         problems = []
