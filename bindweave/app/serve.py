@@ -47,7 +47,7 @@ class ServeCommand:
         from bindweave.serve.hidden_states import PromptEncoder
         from bindweave.serve.job_request import JobDefaults
         from bindweave.serve.metrics import Metrics
-        from bindweave.serve.store import JobStore
+        from bindweave.serve.store import open_store
         from bindweave.serve.worker import Worker
         from bindweave.app.generate import build_models, memory_plan
         from bindweave.stages.engine import Stage3Engine
@@ -62,10 +62,10 @@ class ServeCommand:
         check_speed_support(config.model.speed_options(), config.model.resolved_device())
         load_calibration(config.cache.calibration)  # a wrong calibration file fails before anything loads
         listener = bind(serve.host, serve.port)
-        store = JobStore(Path(serve.state_dir))
+        store = open_store(serve, serve.replica_name())
         recovered = store.recover(serve.on_interrupted, serve.max_attempts)
         if any(recovered.values()):
-            log.info("jobs the last server left running: %s",
+            log.info("jobs a stopped server left running: %s",
                      "; ".join(f"{what}: {', '.join(ids)}" for what, ids in recovered.items() if ids))
 
         device = config.model.resolved_device()
@@ -79,10 +79,11 @@ class ServeCommand:
                                       "model=tiny, qwen=qwen2_5_vl_7b with model=bindweave_14b)")
         defaults = JobDefaults(config.video, config.sampler, config.cache)
         metrics = Metrics()
-        worker = Worker(engine, encode, store, defaults, metrics, serve.max_image_pixels)
+        worker = Worker(engine, encode, store, defaults, metrics, serve)
         app = create_app(store, worker, serve, keys, defaults, metrics)
-        log.info("serving %s on http://%s:%d (auth: %s, jobs in %s, queue bound %d)", serve.model_name, serve.host,
-                 serve.port, serve.auth, Path(serve.state_dir).resolve(), serve.max_queue)
+        log.info("serving %s on http://%s:%d as replica %s (auth: %s, jobs in %s, files in %s, queue bound %d)",
+                 serve.model_name, serve.host, serve.port, store.replica_id, serve.auth, store.database.where,
+                 Path(serve.state_dir).resolve(), serve.max_queue)
         # log_config=None: uvicorn logs through the project's logging (Hydra's job_logging).
         uvicorn.Server(uvicorn.Config(app, log_config=None, timeout_graceful_shutdown=10)).run(sockets=[listener])
         store.close()

@@ -144,6 +144,8 @@ def create_app(store: JobStore, worker: Worker, settings: ServeSettings, keys: t
     def health():
         if not worker.alive:
             raise ApiError(503, "the worker thread has stopped: see the server log", code="worker_stopped")
+        if not store.reachable():
+            raise ApiError(503, f"the job table ({store.database.where}) does not answer", code="store_unreachable")
         return {"status": "ok"}
 
     @app.get("/metrics")
@@ -234,7 +236,7 @@ def video_object(record: JobRecord, store: JobStore, model_name: str) -> dict:
         "remixed_from_video_id": None,
         # BindWeave's own
         "phase": record.phase, "step": record.step, "num_steps": request.steps,
-        "queue_position": store.queue_position(record), "attempts": record.attempts,
+        "queue_position": store.queue_position(record), "attempts": record.attempts, "replica": record.worker,
         "num_frames": request.num_frames, "seed": request.seed, "guidance": request.guidance,
         "speed": request.speed, "references": request.references,
         "started_at": record.started_at, "finished_at": record.finished_at,

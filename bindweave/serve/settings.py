@@ -11,6 +11,8 @@ one ``error:`` line naming the nearest key, before anything is loaded::
 
 from __future__ import annotations
 
+import os
+import socket
 from dataclasses import dataclass, field
 
 from bindweave.settings.qwen import QwenSettings
@@ -20,6 +22,7 @@ from bindweave.settings.model import ModelSettings, VideoSettings
 
 AUTH_CHOICES = ("api_keys", "none")
 INTERRUPTED_CHOICES = ("requeue", "fail")
+STORE_CHOICES = ("sqlite", "postgres")
 # auth=none is allowed only where no other machine can connect.
 LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
 
@@ -30,7 +33,13 @@ class ServeSettings:
 
     host: str = "127.0.0.1"
     port: int = 8000
-    state_dir: str = "outputs/serve"  # jobs.sqlite3 + jobs/<id>/ (uploads, video, sidecar, thumbnail)
+    state_dir: str = "outputs/serve"  # jobs.sqlite3 + jobs/<id>/ (uploads, video, sidecar, thumbnail); postgres: shared by all replicas
+    store: str = "sqlite"  # sqlite: one server, the table in state_dir | postgres: replicas share one queue
+    postgres_dsn: str | None = None  # postgresql://USER:PASSWORD@HOST:5432/DB; None: read from postgres_dsn_env
+    postgres_dsn_env: str = "BINDWEAVE_POSTGRES_DSN"  # the variable holding the DSN (keeps a password off argv)
+    replica_id: str | None = None  # names this replica in the table and the log; None: HOST-PID
+    lease_s: float = 30.0  # a running job's lease, renewed every third of it; past it another replica re-runs the job
+    queue_poll_ms: int = 1000  # how often an idle worker looks at the table (jobs queued by other replicas, leases run out)
     auth: str = "api_keys"  # api_keys: a bearer token from the file or the variable below | none (loopback host only)
     api_keys_file: str | None = None  # one key per line; blank lines and '#' comments ignored
     api_keys_env: str = "BINDWEAVE_API_KEYS"  # the variable holding comma-separated keys
@@ -53,17 +62,25 @@ class ServeSettings:
             problems.append(f"serve.auth=none with serve.host={self.host}: without API keys the server may only "
                             f"listen on this machine ({', '.join(LOOPBACK_HOSTS)}); set serve.auth=api_keys and give "
                             f"keys ({self.api_keys_env}=KEY or serve.api_keys_file=FILE), or serve.host=127.0.0.1")
+        if self.store not in STORE_CHOICES:
+            problems.append(f"serve.store={self.store} is not one of {', '.join(STORE_CHOICES)}")
+        if not self.lease_s > 0:
+            problems.append(f"serve.lease_s={self.lease_s} must be above 0")
         if self.on_interrupted not in INTERRUPTED_CHOICES:
             problems.append(f"serve.on_interrupted={self.on_interrupted} is not one of "
                             f"{', '.join(INTERRUPTED_CHOICES)}")
         if not 1 <= self.port <= 65535:
             problems.append(f"serve.port={self.port} must be 1..65535")
         for name in ("max_queue", "max_upload_bytes", "max_image_pixels", "max_video_pixels", "max_frames",
-                     "max_steps", "max_attempts", "poll_after_ms"):
+                     "max_steps", "max_attempts", "poll_after_ms", "queue_poll_ms"):
             if getattr(self, name) < 1:
                 problems.append(f"serve.{name}={getattr(self, name)} must be >= 1")
         if problems:
             raise BindWeaveInputError("; ".join(problems))
+
+    def replica_name(self) -> str:
+        """``replica_id``, or this host and process."""
+        return self.replica_id or f"{socket.gethostname()}-{os.getpid()}"
 
 
 @dataclass(frozen=True)
