@@ -38,16 +38,17 @@ class Server:
     """``python launch/serve.py`` with the tiny models, its log in a file."""
 
     def __init__(self, tiny_root: Path, state_dir: Path, log: Path, *overrides: str, env: dict | None = None,
-                 launcher: tuple[str, ...] = ()):
-        """``launcher``: what runs launch/serve.py (e.g. ``-m torch.distributed.run ...``); ``env``: more variables."""
+                 launcher: tuple[str, ...] = (), replica: str = "local"):
+        """``launcher``: what runs launch/serve.py (e.g. ``-m torch.distributed.run ...``); ``env``: more
+        variables; ``replica``: its serve.replica_id."""
         self.port = free_port()
-        self.state_dir, self.log, self.env = state_dir, log, env or {}
+        self.state_dir, self.log, self.env, self.replica = state_dir, log, env or {}, replica
         self.argv = [sys.executable, *launcher, str(REPO / "launch" / "serve.py"), f"serve.port={self.port}",
                      f"serve.state_dir={state_dir}", f"model.tiny_root={tiny_root}", f"qwen.tiny_root={tiny_root}",
                      f"model.cache_dir={state_dir.parent / 'cache'}", "video.height=48", "video.width=64",
                      "video.num_frames=5", "sampler.num_steps=2", f"serve.max_queue={MAX_QUEUE}",
                      "serve.max_steps=1000", f"serve.max_upload_bytes={MAX_UPLOAD}", "serve.poll_after_ms=20",
-                     *overrides]
+                     f"serve.replica_id={replica}", *overrides]
         self.url = f"http://127.0.0.1:{self.port}"
         self.http = httpx2.Client(base_url=self.url, headers={"Authorization": f"Bearer {KEY}"}, timeout=30)
         self.process: subprocess.Popen | None = None

@@ -232,7 +232,7 @@ def test_a_catalogue_of_bad_requests_is_refused_and_the_server_keeps_serving(ser
 
 def test_models_health_and_metrics(server):
     assert server.openai().models.list().data[0].id == "bindweave"
-    assert httpx2.get(f"{server.url}/health").json() == {"status": "ok"}  # no key needed
+    assert httpx2.get(f"{server.url}/health").json() == {"status": "ready", "replica": server.replica}  # no key needed
     text = server.http.get("/metrics").text
     assert "bindweave_queue_length 0" in text and 'bindweave_jobs{status="completed"}' in text
     step_count = next(line for line in text.splitlines() if line.startswith("bindweave_denoise_step_seconds_count"))
@@ -308,7 +308,7 @@ def test_auth_is_required_off_this_machine(tmp_path):
 def test_the_serve_config_has_the_generate_presets_and_names_typos():
     from bindweave.app.config import check_command_line, compose_config, settings_of
     from bindweave.app.config import register_schemas
-    from bindweave.serve.settings import ServeConfig
+    from bindweave.app.config import ServeConfig
 
     register_schemas()
     config = settings_of(compose_config("serve", ["model=bindweave_14b", "qwen=qwen2_5_vl_7b", "speed=fastest"]))

@@ -40,9 +40,9 @@ def replicas(postgres, tiny_models, tmp_path_factory):
     started = {}
     for name in ("A", "B"):
         started[name] = Server(tiny_models.bindweave.parent, folder / "shared", folder / f"{name}.log",
-                               "serve.store=postgres", f"serve.replica_id={name}", f"serve.lease_s={LEASE_S}",
+                               "serve.store=postgres", f"serve.lease_s={LEASE_S}",
                                "serve.queue_poll_ms=100", "serve.max_queue=32",
-                               env={"BINDWEAVE_POSTGRES_DSN": postgres.dsn}).start()
+                               env={"BINDWEAVE_POSTGRES_DSN": postgres.dsn}, replica=name).start()
     yield started
     for server in started.values():
         if server.process.poll() is None:

@@ -1,6 +1,6 @@
 """The HTTP API (FastAPI): the OpenAI Videos API over the job store and the worker.
 
-    app = create_app(store, worker, settings, keys, defaults, metrics)
+    app = create_app(store, worker, settings, keys, defaults, metrics, on_start, on_stop)
 
 Routes (all but ``/health`` need ``Authorization: Bearer KEY`` unless ``serve.auth=none``):
 
@@ -11,7 +11,7 @@ Routes (all but ``/health`` need ``Authorization: Bearer KEY`` unless ``serve.au
 - ``GET /v1/videos/{id}/content``: the MP4; ``?variant=thumbnail``: a JPEG of its middle frame.
 - ``DELETE /v1/videos/{id}``: cancel (a running job at its next step) and delete its files; a job
   that had not finished stays listed as ``cancelled`` (so a poller learns it), a finished one goes.
-- ``GET /v1/videos`` (``limit``, ``after``, ``order``), ``GET /v1/models``, ``GET /health``,
+- ``GET /v1/videos`` (``limit``, ``after``, ``order``), ``GET /v1/models``, ``GET /health`` (ready, loading, broken),
   ``GET /metrics`` (Prometheus text).
 
 The objects have the fields the ``openai`` client's ``Video``, ``VideoDeleteResponse`` and
@@ -23,6 +23,7 @@ pool, so the event loop never waits on them.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI, Request
@@ -49,12 +50,16 @@ SHUTDOWN_WAIT_S = 60.0  # for the running job's current step; after it the job i
 
 
 def create_app(store: JobStore, worker: Worker, settings: ServeSettings, keys: tuple[bytes, ...] | None,
-               defaults: JobDefaults, metrics: Metrics) -> FastAPI:
+               defaults: JobDefaults, metrics: Metrics, on_start: Callable[[], None],
+               on_stop: Callable[[], None]) -> FastAPI:
+    """``on_start``: called as the server starts answering (it begins building the engine, then
+    starts the worker); ``on_stop``: after the worker has stopped."""
     @asynccontextmanager
     async def lifespan(app: FastAPI):
-        worker.start()
+        on_start()
         yield
         await run_in_threadpool(worker.stop, SHUTDOWN_WAIT_S)
+        await run_in_threadpool(on_stop)
 
     app = FastAPI(title="BindWeave", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
 
@@ -142,11 +147,14 @@ def create_app(store: JobStore, worker: Worker, settings: ServeSettings, keys: t
 
     @app.get("/health")
     def health():
-        if not worker.alive:
-            raise ApiError(503, "the worker thread has stopped: see the server log", code="worker_stopped")
-        if not store.reachable():
-            raise ApiError(503, f"the job table ({store.database.where}) does not answer", code="store_unreachable")
-        return {"status": "ok"}
+        """ready (200), loading (503: the engine is being built; submissions are queued) or broken (503)."""
+        state, reason = worker.state, worker.broken
+        if state == "ready" and not store.reachable():
+            state, reason = "broken", f"the job table ({store.database.where}) does not answer"
+        elif state == "broken" and reason is None:
+            reason = "the worker thread has stopped: see the server log"
+        body = {"status": state, **({"reason": reason} if reason else {}), "replica": store.replica_id}
+        return JSONResponse(body, status_code=200 if state == "ready" else 503)
 
     @app.get("/metrics")
     def prometheus_metrics():

@@ -1,24 +1,16 @@
-"""The server's settings: ``serve.*`` (:class:`ServeSettings`) and the whole schema of
-``launch/serve.py`` (:class:`ServeConfig`: the stage-3 model, sampler, video and step-cache
-settings of ``launch/generate.py``, the Qwen settings of ``launch/extract.py``, and ``serve``).
-
-``conf/serve.yaml`` lists ``serve_schema`` first in its defaults and only overrides it, as the
-other entry points do with theirs (bindweave/app/config.py), so a typo in a ``serve.*`` override is
-one ``error:`` line naming the nearest key, before anything is loaded::
-
-    register_serve_schema()          # before run_hydra_app("serve", ...)
+"""The server's settings: ``serve.*`` (:class:`ServeSettings`). The whole schema of
+``launch/serve.py`` (``ServeConfig``: these, the stage-3 settings of ``launch/generate.py`` with
+``parallel``, and the Qwen settings of ``launch/extract.py``) is in bindweave/app/config.py, beside
+the other entry points' schemas.
 """
 
 from __future__ import annotations
 
 import os
 import socket
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
-from bindweave.settings.qwen import QwenSettings
 from bindweave.errors import BindWeaveInputError
-from bindweave.settings.sampling import CacheSettings, SamplerSettings
-from bindweave.settings.model import ModelSettings, VideoSettings
 
 AUTH_CHOICES = ("api_keys", "none")
 INTERRUPTED_CHOICES = ("requeue", "fail")
@@ -81,20 +73,3 @@ class ServeSettings:
     def replica_name(self) -> str:
         """``replica_id``, or this host and process."""
         return self.replica_id or f"{socket.gethostname()}-{os.getpid()}"
-
-
-@dataclass(frozen=True)
-class ServeConfig:
-    """``launch/serve.py``: the models loaded once, the per-job defaults (video, sampler, cache) and
-    ``serve``. A request may change size, frames, steps, guidance, seed and the step cache."""
-
-    model: ModelSettings = field(default_factory=ModelSettings)
-    sampler: SamplerSettings = field(default_factory=SamplerSettings)
-    video: VideoSettings = field(default_factory=VideoSettings)
-    cache: CacheSettings = field(default_factory=CacheSettings)  # the default step cache (conf/speed/)
-    qwen: QwenSettings = field(default_factory=QwenSettings)  # stage 2, run per request in memory
-    serve: ServeSettings = field(default_factory=ServeSettings)
-
-    def __post_init__(self):
-        self.model.require_weights()
-        self.qwen.require_weights()

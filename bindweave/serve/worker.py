@@ -1,7 +1,7 @@
 """The engine's thread: runs the queued jobs one at a time, oldest first, and settles each.
 
-    worker = Worker(engine, encode, store, defaults, metrics, settings)
-    worker.start()
+    worker = Worker(store, defaults, metrics, settings)    # /health: loading
+    worker.start(engine, encode)                           # /health: ready
     worker.wake()               # a job was queued here
     worker.cancel(job_id)       # queued: cancelled now; running (on any replica): stops at its next step
     worker.stop(timeout_s)      # the running job goes back to the queue at its next step boundary
@@ -23,6 +23,7 @@ the job to every rank and agrees each step's cancel and the job's outcome with t
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
 from collections.abc import Callable
@@ -38,16 +39,26 @@ from bindweave.stages.generate import JobProgress, Stage3Job
 
 log = logging.getLogger("bindweave")
 
+EXIT_REPLICA_BROKEN = 3  # the exit code of a replica that lost one of its ranks
+
+
+class ReplicaBroken(RuntimeError):
+    """The ranks of this replica can no longer talk (one is gone): the replica must end."""
+
 
 class Worker:
-    def __init__(self, engine: Stage3Engine, encode: Callable, store: JobStore, defaults: JobDefaults,
-                 metrics: Metrics, settings: ServeSettings):
-        self.engine = engine
-        self.encode = encode  # (prompt, images) -> (positive, negative) hidden states
+    """The job loop of this replica; ``state`` is what ``/health`` says: loading (the engine is being
+    built; jobs are queued meanwhile), ready, or broken (the engine could not be built, or the loop
+    stopped)."""
+
+    def __init__(self, store: JobStore, defaults: JobDefaults, metrics: Metrics, settings: ServeSettings):
+        self.engine: Stage3Engine | None = None
+        self.encode: Callable | None = None  # (prompt, images) -> (positive, negative) hidden states
         self.store = store
         self.defaults = defaults
         self.metrics = metrics
         self.settings = settings
+        self.broken: str | None = None  # why the replica cannot run jobs
         self._lock = threading.Lock()  # a claim and its cancel event are registered together
         self._running: tuple[str, threading.Event] | None = None
         self._wakeup = threading.Event()
@@ -55,8 +66,10 @@ class Worker:
         self._thread = threading.Thread(target=self._loop, name="bindweave-worker", daemon=True)
 
     @property
-    def alive(self) -> bool:
-        return self._thread.is_alive()
+    def state(self) -> str:
+        if self.broken is not None or (self._thread.ident is not None and not self._thread.is_alive()):
+            return "broken"
+        return "ready" if self.engine is not None else "loading"
 
     @property
     def running(self) -> str | None:
@@ -64,8 +77,14 @@ class Worker:
         running = self._running
         return running[0] if running is not None else None
 
-    def start(self) -> None:
+    def start(self, engine: Stage3Engine, encode: Callable) -> None:
+        """The engine is built: run jobs."""
+        self.engine, self.encode = engine, encode
         self._thread.start()
+
+    def fail(self, reason: str) -> None:
+        """The engine could not be built."""
+        self.broken = reason
 
     def wake(self) -> None:
         self._wakeup.set()
@@ -80,7 +99,8 @@ class Worker:
             if self._running is not None:
                 self._running[1].set()
         self._wakeup.set()
-        self._thread.join(timeout_s)
+        if self._thread.is_alive():
+            self._thread.join(timeout_s)
 
     def cancel(self, job_id: str) -> str | None:
         """Cancel a job: a queued one now (its files go), a running one at its next step boundary (the
@@ -109,7 +129,16 @@ class Worker:
                 continue
             started = time.perf_counter()
             with LeaseKeeper(self.store, record.id, settings.lease_s, cancel) as lease:
-                status, code, message = self._run(record, cancel, lease)
+                try:
+                    status, code, message = self._run(record, cancel, lease)
+                except ReplicaBroken as error:
+                    # The job stays in_progress: the restarted replica (or, with a shared store, another
+                    # one once the lease runs out) runs it again. os._exit: the uvicorn and lease threads
+                    # must not outlive the group, and the process manager must see a failure.
+                    log.critical("%s; the replica stops (exit code %d), %s runs again when it restarts",
+                                 error, EXIT_REPLICA_BROKEN, record.id)
+                    logging.shutdown()
+                    os._exit(EXIT_REPLICA_BROKEN)
             # The table's word is final: a cancel asked for meanwhile wins over a finished run.
             status = self.store.settle(record.id, status, code, message) if not lease.lost else None
             if status == "cancelled":
@@ -144,6 +173,8 @@ class Worker:
                 files.write_thumbnail()
         except BindWeaveInputError as error:  # this job's input, or a full disk
             return "failed", "generation_failed", str(error)
+        except ReplicaBroken:
+            raise
         except Exception as error:  # a bug or out of memory: this job fails, the server goes on
             log.exception("%s: failed", record.id)
             return "failed", "internal_error", f"internal error ({type(error).__name__}): see the server log"
