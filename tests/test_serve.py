@@ -7,8 +7,11 @@ on the CPU); the restart test runs its own, killed with SIGKILL mid-job and star
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import json
 import signal
+import threading
 import struct
 import subprocess
 import sys
@@ -20,11 +23,15 @@ from pathlib import Path
 import httpx2
 import pytest
 
+from PIL import Image
+
 from bindweave.errors import BindWeaveInputError
 from bindweave.serve.settings import ServeSettings
 from bindweave.serve.store import JobStore, new_job_id
 from parallel_launch import plain_env  # tests/ is on sys.path
 from serve_process import KEY, MAX_QUEUE, MAX_UPLOAD, REPO, SMALL, Server, reference_images
+
+CALLBACK_SECRET = "callback-secret-0123"
 
 
 
@@ -41,7 +48,8 @@ def tiny_root(tiny_models) -> Path:
 @pytest.fixture(scope="module")
 def server(tiny_root, tmp_path_factory):
     folder = tmp_path_factory.mktemp("server")
-    running = Server(tiny_root, folder / "state", folder / "server.log").start()
+    running = Server(tiny_root, folder / "state", folder / "server.log", "serve.callbacks=true",
+                     env={"BINDWEAVE_CALLBACK_SECRET": CALLBACK_SECRET}).start()
     yield running
     assert running.stop() in (0, 128 + signal.SIGTERM), running.log.read_text()[-4000:]
 
@@ -214,6 +222,8 @@ def test_a_catalogue_of_bad_requests_is_refused_and_the_server_keeps_serving(ser
         "a JSON body": (server.http.post("/v1/videos", json={"prompt": "x"}), 415, "multipart/form-data", None),
         "a body without length": (server.http.post("/v1/videos", content=iter([b"--x--\r\n"]), headers={
             "Content-Type": "multipart/form-data; boundary=x"}), 411, "Content-Length", None),
+        "a callback that is no web URL": (post({"callback_url": "file:///etc/passwd"}), 400, "http:// or https://",
+                                          "callback_url"),
         "content of an unknown id": (server.http.get(f"/v1/videos/{unknown_id}/content"), 404, "no video", None),
     }
     wrong = {}
@@ -230,6 +240,60 @@ def test_a_catalogue_of_bad_requests_is_refused_and_the_server_keeps_serving(ser
     assert server.wait(response.json()["id"])["status"] == "completed"
 
 
+class CallbackListener:
+    """A local HTTP endpoint that records each POST; it answers 503 to the first ``refuse`` of them."""
+
+    def __init__(self, refuse: int):
+        import http.server
+
+        calls, listener = [], self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_POST(self):
+                body = self.rfile.read(int(self.headers["Content-Length"]))
+                calls.append((dict(self.headers), body))
+                self.send_response(503 if len(calls) <= listener.refuse else 204)
+                self.end_headers()
+
+            def log_message(self, *args):
+                pass
+
+        self.calls, self.refuse = calls, refuse
+        self.http = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.http.server_address[1]}/hook"
+        threading.Thread(target=self.http.serve_forever, daemon=True).start()
+
+    def wait(self, count: int, timeout: float = 30) -> list:
+        deadline = time.monotonic() + timeout
+        while len(self.calls) < count and time.monotonic() < deadline:
+            time.sleep(0.05)
+        return self.calls
+
+
+def test_a_completion_webhook_is_retried_signed_and_sent_for_failures_too(server, images, tmp_path):
+    listener = CallbackListener(refuse=1)
+    try:
+        done = server.wait(server.submit(images[:1], steps="2", callback_url=listener.url).json()["id"])
+        calls = listener.wait(2)
+        assert len(calls) == 2 and calls[0][1] == calls[1][1]  # refused once (503), delivered on the retry
+        headers, body = calls[1]
+        video = json.loads(body)
+        assert (video["id"], video["status"], video["object"]) == (done["id"], "completed", "video")
+        assert headers["X-BindWeave-Event"] == "video.completed"
+        expected = hmac.new(CALLBACK_SECRET.encode(), body, hashlib.sha256).hexdigest()
+        assert headers["X-BindWeave-Signature"] == f"sha256={expected}"
+
+        sliver = tmp_path / "sliver.png"
+        Image.new("RGB", (600, 2), (200, 30, 30)).save(sliver)  # 300:1, which Qwen2.5-VL cannot take
+        failed = server.wait(server.submit([sliver], steps="2", callback_url=listener.url).json()["id"])
+        assert failed["status"] == "failed" and failed["error"]["code"] == "generation_failed"
+        headers, body = listener.wait(3)[2]
+        assert headers["X-BindWeave-Event"] == "video.failed" and json.loads(body)["id"] == failed["id"]
+    finally:
+        listener.http.shutdown()
+    assert "failed (HTTP 503); retrying in 1 s" in server.log.read_text()
+
+
 def test_models_health_and_metrics(server):
     assert server.openai().models.list().data[0].id == "bindweave"
     assert httpx2.get(f"{server.url}/health").json() == {"status": "ready", "replica": server.replica}  # no key needed
@@ -237,6 +301,8 @@ def test_models_health_and_metrics(server):
     assert "bindweave_queue_length 0" in text and 'bindweave_jobs{status="completed"}' in text
     step_count = next(line for line in text.splitlines() if line.startswith("bindweave_denoise_step_seconds_count"))
     assert int(step_count.split()[1]) > 0
+    assert "bindweave_running_jobs 0" in text and "bindweave_jobs_taken_over_total 0" in text
+    assert 'bindweave_job_failures_total{code="generation_failed"} 1' in text  # the webhook test's sliver
 
 
 def test_a_killed_server_resumes_its_jobs_after_a_restart(tiny_root, images, tmp_path):
@@ -268,6 +334,21 @@ def test_a_killed_server_resumes_its_jobs_after_a_restart(tiny_root, images, tmp
     assert server.stop(signal.SIGTERM) in (0, 128 + signal.SIGTERM)
     record = JobStore(server.state_dir).get(stopped)
     assert (record.status, record.attempts, record.progress) == ("queued", 0, 0)
+
+    # serve.drain=finish: SIGTERM lets the running job finish (nothing new is accepted meanwhile), then exits.
+    JobStore(server.state_dir).request_cancel(stopped)  # the queued one goes: only the new job runs below
+    server.argv.append("serve.drain=finish")
+    server.start()
+    finishing = server.submit(images[:1], steps="150").json()["id"]
+    server.wait(finishing, until=lambda job: job["status"] == "in_progress" and job["step"] >= 2)
+    server.process.send_signal(signal.SIGTERM)
+    time.sleep(0.5)
+    with pytest.raises(httpx2.TransportError):  # the listener is closed at once
+        server.http.get("/health")
+    assert server.process.wait(timeout=120) in (0, 128 + signal.SIGTERM)
+    record = JobStore(server.state_dir).get(finishing)
+    assert (record.status, record.step, record.attempts) == ("completed", 150, 1), record
+    assert (server.state_dir / "jobs" / finishing / "video.mp4").is_file()
 
 
 def test_interrupted_jobs_follow_the_policy(tmp_path):

@@ -88,7 +88,8 @@ class ServeCommand:
             log.info("rank %d of %d (pid %d): %s", processes.rank, processes.world_size, os.getpid(), layout.describe())
             if front is None:
                 return follow_rank0(model_settings, config, runtime, device_type, processes, channel)
-            return front.serve(lambda: build_engine(model_settings, config, runtime, device_type, processes, channel))
+            return front.serve(lambda: build_engine(model_settings, config, runtime, device_type, processes, channel),
+                               release=(lambda engine: engine.close()) if channel is not None else (lambda engine: None))
         finally:
             stop_process_group()
 
@@ -144,11 +145,13 @@ class Front:
                      "; ".join(f"{what}: {', '.join(ids)}" for what, ids in recovered.items() if ids))
         return cls(config, keys, listener, store)
 
-    def serve(self, make_engine) -> dict:
-        """Answer HTTP now; ``make_engine()`` (with the Qwen2.5-VL) on a thread, then the worker."""
+    def serve(self, make_engine, release) -> dict:
+        """Answer HTTP now; ``make_engine()`` (with the Qwen2.5-VL) on a thread, then the worker; at the
+        end ``release(engine)`` (under torchrun: the other ranks leave their loop)."""
         import uvicorn
 
-        from bindweave.serve.api import create_app
+        from bindweave.serve.api import create_app, video_object
+        from bindweave.serve.callbacks import Callbacks
         from bindweave.serve.job_request import JobDefaults
         from bindweave.serve.metrics import Metrics
         from bindweave.serve.worker import Worker
@@ -156,7 +159,13 @@ class Front:
         config, serve, store = self.config, self.config.serve, self.store
         defaults = JobDefaults(config.video, config.sampler, config.cache)
         metrics = Metrics()
-        worker = Worker(store, defaults, metrics, serve)
+
+        def describe(job_id: str) -> dict | None:
+            record = store.get(job_id)
+            return video_object(record, store, serve.model_name) if record is not None else None
+
+        callbacks = Callbacks(describe, serve)
+        worker = Worker(store, defaults, metrics, serve, on_ended=callbacks.job_ended)
         outcome = {"exit_code": 0}
         built = []
 
@@ -177,13 +186,17 @@ class Front:
                 worker.fail(outcome["error"])
                 server.should_exit = True
 
-        def release_other_ranks() -> None:
-            if built and hasattr(built[0], "close"):
-                built[0].close()
+        def on_stop() -> None:
+            """After the worker: the other ranks released, the pending webhooks given a last chance."""
+            if built:
+                release(built[0])
+            callbacks.stop(serve.callback_timeout_s)
 
-        app = create_app(store, worker, serve, self.keys, defaults, metrics,
-                         on_start=lambda: threading.Thread(target=load, name="bindweave-load", daemon=True).start(),
-                         on_stop=release_other_ranks)
+        def on_start() -> None:
+            callbacks.start()
+            threading.Thread(target=load, name="bindweave-load", daemon=True).start()
+
+        app = create_app(store, worker, serve, self.keys, defaults, metrics, on_start=on_start, on_stop=on_stop)
         log.info("answering on http://%s:%d as replica %s (auth: %s, jobs in %s, files in %s, queue bound %d); "
                  "loading the models", serve.host, serve.port, store.replica_id, serve.auth, store.database.where,
                  Path(serve.state_dir).resolve(), serve.max_queue)

@@ -58,7 +58,8 @@ def create_app(store: JobStore, worker: Worker, settings: ServeSettings, keys: t
     async def lifespan(app: FastAPI):
         on_start()
         yield
-        await run_in_threadpool(worker.stop, SHUTDOWN_WAIT_S)
+        await run_in_threadpool(worker.stop, settings.drain_timeout_s if settings.drain == "finish" else 0,
+                                SHUTDOWN_WAIT_S)
         await run_in_threadpool(on_stop)
 
     app = FastAPI(title="BindWeave", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
@@ -158,7 +159,8 @@ def create_app(store: JobStore, worker: Worker, settings: ServeSettings, keys: t
 
     @app.get("/metrics")
     def prometheus_metrics():
-        return PlainTextResponse(metrics.render(store.counts()), media_type="text/plain; version=0.0.4")
+        return PlainTextResponse(metrics.render(store.counts(), int(worker.running is not None)),
+                                 media_type="text/plain; version=0.0.4")
 
     return app
 

@@ -15,6 +15,7 @@ from bindweave.errors import BindWeaveInputError
 AUTH_CHOICES = ("api_keys", "none")
 INTERRUPTED_CHOICES = ("requeue", "fail")
 STORE_CHOICES = ("sqlite", "postgres")
+DRAIN_CHOICES = ("requeue", "finish")
 # auth=none is allowed only where no other machine can connect.
 LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
 
@@ -45,6 +46,12 @@ class ServeSettings:
     on_interrupted: str = "requeue"  # a job running when the server died: requeue (same seed, same video) | fail
     max_attempts: int = 2  # starts of one job after which an interrupted job fails instead (a crash loop)
     poll_after_ms: int = 1000  # the openai client's poll interval (openai-poll-after-ms header)
+    drain: str = "requeue"  # on SIGTERM: requeue (stop the running job at its next step, back in the queue) | finish
+    drain_timeout_s: float = 600.0  # drain=finish: how long the running job may take; after it, it is re-queued
+    callbacks: bool = False  # whether a request may give callback_url (this server then POSTs to URLs its clients name)
+    callback_attempts: int = 5  # deliveries tried per job, waiting 1, 2, 4, ... s between them
+    callback_timeout_s: float = 10.0  # per delivery
+    callback_secret_env: str = "BINDWEAVE_CALLBACK_SECRET"  # if set: X-BindWeave-Signature, HMAC-SHA256 of the body
 
     def __post_init__(self):
         problems = []
@@ -58,13 +65,18 @@ class ServeSettings:
             problems.append(f"serve.store={self.store} is not one of {', '.join(STORE_CHOICES)}")
         if not self.lease_s > 0:
             problems.append(f"serve.lease_s={self.lease_s} must be above 0")
+        if self.drain not in DRAIN_CHOICES:
+            problems.append(f"serve.drain={self.drain} is not one of {', '.join(DRAIN_CHOICES)}")
+        for name in ("drain_timeout_s", "callback_timeout_s"):
+            if not getattr(self, name) > 0:
+                problems.append(f"serve.{name}={getattr(self, name)} must be above 0")
         if self.on_interrupted not in INTERRUPTED_CHOICES:
             problems.append(f"serve.on_interrupted={self.on_interrupted} is not one of "
                             f"{', '.join(INTERRUPTED_CHOICES)}")
         if not 1 <= self.port <= 65535:
             problems.append(f"serve.port={self.port} must be 1..65535")
         for name in ("max_queue", "max_upload_bytes", "max_image_pixels", "max_video_pixels", "max_frames",
-                     "max_steps", "max_attempts", "poll_after_ms", "queue_poll_ms"):
+                     "max_steps", "max_attempts", "poll_after_ms", "queue_poll_ms", "callback_attempts"):
             if getattr(self, name) < 1:
                 problems.append(f"serve.{name}={getattr(self, name)} must be >= 1")
         if problems:

@@ -1,6 +1,6 @@
 """The engine's thread: runs the queued jobs one at a time, oldest first, and settles each.
 
-    worker = Worker(store, defaults, metrics, settings)    # /health: loading
+    worker = Worker(store, defaults, metrics, settings, on_ended=callbacks.job_ended)    # /health: loading
     worker.start(engine, encode)                           # /health: ready
     worker.wake()               # a job was queued here
     worker.cancel(job_id)       # queued: cancelled now; running (on any replica): stops at its next step
@@ -51,7 +51,9 @@ class Worker:
     built; jobs are queued meanwhile), ready, or broken (the engine could not be built, or the loop
     stopped)."""
 
-    def __init__(self, store: JobStore, defaults: JobDefaults, metrics: Metrics, settings: ServeSettings):
+    def __init__(self, store: JobStore, defaults: JobDefaults, metrics: Metrics, settings: ServeSettings,
+                 on_ended: Callable[[JobRecord], None] = lambda record: None):
+        self.on_ended = on_ended  # a job's end is in the table (completed, failed, cancelled): its webhook
         self.engine: Stage3Engine | None = None
         self.encode: Callable | None = None  # (prompt, images) -> (positive, negative) hidden states
         self.store = store
@@ -89,16 +91,19 @@ class Worker:
     def wake(self) -> None:
         self._wakeup.set()
 
-    def stop(self, timeout_s: float) -> None:
-        """Stop taking jobs; the running one stops at its next step boundary and is queued again.
-        After ``timeout_s`` the process may exit anyway: the job is then still in_progress in the
-        table, and the next start (or, with a shared store, another replica once the lease runs
-        out) handles it as interrupted (serve.on_interrupted)."""
+    def stop(self, finish_s: float, timeout_s: float) -> None:
+        """Stop taking jobs (the drain on SIGTERM). The running job may finish for up to ``finish_s``
+        (serve.drain=finish; 0: not at all); then it stops at its next step boundary and is queued
+        again. After ``timeout_s`` more the process may exit anyway: the job is then still
+        in_progress in the table, and the next start (or, with a shared store, another replica once
+        the lease runs out) handles it as interrupted (serve.on_interrupted)."""
         self._stopping.set()
+        self._wakeup.set()
+        if self._thread.is_alive() and finish_s > 0:
+            self._thread.join(finish_s)
         with self._lock:
             if self._running is not None:
                 self._running[1].set()
-        self._wakeup.set()
         if self._thread.is_alive():
             self._thread.join(timeout_s)
 
@@ -120,6 +125,9 @@ class Worker:
             taken_over = self.store.take_over_interrupted(settings.on_interrupted, settings.max_attempts)
             if any(taken_over.values()):
                 log.warning("jobs whose replica stopped while they ran (lease over): %s", _listed(taken_over))
+                self.metrics.taken_over(sum(map(len, taken_over.values())))
+            for job_id in taken_over["failed"] + taken_over["cancelled"]:
+                self._ended(job_id)
             with self._lock:
                 record = self.store.claim_next(settings.lease_s)
                 cancel = threading.Event()
@@ -149,10 +157,17 @@ class Worker:
             if status is None:
                 log.warning("%s: stopped, its lease ran out and another replica runs it now", record.id)
                 continue
-            self.metrics.job(status, seconds)
+            self.metrics.job(status, seconds, code if status == "failed" else None)
+            if status != "queued":
+                self._ended(record.id)
             outcome = "back in the queue (the server is stopping)" if status == "queued" else status
             log.info("%s: %s after %.1f s on %s%s", record.id, outcome, seconds, self.store.replica_id,
                      f": {message}" if status == "failed" else "")
+
+    def _ended(self, job_id: str) -> None:
+        record = self.store.get(job_id)
+        if record is not None:
+            self.on_ended(record)
 
     def _run(self, record: JobRecord, cancel: threading.Event,
              lease: LeaseKeeper) -> tuple[str, str | None, str | None]:
