@@ -37,25 +37,32 @@ def free_port() -> int:
 class Server:
     """``python launch/serve.py`` with the tiny models, its log in a file."""
 
-    def __init__(self, tiny_root: Path, state_dir: Path, log: Path, *overrides: str, env: dict | None = None,
-                 launcher: tuple[str, ...] = (), replica: str = "local"):
+    def __init__(self, tiny_root: Path | None, state_dir: Path, log: Path, *overrides: str, env: dict | None = None,
+                 launcher: tuple[str, ...] = (), replica: str = "local", command: list[str] | None = None):
         """``launcher``: what runs launch/serve.py (e.g. ``-m torch.distributed.run ...``); ``env``: more
-        variables; ``replica``: its serve.replica_id."""
+        variables; ``replica``: its serve.replica_id; ``command``: a documented command line (its
+        ``python``/``torchrun`` resolved by the caller) instead of the tiny-model one, given a free
+        port."""
         self.port = free_port()
-        self.state_dir, self.log, self.env, self.replica = state_dir, log, env or {}, replica
-        self.argv = [sys.executable, *launcher, str(REPO / "launch" / "serve.py"), f"serve.port={self.port}",
-                     f"serve.state_dir={state_dir}", f"model.tiny_root={tiny_root}", f"qwen.tiny_root={tiny_root}",
-                     f"model.cache_dir={state_dir.parent / 'cache'}", "video.height=48", "video.width=64",
-                     "video.num_frames=5", "sampler.num_steps=2", f"serve.max_queue={MAX_QUEUE}",
-                     "serve.max_steps=1000", f"serve.max_upload_bytes={MAX_UPLOAD}", "serve.poll_after_ms=20",
-                     f"serve.replica_id={replica}", *overrides]
+        self.state_dir, self.log, self.replica = state_dir, log, replica
+        self.env = {"BINDWEAVE_API_KEYS": KEY, **(env or {})}
+        self.key = self.env["BINDWEAVE_API_KEYS"]
+        if command is not None:
+            self.argv = [*command, f"serve.port={self.port}", *overrides]
+        else:
+            self.argv = [sys.executable, *launcher, str(REPO / "launch" / "serve.py"), f"serve.port={self.port}",
+                         f"serve.state_dir={state_dir}", f"model.tiny_root={tiny_root}", f"qwen.tiny_root={tiny_root}",
+                         f"model.cache_dir={state_dir.parent / 'cache'}", "video.height=48", "video.width=64",
+                         "video.num_frames=5", "sampler.num_steps=2", f"serve.max_queue={MAX_QUEUE}",
+                         "serve.max_steps=1000", f"serve.max_upload_bytes={MAX_UPLOAD}", "serve.poll_after_ms=20",
+                         f"serve.replica_id={replica}", *overrides]
         self.url = f"http://127.0.0.1:{self.port}"
-        self.http = httpx2.Client(base_url=self.url, headers={"Authorization": f"Bearer {KEY}"}, timeout=30)
+        self.http = httpx2.Client(base_url=self.url, headers={"Authorization": f"Bearer {self.key}"}, timeout=30)
         self.process: subprocess.Popen | None = None
 
     def start(self) -> Server:
         with open(self.log, "a") as log:
-            self.process = subprocess.Popen(self.argv, cwd=REPO, env=plain_env(BINDWEAVE_API_KEYS=KEY, **self.env), stdout=log,
+            self.process = subprocess.Popen(self.argv, cwd=REPO, env=plain_env(**self.env), stdout=log,
                                             stderr=subprocess.STDOUT)
         deadline = time.monotonic() + 90
         while time.monotonic() < deadline:
@@ -76,7 +83,7 @@ class Server:
     def openai(self):
         from openai import OpenAI
 
-        return OpenAI(base_url=f"{self.url}/v1", api_key=KEY, max_retries=0)
+        return OpenAI(base_url=f"{self.url}/v1", api_key=self.key, max_retries=0)
 
     def submit(self, images: list[Path], **fields) -> httpx2.Response:
         files = [("input_reference", (path.name, path.read_bytes(), "image/png")) for path in images]
