@@ -188,8 +188,10 @@ class Front:
 
         def on_stop() -> None:
             """After the worker: the other ranks released, the pending webhooks given a last chance."""
-            if built:
+            if built and worker.done:
                 release(built[0])
+            elif built:  # its job is still in a collective with them: they end when this process does
+                log.warning("the worker did not stop in time: the other ranks are not released")
             callbacks.stop(serve.callback_timeout_s)
 
         def on_start() -> None:

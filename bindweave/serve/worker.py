@@ -74,6 +74,11 @@ class Worker:
         return "ready" if self.engine is not None else "loading"
 
     @property
+    def done(self) -> bool:
+        """Whether the job loop has ended (or never started): nothing of it runs on the engine any more."""
+        return not self._thread.is_alive()
+
+    @property
     def running(self) -> str | None:
         """The id of the job this replica runs now."""
         running = self._running
