@@ -103,6 +103,24 @@ def test_a_bad_request_fails_that_job_only_and_the_next_one_runs(ulysses2, image
     assert ulysses2.wait(ulysses2.submit(images[:1], steps="2").json()["id"])["status"] == "completed"
 
 
+def test_a_failure_on_rank_0_alone_fails_the_job_on_both_and_the_next_one_runs(ulysses2, images):
+    """Only rank 0 writes: with the job's folder replaced by a file, its write fails (an exception,
+    not a bad input) after rank 1 has finished; the ranks agree on the failure, and both take the
+    next job."""
+    import shutil
+
+    doomed = ulysses2.submit(images[:1], steps="150").json()["id"]
+    ulysses2.wait(doomed, until=lambda job: job["phase"] == "denoise" and job["step"] >= 2)
+    folder = ulysses2.state_dir / "jobs" / doomed
+    shutil.rmtree(folder)
+    folder.write_text("not a folder")
+    failed = ulysses2.wait(doomed)
+    assert (failed["status"], failed["error"]["code"]) == ("failed", "internal_error"), failed
+    assert "rank 0: NotADirectoryError" in ulysses2.log.read_text()
+    folder.unlink()
+    assert ulysses2.wait(ulysses2.submit(images[:1], steps="2").json()["id"])["status"] == "completed"
+
+
 def test_an_idle_replica_outlives_the_collective_timeout(ulysses2, images):
     time.sleep(TIMEOUT_S * 2)  # nothing to do: rank 1 waits on the channel, whose timeout is days
     assert ulysses2.process.poll() is None

@@ -18,7 +18,9 @@ one that failed) always meet in the same collective:
   is written;
 - a rank whose run ended (done, failed, cancelled, or an exception: a bad input, out of memory)
   takes rounds until every rank has ended; then the outcomes are gathered and agreed: a failure
-  anywhere fails the job on all (its message names the rank), and the server goes on.
+  anywhere fails the job on all (a bad input: ``generation_failed``; an exception on any rank:
+  :class:`RankFailed` on rank 0, the worker's ``internal_error``, the log naming the rank), and
+  the server goes on.
 
 A channel collective that fails means a rank is gone: :class:`ReplicaBroken`. The worker does
 not record that job's end (it stays in_progress, so the restarted replica re-runs it) and the
@@ -43,6 +45,10 @@ log = logging.getLogger("bindweave")
 
 CONTROL_TIMEOUT = timedelta(days=30)  # an idle server waits this long for its next job
 CANCEL, FAILED, FINISHED = range(3)
+
+
+class RankFailed(RuntimeError):
+    """An exception (out of memory, a bug) on some rank of the replica: the job fails on all."""
 
 class JobChannel:
     """Rank 0 -> every rank: the next job; and the rounds of a job (see the module's docstring)."""
@@ -114,7 +120,10 @@ def follow(engine: Stage3Engine, channel: JobChannel) -> None:
         kind, job = channel.broadcast((None, None))
         if kind == "stop":
             return
-        run_in_group(engine, job, channel, None, None)
+        try:
+            run_in_group(engine, job, channel, None, None)
+        except RankFailed:  # logged where it happened; rank 0 records it
+            pass
 
 
 def run_in_group(engine: Stage3Engine, job: Stage3Job, channel: JobChannel, on_progress,
@@ -127,14 +136,15 @@ def run_in_group(engine: Stage3Engine, job: Stage3Job, channel: JobChannel, on_p
         raise
     except Exception as error:  # out of memory or a bug here: the job fails on every rank, the server goes on
         log.exception("rank %d: %s failed", channel.rank, job.sample_id)
-        result, mine = None, ("failed", f"rank {channel.rank}: internal error ({type(error).__name__}: {error})")
-    while channel.round(failed=mine[0] == "failed", finished=True)[FINISHED] < channel.world_size:
+        result, mine = None, ("error", f"rank {channel.rank}: {type(error).__name__}: {error}")
+    while channel.round(failed=mine[0] in ("failed", "error"), finished=True)[FINISHED] < channel.world_size:
         pass  # the ranks still denoising see the failure at their next step and stop there
     outcomes = channel.gather(mine)
-    failures = [error for status, error in outcomes if status == "failed"]
-    if failures:
-        return JobResult(job.sample_id, "failed", error=failures[0])
-    if any(status == "cancelled" for status, _ in outcomes):
-        return JobResult(job.sample_id, "cancelled", error=next(error for status, error in outcomes
-                                                                 if status == "cancelled"))
+    errors = [message for status, message in outcomes if status == "error"]
+    if errors:  # the worker's internal_error, as for an exception in one process
+        raise RankFailed("; ".join(errors))
+    for agreed in ("failed", "cancelled"):  # a bad input of this job on some rank, then a cancel
+        messages = [message for status, message in outcomes if status == agreed]
+        if messages:
+            return JobResult(job.sample_id, agreed, error=messages[0])
     return result
