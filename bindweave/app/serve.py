@@ -88,13 +88,13 @@ class ServeCommand:
             log.info("rank %d of %d (pid %d): %s", processes.rank, processes.world_size, os.getpid(), layout.describe())
             if front is None:
                 return follow_rank0(model_settings, config, runtime, device_type, processes, channel)
-            return front.serve(lambda: build_engine(model_settings, config, runtime, device_type, processes, channel),
+            return front.serve(lambda: replica_engine(model_settings, config, runtime, device_type, processes, channel),
                                release=(lambda engine: engine.close()) if channel is not None else (lambda engine: None))
         finally:
             stop_process_group()
 
 
-def build_engine(model_settings, config, runtime, device_type: str, processes, channel):
+def replica_engine(model_settings, config, runtime, device_type: str, processes, channel):
     """This rank's engine for the layout, for the largest default job (rank 0: the one the worker drives)."""
     from bindweave.app.generate import build_models, memory_plan
     from bindweave.stages.engine import Stage3Engine
@@ -115,7 +115,7 @@ def follow_rank0(model_settings, config, runtime, device_type, processes, channe
     from bindweave.serve.worker import EXIT_REPLICA_BROKEN, ReplicaBroken
 
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    engine = build_engine(model_settings, config, runtime, device_type, processes, channel)
+    engine = replica_engine(model_settings, config, runtime, device_type, processes, channel)
     try:
         follow(engine, channel)
     except ReplicaBroken as error:
