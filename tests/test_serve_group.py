@@ -151,7 +151,9 @@ def test_sigkill_of_rank_1_ends_the_replica_and_a_restart_finishes_the_queue(tin
                      rf"{running} runs again when it restarts", log), log[-4000:]
 
     server.start()
-    jobs = {video_id: server.wait(video_id, timeout=120) for video_id in (running, queued)}
+    try:
+        jobs = {video_id: server.wait(video_id, timeout=120) for video_id in (running, queued)}
+    finally:
+        stop_group(server)
     assert {job["status"] for job in jobs.values()} == {"completed"}, jobs
     assert jobs[running]["attempts"] == 2
-    stop_group(server)
