@@ -7,9 +7,11 @@ on the CPU); the restart test runs its own, killed with SIGKILL mid-job and star
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import json
 import signal
-import socket
+import threading
 import struct
 import subprocess
 import sys
@@ -19,100 +21,23 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx2
-import numpy as np
 import pytest
+
 from PIL import Image
 
 from bindweave.errors import BindWeaveInputError
 from bindweave.serve.settings import ServeSettings
 from bindweave.serve.store import JobStore, new_job_id
 from parallel_launch import plain_env  # tests/ is on sys.path
+from serve_process import KEY, MAX_QUEUE, MAX_UPLOAD, REPO, SMALL, Server, reference_images
 
-REPO = Path(__file__).resolve().parents[1]
-KEY = "test-key-0123456789"
-SMALL = {"size": "64x48", "num_frames": "5"}
-MAX_QUEUE = 4
-MAX_UPLOAD = 200_000
-FINISHED = ("completed", "failed", "cancelled")
+CALLBACK_SECRET = "callback-secret-0123"
 
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
-class Server:
-    """``python launch/serve.py`` with the tiny models, its log in a file."""
-
-    def __init__(self, tiny_root: Path, state_dir: Path, log: Path, *overrides: str):
-        self.port = free_port()
-        self.state_dir, self.log = state_dir, log
-        self.argv = [sys.executable, str(REPO / "launch" / "serve.py"), f"serve.port={self.port}",
-                     f"serve.state_dir={state_dir}", f"model.tiny_root={tiny_root}", f"qwen.tiny_root={tiny_root}",
-                     f"model.cache_dir={state_dir.parent / 'cache'}", "video.height=48", "video.width=64",
-                     "video.num_frames=5", "sampler.num_steps=2", f"serve.max_queue={MAX_QUEUE}",
-                     "serve.max_steps=1000", f"serve.max_upload_bytes={MAX_UPLOAD}", "serve.poll_after_ms=20",
-                     *overrides]
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.http = httpx2.Client(base_url=self.url, headers={"Authorization": f"Bearer {KEY}"}, timeout=30)
-        self.process: subprocess.Popen | None = None
-
-    def start(self) -> Server:
-        with open(self.log, "a") as log:
-            self.process = subprocess.Popen(self.argv, cwd=REPO, env=plain_env(BINDWEAVE_API_KEYS=KEY), stdout=log,
-                                            stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + 90
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                pytest.fail(f"the server exited {self.process.returncode}:\n{self.log.read_text()[-4000:]}")
-            try:
-                if httpx2.get(f"{self.url}/health", timeout=1).status_code == 200:
-                    return self
-            except httpx2.TransportError:
-                pass
-            time.sleep(0.1)
-        pytest.fail(f"the server did not answer within 90 s:\n{self.log.read_text()[-4000:]}")
-
-    def stop(self, sig: int = signal.SIGTERM) -> int:
-        self.process.send_signal(sig)
-        return self.process.wait(timeout=60)
-
-    def openai(self):
-        from openai import OpenAI
-
-        return OpenAI(base_url=f"{self.url}/v1", api_key=KEY, max_retries=0)
-
-    def submit(self, images: list[Path], **fields) -> httpx2.Response:
-        files = [("input_reference", (path.name, path.read_bytes(), "image/png")) for path in images]
-        return self.http.post("/v1/videos", data={"prompt": "a red ball rolls", **SMALL, **fields}, files=files)
-
-    def job(self, video_id: str) -> dict:
-        response = self.http.get(f"/v1/videos/{video_id}")
-        assert response.status_code == 200, response.text
-        return response.json()
-
-    def wait(self, video_id: str, until=lambda job: job["status"] in FINISHED, timeout: float = 60) -> dict:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            job = self.job(video_id)
-            if until(job):
-                return job
-            time.sleep(0.02)
-        pytest.fail(f"{video_id} did not get there within {timeout} s: {job}")
 
 
 @pytest.fixture(scope="module")
 def images(tmp_path_factory) -> list[Path]:
-    """Reference images of a few sizes, each its own colours."""
-    folder = tmp_path_factory.mktemp("references")
-    paths = []
-    for index, size in enumerate([(64, 64), (80, 48), (48, 96), (72, 72), (40, 40)]):
-        rng = np.random.default_rng(index)
-        pixels = rng.integers(0, 255, (size[1], size[0], 3), dtype=np.uint8)
-        paths.append(folder / f"reference_{index}.png")
-        Image.fromarray(pixels).save(paths[-1])
-    return paths
+    return reference_images(tmp_path_factory.mktemp("references"))
 
 
 @pytest.fixture(scope="module")
@@ -123,7 +48,8 @@ def tiny_root(tiny_models) -> Path:
 @pytest.fixture(scope="module")
 def server(tiny_root, tmp_path_factory):
     folder = tmp_path_factory.mktemp("server")
-    running = Server(tiny_root, folder / "state", folder / "server.log").start()
+    running = Server(tiny_root, folder / "state", folder / "server.log", "serve.callbacks=true",
+                     env={"BINDWEAVE_CALLBACK_SECRET": CALLBACK_SECRET}).start()
     yield running
     assert running.stop() in (0, 128 + signal.SIGTERM), running.log.read_text()[-4000:]
 
@@ -297,6 +223,8 @@ def test_a_catalogue_of_bad_requests_is_refused_and_the_server_keeps_serving(ser
         "a JSON body": (server.http.post("/v1/videos", json={"prompt": "x"}), 415, "multipart/form-data", None),
         "a body without length": (server.http.post("/v1/videos", content=iter([b"--x--\r\n"]), headers={
             "Content-Type": "multipart/form-data; boundary=x"}), 411, "Content-Length", None),
+        "a callback that is no web URL": (post({"callback_url": "file:///etc/passwd"}), 400, "http:// or https://",
+                                          "callback_url"),
         "content of an unknown id": (server.http.get(f"/v1/videos/{unknown_id}/content"), 404, "no video", None),
     }
     wrong = {}
@@ -313,13 +241,69 @@ def test_a_catalogue_of_bad_requests_is_refused_and_the_server_keeps_serving(ser
     assert server.wait(response.json()["id"])["status"] == "completed"
 
 
+class CallbackListener:
+    """A local HTTP endpoint that records each POST; it answers 503 to the first ``refuse`` of them."""
+
+    def __init__(self, refuse: int):
+        import http.server
+
+        calls, listener = [], self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_POST(self):
+                body = self.rfile.read(int(self.headers["Content-Length"]))
+                calls.append((dict(self.headers), body))
+                self.send_response(503 if len(calls) <= listener.refuse else 204)
+                self.end_headers()
+
+            def log_message(self, *args):
+                pass
+
+        self.calls, self.refuse = calls, refuse
+        self.http = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.http.server_address[1]}/hook"
+        threading.Thread(target=self.http.serve_forever, daemon=True).start()
+
+    def wait(self, count: int, timeout: float = 30) -> list:
+        deadline = time.monotonic() + timeout
+        while len(self.calls) < count and time.monotonic() < deadline:
+            time.sleep(0.05)
+        return self.calls
+
+
+def test_a_completion_webhook_is_retried_signed_and_sent_for_failures_too(server, images, tmp_path):
+    listener = CallbackListener(refuse=1)
+    try:
+        done = server.wait(server.submit(images[:1], steps="2", callback_url=listener.url).json()["id"])
+        calls = listener.wait(2)
+        assert len(calls) == 2 and calls[0][1] == calls[1][1]  # refused once (503), delivered on the retry
+        headers, body = calls[1]
+        video = json.loads(body)
+        assert (video["id"], video["status"], video["object"]) == (done["id"], "completed", "video")
+        assert headers["X-BindWeave-Event"] == "video.completed"
+        expected = hmac.new(CALLBACK_SECRET.encode(), body, hashlib.sha256).hexdigest()
+        assert headers["X-BindWeave-Signature"] == f"sha256={expected}"
+
+        sliver = tmp_path / "sliver.png"
+        Image.new("RGB", (600, 2), (200, 30, 30)).save(sliver)  # 300:1, which Qwen2.5-VL cannot take
+        failed = server.wait(server.submit([sliver], steps="2", callback_url=listener.url).json()["id"])
+        assert failed["status"] == "failed" and failed["error"]["code"] == "generation_failed"
+        headers, body = listener.wait(3)[2]
+        assert headers["X-BindWeave-Event"] == "video.failed" and json.loads(body)["id"] == failed["id"]
+    finally:
+        listener.http.shutdown()
+    assert "failed (HTTP 503); retrying in 1 s" in server.log.read_text()
+
+
 def test_models_health_and_metrics(server):
     assert server.openai().models.list().data[0].id == "bindweave"
-    assert httpx2.get(f"{server.url}/health").json() == {"status": "ok"}  # no key needed
+    assert httpx2.get(f"{server.url}/health").json() == {"status": "ready", "replica": server.replica}  # no key needed
     text = server.http.get("/metrics").text
     assert "bindweave_queue_length 0" in text and 'bindweave_jobs{status="completed"}' in text
     step_count = next(line for line in text.splitlines() if line.startswith("bindweave_denoise_step_seconds_count"))
     assert int(step_count.split()[1]) > 0
+    assert "bindweave_running_jobs 0" in text and "bindweave_jobs_taken_over_total 0" in text
+    assert 'bindweave_job_failures_total{code="generation_failed"} 1' in text  # the webhook test's sliver
 
 
 def test_a_killed_server_resumes_its_jobs_after_a_restart(tiny_root, images, tmp_path):
@@ -352,20 +336,35 @@ def test_a_killed_server_resumes_its_jobs_after_a_restart(tiny_root, images, tmp
     record = JobStore(server.state_dir).get(stopped)
     assert (record.status, record.attempts, record.progress) == ("queued", 0, 0)
 
+    # serve.drain=finish: SIGTERM lets the running job finish (nothing new is accepted meanwhile), then exits.
+    JobStore(server.state_dir).request_cancel(stopped)  # the queued one goes: only the new job runs below
+    server.argv.append("serve.drain=finish")
+    server.start()
+    finishing = server.submit(images[:1], steps="150").json()["id"]
+    server.wait(finishing, until=lambda job: job["status"] == "in_progress" and job["step"] >= 2)
+    server.process.send_signal(signal.SIGTERM)
+    time.sleep(0.5)
+    with pytest.raises(httpx2.TransportError):  # the listener is closed at once
+        server.http.get("/health")
+    assert server.process.wait(timeout=120) in (0, 128 + signal.SIGTERM)
+    record = JobStore(server.state_dir).get(finishing)
+    assert (record.status, record.step, record.attempts) == ("completed", 150, 1), record
+    assert (server.state_dir / "jobs" / finishing / "video.mp4").is_file()
+
 
 def test_interrupted_jobs_follow_the_policy(tmp_path):
     """serve.on_interrupted=fail fails a job found in_progress; requeue stops after serve.max_attempts starts."""
     store = JobStore(tmp_path / "state")
     for index in range(2):
         store.add(new_job_id(), {"index": index}, max_queue=10)
-    first = store.claim_next()
+    first = store.claim_next(lease_s=30)
     (store.jobs_dir / "orphan").mkdir()
     assert store.recover("requeue", max_attempts=2) == {"requeued": [first.id], "failed": [], "cancelled": []}
     assert not (store.jobs_dir / "orphan").exists()
-    assert store.claim_next().id == first.id  # back in its old place, at the head of the queue
+    assert store.claim_next(lease_s=30).id == first.id  # back in its old place, at the head of the queue
     assert store.recover("requeue", max_attempts=2)["failed"] == [first.id]  # a second start: a crash loop
     assert "max_attempts" in store.get(first.id).error_message
-    second = store.claim_next()
+    second = store.claim_next(lease_s=30)
     assert store.recover("fail", max_attempts=2)["failed"] == [second.id]
     assert store.get(second.id).error_code == "interrupted"
 
@@ -391,7 +390,7 @@ def test_auth_is_required_off_this_machine(tmp_path):
 def test_the_serve_config_has_the_generate_presets_and_names_typos():
     from bindweave.app.config import check_command_line, compose_config, settings_of
     from bindweave.app.config import register_schemas
-    from bindweave.serve.settings import ServeConfig
+    from bindweave.app.config import ServeConfig
 
     register_schemas()
     config = settings_of(compose_config("serve", ["model=bindweave_14b", "qwen=qwen2_5_vl_7b", "speed=fastest"]))
@@ -399,3 +398,32 @@ def test_the_serve_config_has_the_generate_presets_and_names_typos():
     assert (config.cache.kind, config.model.linear_precision, config.serve.auth) == ("magcache", "auto_fp8", "api_keys")
     with pytest.raises(BindWeaveInputError, match=r"unknown setting serve.max_queu .*did you mean serve.max_queue\?"):
         check_command_line("serve", ["serve.max_queu=3"])
+
+
+def test_a_table_of_the_servers_before_schema_versions_is_upgraded_in_place(tmp_path):
+    """The table of the servers before schema versions (no lease columns, no version table): its jobs
+    stay, the lease columns are added and the version recorded; a newer version is refused."""
+    import sqlite3
+
+    from bindweave.serve.store import SCHEMA_VERSION
+
+    state = tmp_path / "state"
+    state.mkdir()
+    old = sqlite3.connect(state / "jobs.sqlite3")
+    old.execute("CREATE TABLE jobs (seq INTEGER PRIMARY KEY AUTOINCREMENT, id TEXT UNIQUE NOT NULL, status TEXT NOT "
+                "NULL, request TEXT NOT NULL, created_at REAL NOT NULL, started_at REAL, finished_at REAL, phase TEXT, "
+                "step INTEGER NOT NULL DEFAULT 0, num_steps INTEGER NOT NULL DEFAULT 0, progress REAL NOT NULL "
+                "DEFAULT 0, error_code TEXT, error_message TEXT, attempts INTEGER NOT NULL DEFAULT 0, "
+                "cancel_requested INTEGER NOT NULL DEFAULT 0)")
+    kept = new_job_id()
+    old.execute("INSERT INTO jobs (id, status, request, created_at) VALUES (?, 'queued', '{}', 1.0)", (kept,))
+    old.commit()
+    old.close()
+    store = JobStore(state, replica_id="here")
+    claimed = store.claim_next(lease_s=30)
+    assert (claimed.id, claimed.worker, claimed.attempts) == (kept, "here", 1)
+    assert claimed.lease_expires > time.time() + 20
+    store.database.query("UPDATE schema_version SET version = ?", (SCHEMA_VERSION + 1,))
+    store.close()
+    with pytest.raises(BindWeaveInputError, match=f"schema version {SCHEMA_VERSION + 1}, newer than this server's"):
+        JobStore(state)

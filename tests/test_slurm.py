@@ -435,8 +435,49 @@ def test_the_slurm_readme_rows_are_the_scripts_documented_submissions():
     readme = (REPO / "launch" / "slurm" / "README.md").read_text()
     rows = re.findall(r"`((?:[A-Z_]+=\S+ )*(?:[A-Z_]+=\"[^\"]*\" )*sbatch [^`]*launch/slurm/(\w+\.sbatch))`", readme)
     complete = [(command, name) for command, name in rows if "..." not in command and "--gpus-per-node=0" not in command]
-    assert {name for _, name in complete} == {"generate_1node.sbatch", "extract_1gpu.sbatch"}, rows
+    assert {name for _, name in complete} == {"generate_1node.sbatch", "extract_1gpu.sbatch", "serve_1node.sbatch"}, \
+        rows
     for command, name in complete:
         env, options, script = documented_submission(REPO / "launch" / "slurm" / name)
         words = shlex.split(command)
         assert words == [*(f"{key}={value}" for key, value in env.items()), "sbatch", *options, script], command
+
+
+# The request defaults of a CPU-sized server (each request names its own size and steps too).
+CPU_SERVE = ["video.height=48", "video.width=64", "video.num_frames=5", "sampler.num_steps=2"]
+
+
+@pytest.mark.timeout(300)
+def test_documented_serving_submission_serves_the_api_and_drains_on_scancel(slurm, tiny_hf_home, tmp_path):
+    """serve_1node.sbatch submitted as its header says (the real presets, resolved offline from the
+    tiny HF cache), on a free port: the openai client makes a video through it; scancel drains it."""
+    import httpx2
+    from openai import OpenAI
+
+    from serve_process import free_port, reference_images
+
+    port = free_port()
+    job, env = submit_documented(slurm, "serve_1node.sbatch", tmp_path, tiny_hf_home[0],
+                                 [f"serve.port={port}", *CPU_SERVE])
+    deadline = time.monotonic() + 200
+    while time.monotonic() < deadline:
+        try:
+            if httpx2.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
+                break
+        except httpx2.TransportError:
+            pass
+        assert slurm.job(job).get("JobState") in ("PENDING", "RUNNING"), documented_log(tmp_path, job)
+        time.sleep(0.5)
+    else:
+        pytest.fail(f"the replica did not become ready:\n{documented_log(tmp_path, job)}")
+    client = OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key=env["BINDWEAVE_API_KEYS"], max_retries=0)
+    (image, *_) = reference_images(tmp_path)
+    with image.open("rb") as reference:
+        video = client.videos.create(model="bindweave", prompt="a red ball rolls", input_reference=reference,
+                                     size="64x48", extra_body={"num_frames": 5, "steps": 2})
+    video = client.videos.poll(video.id, poll_interval_ms=100)
+    assert video.status == "completed", documented_log(tmp_path, job)
+    assert (tmp_path / "outputs" / "serve" / "jobs" / video.id / "video.mp4").is_file()  # serve.state_dir
+    slurm.command("scancel", job)
+    slurm.wait_finished(job, timeout=120)
+    assert "Application shutdown complete." in documented_log(tmp_path, job)

@@ -28,6 +28,7 @@ from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
 from bindweave.errors import BindWeaveInputError
 from bindweave.settings.model import ModelSettings, VideoSettings
 from bindweave.settings.qwen import QwenSettings
+from bindweave.serve.settings import ServeSettings
 from bindweave.settings.sampling import CacheSettings, SamplerSettings
 from parallel.layout import ParallelSettings
 
@@ -99,6 +100,25 @@ class GenerateConfig:
         if self.on_error not in ON_ERROR_CHOICES:
             raise BindWeaveInputError(f"on_error={self.on_error}: use on_error=fail or on_error=skip")
         require_stage3_inputs(self.model, self.data)
+
+
+@dataclass(frozen=True)
+class ServeConfig:
+    """``launch/serve.py`` (bindweave/serve/, docs/SERVING.md): the models loaded once, the per-job
+    defaults (video, sampler, cache), the layout of a torchrun replica (``parallel``) and ``serve``.
+    A request may change size, frames, steps, guidance, seed and the step cache."""
+
+    model: ModelSettings = field(default_factory=ModelSettings)
+    sampler: SamplerSettings = field(default_factory=SamplerSettings)
+    video: VideoSettings = field(default_factory=VideoSettings)
+    cache: CacheSettings = field(default_factory=CacheSettings)  # the default step cache (conf/speed/)
+    qwen: QwenSettings = field(default_factory=QwenSettings)  # stage 2, run per request in memory (rank 0)
+    parallel: ParallelSettings = field(default_factory=ParallelSettings)  # one replica = one torchrun group
+    serve: ServeSettings = field(default_factory=ServeSettings)
+
+    def __post_init__(self):
+        self.model.require_weights()
+        self.qwen.require_weights()
 
 
 @dataclass(frozen=True)
@@ -181,7 +201,6 @@ def register_schemas() -> None:
     """Put each entry point's schema (and the refiner options' schemas) in Hydra's ConfigStore."""
     from hydra.core.config_store import ConfigStore
 
-    from bindweave.serve.settings import ServeConfig
     from bindweave.settings.refine import EndpointSettings, LocalSettings
 
     register_resolvers()

@@ -1,21 +1,27 @@
-"""``launch/serve.py``: from the composed config to a listening server.
+"""``launch/serve.py``: from the composed config to a listening server, in one process or as one
+torchrun group (one replica).
 
 In order, so that every mistake costs nothing: the settings checked (the schema's own checks ran
-on the command line already), the API keys read, the port bound (a port in use is one ``error:``
-line before any weight is read), the job table opened and the jobs a dead server left running
-handled (serve.on_interrupted); then stage 3 and the Qwen2.5-VL loaded once, and uvicorn serves
-until Ctrl-C or SIGTERM (the running job goes back to the queue at its next step boundary).
-
-One process, one engine, built as the batch command builds it (``bindweave.app.generate.build_models``:
-the memory plan, the speed options, the kernel at each call site) with the single-process runtime.
-Serving from a torchrun launch (rank 0 serving HTTP and handing jobs to the others) is not done
-yet: docs/SERVING.md says what it needs.
+on the command line already) and the layout (``parallel``, as ``launch/generate.py`` takes it;
+data parallel is refused: a replica runs one job at a time, so more replicas sharing a queue are
+the way to use more groups); on rank 0 the API keys read, the port bound (a port in use is one
+``error:`` line before any weight is read), the job table opened and the jobs a stopped server left
+running handled (serve.on_interrupted). Then the process group; then rank 0 answers HTTP at once
+(``/health``: loading) while every rank builds the engine as the batch command does
+(``bindweave.app.generate.build_models``: the memory plan, the speed options, the kernel at each
+call site) and rank 0 loads the Qwen2.5-VL; then ``/health`` says ready and the worker runs the
+queue. uvicorn serves until Ctrl-C or SIGTERM (the running job goes back to the queue at its next
+step boundary, then the other ranks are released: bindweave/app/serve_group.py).
 """
 
 from __future__ import annotations
 
 import logging
+import os
+import signal
 import socket
+import threading
+from dataclasses import replace
 from pathlib import Path
 
 from omegaconf import DictConfig
@@ -27,66 +33,193 @@ log = logging.getLogger("bindweave")
 
 class ServeCommand:
     def __call__(self, cfg: DictConfig) -> dict:
+        from parallel.distributed import detect_processes
+
+        processes = detect_processes()
         try:
-            return self._serve(cfg)
+            return self._serve(cfg, processes)
         except BindWeaveInputError as error:
-            report_input_error(error)
+            if processes.rank == 0:
+                report_input_error(error)
             return {"exit_code": 2, "error": str(error)}
 
-    def _serve(self, cfg: DictConfig) -> dict:
-        import uvicorn
+    def _serve(self, cfg: DictConfig, processes) -> dict:
         from hydra.core.hydra_config import HydraConfig
         from hydra.types import RunMode
 
         from bindweave.app.config import settings_of
-        from bindweave.encoders.qwen import load_qwen
+        from bindweave.app.generate import _device_type, dit_config
         from bindweave.model.speed import check_speed_support
         from bindweave.sampling.calibration import load_calibration
-        from bindweave.serve.api import create_app
-        from bindweave.serve.auth import load_api_keys
-        from bindweave.serve.hidden_states import PromptEncoder
-        from bindweave.serve.job_request import JobDefaults
-        from bindweave.serve.metrics import Metrics
-        from bindweave.serve.store import JobStore
-        from bindweave.serve.worker import Worker
-        from bindweave.app.generate import build_models, memory_plan
-        from bindweave.stages.engine import Stage3Engine
-        from parallel.layout import ParallelLayout
+        from parallel.distributed import rank_device, start_process_group, stop_process_group
+        from parallel.layout import layout_from_config
+        from parallel.parallelize import refuse_inapplicable_speed_options
         from parallel.runtime import Runtime
 
         if HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN:
             raise BindWeaveInputError("launch/serve.py runs one server: drop -m (a request chooses seed, steps, size)")
         config = settings_of(cfg)
+        model_settings = config.model
+        device_type = _device_type(model_settings.device)
+        layout = layout_from_config(config.parallel, processes.world_size,
+                                    dit_config(model_settings)["num_attention_heads"], device_type)
+        if layout.data > 1:
+            raise BindWeaveInputError(
+                f"launch/serve.py under {processes.world_size} processes got {layout.describe()}: a replica runs one "
+                "job at a time on all its ranks, so data parallel does not apply. Give a layout without data "
+                "(e.g. parallel=cfg2_ulysses4 for 8 GPUs), or start one replica per group of GPUs with "
+                "serve.store=postgres so that they share one queue")
+        refuse_inapplicable_speed_options(model_settings.attention_kernel, layout, device_type, model_settings.dtype,
+                                          model_settings.offload_encoders, model_settings.linear_precision,
+                                          model_settings.memory)
+        if processes.world_size > 1:  # one process per GPU: rank r computes on GPU LOCAL_RANK
+            model_settings = replace(model_settings, device=str(rank_device(processes, device_type)))
+        check_speed_support(model_settings.speed_options(), model_settings.resolved_device())
+        load_calibration(config.cache.calibration)  # a wrong calibration file fails before anything loads
+        front = Front.open(config) if processes.rank == 0 else None  # keys, port, job table
+        start_process_group(processes, device_type, config.parallel.timeout_s)
+        try:
+            runtime = Runtime.build(layout, processes, model_settings.resolved_device())
+            channel = None
+            if processes.world_size > 1:
+                from bindweave.app.serve_group import JobChannel
+
+                channel = JobChannel()
+            log.info("rank %d of %d (pid %d): %s", processes.rank, processes.world_size, os.getpid(), layout.describe())
+            if front is None:
+                return follow_rank0(model_settings, config, runtime, device_type, processes, channel)
+            return front.serve(lambda: replica_engine(model_settings, config, runtime, device_type, processes, channel),
+                               release=(lambda engine: engine.close()) if channel is not None else (lambda engine: None))
+        finally:
+            stop_process_group()
+
+
+def replica_engine(model_settings, config, runtime, device_type: str, processes, channel):
+    """This rank's engine for the layout, for the largest default job (rank 0: the one the worker drives)."""
+    from bindweave.app.generate import build_models, memory_plan
+    from bindweave.stages.engine import Stage3Engine
+
+    plan = memory_plan(model_settings, config.video, runtime.layout, processes.rank, processes.local_world_size)
+    engine = Stage3Engine(build_models(model_settings, runtime, device_type, plan), runtime)
+    if channel is None or processes.rank != 0:
+        return engine
+    from bindweave.app.serve_group import GroupEngine
+
+    return GroupEngine(engine, channel)
+
+
+def follow_rank0(model_settings, config, runtime, device_type, processes, channel) -> dict:
+    """A rank other than 0: build the engine, then run the jobs rank 0 hands out until it says stop.
+    SIGTERM is ignored here (torchrun sends it to every rank): rank 0 drains and then releases this rank."""
+    from bindweave.app.serve_group import follow
+    from bindweave.serve.worker import EXIT_REPLICA_BROKEN, ReplicaBroken
+
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    engine = replica_engine(model_settings, config, runtime, device_type, processes, channel)
+    try:
+        follow(engine, channel)
+    except ReplicaBroken as error:
+        log.critical("%s; the replica stops (exit code %d)", error, EXIT_REPLICA_BROKEN)
+        return {"exit_code": EXIT_REPLICA_BROKEN, "error": str(error)}
+    return {"exit_code": 0}
+
+
+class Front:
+    """Rank 0's part: the keys, the listening socket, the job table, the HTTP app and the worker."""
+
+    def __init__(self, config, keys, listener: socket.socket, store):
+        self.config, self.keys, self.listener, self.store = config, keys, listener, store
+
+    @classmethod
+    def open(cls, config) -> Front:
+        from bindweave.serve.auth import load_api_keys
+        from bindweave.serve.store import open_store
+
         serve = config.serve
         keys = load_api_keys(serve)
-        check_speed_support(config.model.speed_options(), config.model.resolved_device())
-        load_calibration(config.cache.calibration)  # a wrong calibration file fails before anything loads
         listener = bind(serve.host, serve.port)
-        store = JobStore(Path(serve.state_dir))
+        store = open_store(serve, serve.replica_name())
         recovered = store.recover(serve.on_interrupted, serve.max_attempts)
         if any(recovered.values()):
-            log.info("jobs the last server left running: %s",
+            log.info("jobs a stopped server left running: %s",
                      "; ".join(f"{what}: {', '.join(ids)}" for what, ids in recovered.items() if ids))
+        return cls(config, keys, listener, store)
 
-        device = config.model.resolved_device()
-        runtime = Runtime.single_process(device)
-        plan = memory_plan(config.model, config.video, ParallelLayout(), rank=0)  # for the largest default job
-        engine = Stage3Engine(build_models(config.model, runtime, device.type, plan), runtime)
-        encode = PromptEncoder(load_qwen(config.qwen))
-        if encode.hidden_size != engine.models.hidden_dim:
-            raise BindWeaveInputError(f"the Qwen2.5-VL gives {encode.hidden_size}-wide hidden states but the DiT takes "
-                                      f"{engine.models.hidden_dim}: use the Qwen of the same model set (qwen=tiny with "
-                                      "model=tiny, qwen=qwen2_5_vl_7b with model=bindweave_14b)")
+    def serve(self, make_engine, release) -> dict:
+        """Answer HTTP now; ``make_engine()`` (with the Qwen2.5-VL) on a thread, then the worker; at the
+        end ``release(engine)`` (under torchrun: the other ranks leave their loop)."""
+        import uvicorn
+
+        from bindweave.serve.api import create_app, video_object
+        from bindweave.serve.callbacks import Callbacks
+        from bindweave.serve.job_request import JobDefaults
+        from bindweave.serve.metrics import Metrics
+        from bindweave.serve.worker import Worker
+
+        config, serve, store = self.config, self.config.serve, self.store
         defaults = JobDefaults(config.video, config.sampler, config.cache)
         metrics = Metrics()
-        worker = Worker(engine, encode, store, defaults, metrics, serve.max_image_pixels)
-        app = create_app(store, worker, serve, keys, defaults, metrics)
-        log.info("serving %s on http://%s:%d (auth: %s, jobs in %s, queue bound %d)", serve.model_name, serve.host,
-                 serve.port, serve.auth, Path(serve.state_dir).resolve(), serve.max_queue)
+
+        def describe(job_id: str) -> dict | None:
+            record = store.get(job_id)
+            return video_object(record, store, serve.model_name) if record is not None else None
+
+        callbacks = Callbacks(describe, serve)
+        worker = Worker(store, defaults, metrics, serve, on_ended=callbacks.job_ended)
+        outcome = {"exit_code": 0}
+        built = []
+
+        def load() -> None:
+            try:
+                engine = make_engine()
+                built.append(engine)
+                worker.start(engine, load_prompt_encoder(config, engine))
+                log.info("ready: serving %s as replica %s", serve.model_name, store.replica_id)
+            except BindWeaveInputError as error:
+                report_input_error(error)
+                outcome.update(exit_code=2, error=str(error))
+                worker.fail(str(error))
+                server.should_exit = True
+            except Exception as error:  # a bug or out of memory while loading: /health says broken, the process ends
+                log.exception("the engine could not be built")
+                outcome.update(exit_code=1, error=f"{type(error).__name__}: {error}")
+                worker.fail(outcome["error"])
+                server.should_exit = True
+
+        def on_stop() -> None:
+            """After the worker: the other ranks released, the pending webhooks given a last chance."""
+            if built and worker.done:
+                release(built[0])
+            elif built:  # its job is still in a collective with them: they end when this process does
+                log.warning("the worker did not stop in time: the other ranks are not released")
+            callbacks.stop(serve.callback_timeout_s)
+
+        def on_start() -> None:
+            callbacks.start()
+            threading.Thread(target=load, name="bindweave-load", daemon=True).start()
+
+        app = create_app(store, worker, serve, self.keys, defaults, metrics, on_start=on_start, on_stop=on_stop)
+        log.info("answering on http://%s:%d as replica %s (auth: %s, jobs in %s, files in %s, queue bound %d); "
+                 "loading the models", serve.host, serve.port, store.replica_id, serve.auth, store.database.where,
+                 Path(serve.state_dir).resolve(), serve.max_queue)
         # log_config=None: uvicorn logs through the project's logging (Hydra's job_logging).
-        uvicorn.Server(uvicorn.Config(app, log_config=None, timeout_graceful_shutdown=10)).run(sockets=[listener])
+        server = uvicorn.Server(uvicorn.Config(app, log_config=None, timeout_graceful_shutdown=10))
+        server.run(sockets=[self.listener])
         store.close()
-        return {"exit_code": 0}
+        return outcome
+
+
+def load_prompt_encoder(config, engine):
+    """Stage 2 in memory, on rank 0: the Qwen2.5-VL of the same model set as the DiT."""
+    from bindweave.encoders.qwen import load_qwen
+    from bindweave.serve.hidden_states import PromptEncoder
+
+    encode = PromptEncoder(load_qwen(config.qwen))
+    if encode.hidden_size != engine.models.hidden_dim:
+        raise BindWeaveInputError(f"the Qwen2.5-VL gives {encode.hidden_size}-wide hidden states but the DiT takes "
+                                  f"{engine.models.hidden_dim}: use the Qwen of the same model set (qwen=tiny with "
+                                  "model=tiny, qwen=qwen2_5_vl_7b with model=bindweave_14b)")
+    return encode
 
 
 def bind(host: str, port: int) -> socket.socket:

@@ -1,6 +1,6 @@
 """The HTTP API (FastAPI): the OpenAI Videos API over the job store and the worker.
 
-    app = create_app(store, worker, settings, keys, defaults, metrics)
+    app = create_app(store, worker, settings, keys, defaults, metrics, on_start, on_stop)
 
 Routes (all but ``/health`` need ``Authorization: Bearer KEY`` unless ``serve.auth=none``):
 
@@ -11,7 +11,7 @@ Routes (all but ``/health`` need ``Authorization: Bearer KEY`` unless ``serve.au
 - ``GET /v1/videos/{id}/content``: the MP4; ``?variant=thumbnail``: a JPEG of its middle frame.
 - ``DELETE /v1/videos/{id}``: cancel (a running job at its next step) and delete its files; a job
   that had not finished stays listed as ``cancelled`` (so a poller learns it), a finished one goes.
-- ``GET /v1/videos`` (``limit``, ``after``, ``order``), ``GET /v1/models``, ``GET /health``,
+- ``GET /v1/videos`` (``limit``, ``after``, ``order``), ``GET /v1/models``, ``GET /health`` (ready, loading, broken),
   ``GET /metrics`` (Prometheus text).
 
 The objects have the fields the ``openai`` client's ``Video``, ``VideoDeleteResponse`` and
@@ -23,6 +23,7 @@ pool, so the event loop never waits on them.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI, Request
@@ -49,12 +50,17 @@ SHUTDOWN_WAIT_S = 60.0  # for the running job's current step; after it the job i
 
 
 def create_app(store: JobStore, worker: Worker, settings: ServeSettings, keys: tuple[bytes, ...] | None,
-               defaults: JobDefaults, metrics: Metrics) -> FastAPI:
+               defaults: JobDefaults, metrics: Metrics, on_start: Callable[[], None],
+               on_stop: Callable[[], None]) -> FastAPI:
+    """``on_start``: called as the server starts answering (it begins building the engine, then
+    starts the worker); ``on_stop``: after the worker has stopped."""
     @asynccontextmanager
     async def lifespan(app: FastAPI):
-        worker.start()
+        on_start()
         yield
-        await run_in_threadpool(worker.stop, SHUTDOWN_WAIT_S)
+        await run_in_threadpool(worker.stop, settings.drain_timeout_s if settings.drain == "finish" else 0,
+                                SHUTDOWN_WAIT_S)
+        await run_in_threadpool(on_stop)
 
     app = FastAPI(title="BindWeave", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
 
@@ -142,13 +148,19 @@ def create_app(store: JobStore, worker: Worker, settings: ServeSettings, keys: t
 
     @app.get("/health")
     def health():
-        if not worker.alive:
-            raise ApiError(503, "the worker thread has stopped: see the server log", code="worker_stopped")
-        return {"status": "ok"}
+        """ready (200), loading (503: the engine is being built; submissions are queued) or broken (503)."""
+        state, reason = worker.state, worker.broken
+        if state == "ready" and not store.reachable():
+            state, reason = "broken", f"the job table ({store.database.where}) does not answer"
+        elif state == "broken" and reason is None:
+            reason = "the worker thread has stopped: see the server log"
+        body = {"status": state, **({"reason": reason} if reason else {}), "replica": store.replica_id}
+        return JSONResponse(body, status_code=200 if state == "ready" else 503)
 
     @app.get("/metrics")
     def prometheus_metrics():
-        return PlainTextResponse(metrics.render(store.counts()), media_type="text/plain; version=0.0.4")
+        return PlainTextResponse(metrics.render(store.counts(), int(worker.running is not None)),
+                                 media_type="text/plain; version=0.0.4")
 
     return app
 
@@ -234,7 +246,7 @@ def video_object(record: JobRecord, store: JobStore, model_name: str) -> dict:
         "remixed_from_video_id": None,
         # BindWeave's own
         "phase": record.phase, "step": record.step, "num_steps": request.steps,
-        "queue_position": store.queue_position(record), "attempts": record.attempts,
+        "queue_position": store.queue_position(record), "attempts": record.attempts, "replica": record.worker,
         "num_frames": request.num_frames, "seed": request.seed, "guidance": request.guidance,
         "speed": request.speed, "references": request.references,
         "started_at": record.started_at, "finished_at": record.finished_at,

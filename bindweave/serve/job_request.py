@@ -28,7 +28,8 @@ from bindweave.settings.model import VideoSettings
 
 IMAGE_FIELD = "input_reference"
 TEXT_FIELDS = ("prompt", "model", "seconds", "size", "seed", "num_frames", "steps", "guidance", "negative_prompt",
-               "speed")
+               "speed", "callback_url")
+MAX_URL_CHARS = 2048
 SPEEDS = ("exact", "fast", "fastest")
 MAX_PROMPT_CHARS = 10_000
 MAX_SEED = 2**63 - 1  # the job table's INTEGER; torch's generator takes any of them
@@ -58,6 +59,7 @@ class VideoRequest:
     guidance: float
     seed: int
     speed: str | None  # None: the server's own step cache
+    callback_url: str | None = None  # POSTed the video object when the job ends (bindweave/serve/callbacks.py)
 
     def video(self) -> VideoSettings:
         return VideoSettings(height=self.height, width=self.width, num_frames=self.num_frames, fps=self.fps)
@@ -116,7 +118,21 @@ def parse_video_request(fields: dict[str, str], references: int, defaults: JobDe
         num_frames=_num_frames(fields, defaults.video, limits), fps=fps,
         steps=_integer(fields, "steps", defaults.sampler.num_steps, 1, limits.max_steps),
         guidance=_guidance(fields.get("guidance"), defaults.sampler.guidance_scale),
-        seed=_integer(fields, "seed", defaults.sampler.seed, 0, MAX_SEED), speed=speed)
+        seed=_integer(fields, "seed", defaults.sampler.seed, 0, MAX_SEED), speed=speed,
+        callback_url=_callback_url(fields.get("callback_url"), limits))
+
+
+def _callback_url(text: str | None, limits: ServeSettings) -> str | None:
+    if text is None:
+        return None
+    if not limits.callbacks:
+        raise ApiError(400, "callback_url: this server sends no callbacks (serve.callbacks=false); poll "
+                            "GET /v1/videos/{id} instead", param="callback_url", code="unsupported_parameter")
+    url = text.strip()
+    if len(url) > MAX_URL_CHARS or not re.fullmatch(r"https?://[^\s/?#]+[^\s]*", url):
+        raise ApiError(400, f"callback_url={text[:80]!r} must be an http:// or https:// URL of at most {MAX_URL_CHARS} "
+                            "characters", param="callback_url")
+    return url
 
 
 def _integer(fields: dict[str, str], name: str, default: int, low: int, high: int) -> int:

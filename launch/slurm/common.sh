@@ -91,14 +91,17 @@ bw_procs_per_node() {
 # Run ENTRY (a path relative to the repository) on every node/task of the job with the Hydra
 # overrides: the default output folder first, then BINDWEAVE_ARGS (word-split: no spaces inside
 # one override), then the script's arguments (sbatch SCRIPT ARGS...). Later overrides win.
+# A script whose entry point keeps its files elsewhere sets BW_OUTPUT_SETTING (the setting that
+# BINDWEAVE_OUTPUT fills: serve.state_dir for the server) and BW_OUTPUT_DEFAULT before calling it.
 bw_launch() {
   local entry=$1
   shift
   local launcher=${BINDWEAVE_LAUNCHER:-torchrun}
-  local output=${BINDWEAVE_OUTPUT:-outputs/slurm-${SLURM_JOB_ID:-local}}
+  local output=${BINDWEAVE_OUTPUT:-${BW_OUTPUT_DEFAULT:-outputs/slurm-${SLURM_JOB_ID:-local}}}
+  local setting=${BW_OUTPUT_SETTING:-output_dir}
   local -a overrides
   # shellcheck disable=SC2206 # BINDWEAVE_ARGS is a space-separated list of overrides by design
-  overrides=("output_dir=$output" ${BINDWEAVE_ARGS:-} "$@")
+  overrides=("$setting=$output" ${BINDWEAVE_ARGS:-} "$@")
   [[ -f $BINDWEAVE_ROOT/$entry ]] ||
     bw_die "$BINDWEAVE_ROOT/$entry does not exist: submit from the repository root or set BINDWEAVE_ROOT"
 
@@ -108,7 +111,7 @@ bw_launch() {
   # Slurm 22.05 steps do not inherit the job's --cpus-per-task: pass it on.
   [[ -n ${SLURM_CPUS_PER_TASK:-} ]] && srun_common+=(--cpus-per-task="$SLURM_CPUS_PER_TASK")
   bw_log "job ${SLURM_JOB_ID:-?} restart ${SLURM_RESTART_COUNT:-0} on ${SLURM_JOB_NODELIST:-?}" \
-         "($nodes node(s)); launcher $launcher; output_dir=$output; cwd $PWD"
+         "($nodes node(s)); launcher $launcher; $setting=$output; cwd $PWD"
   # Each rank leaves its exit code and error in $BINDWEAVE_STATUS_FILE.<rank>
   # (bindweave/app/hydra_support.py finish): the launchers print their own summaries after the
   # ranks and torchrun exits 1 whatever the ranks' codes, so the job ends by repeating the error and
