@@ -124,10 +124,11 @@ class ParallelLayout:
 
     @classmethod
     def auto(cls, world_size: int, num_heads: int, backend: str = "auto", fsdp: tuple[str, ...] = (),
-             fsdp_scope: str = "group", decode: str = "single") -> ParallelLayout:
+             fsdp_scope: str = "group", decode: str = "single", cfg_passes: int = 2) -> ParallelLayout:
         """A valid layout for any world size, fastest for one sample first.
 
-        - cfg=2 whenever the world size is even: the two passes then cost one exchange of the
+        - cfg=2 whenever the world size is even and the job has two CFG passes (``cfg_passes`` 1:
+          no guidance, no negative pass to put on a group of its own): the two passes then cost one exchange of the
           prediction per step, far less than Ulysses' four all-to-alls per block;
         - ulysses = the largest divisor of the rest that also divides the head count;
         - data takes what is left (whole samples per group, no communication at all);
@@ -135,7 +136,7 @@ class ParallelLayout:
         E.g. 8 ranks, 40 heads: cfg=2 x ulysses=4; 2 ranks: cfg=2; 6 ranks: cfg=2 x data=3.
         The measurements behind it are in :func:`auto_reason` (logged with the choice).
         """
-        cfg = 2 if world_size % 2 == 0 else 1
+        cfg = 2 if world_size % 2 == 0 and cfg_passes == 2 else 1
         rest = world_size // cfg
         ulysses = max(d for d in range(1, rest + 1) if rest % d == 0 and num_heads % d == 0)
         return cls(data=rest // ulysses, cfg=cfg, ulysses=ulysses, backend=backend, fsdp=fsdp, fsdp_scope=fsdp_scope,
@@ -195,8 +196,10 @@ def auto_reason(layout: ParallelLayout) -> str:
     return "; ".join(parts) + " (projected 50-step video on 8 GPUs: cfg2 x ulysses4 219 s, ulysses8 223 s)"
 
 
-def layout_from_config(parallel: ParallelSettings, world_size: int, num_heads: int, device_type: str) -> ParallelLayout:
-    """The validated layout of the ``parallel`` settings: ``auto: true`` picks one for the world size."""
+def layout_from_config(parallel: ParallelSettings, world_size: int, num_heads: int, device_type: str,
+                       cfg_passes: int = 2) -> ParallelLayout:
+    """The validated layout of the ``parallel`` settings: ``auto: true`` picks one for the world size
+    and the job's CFG passes per step (``cfg_passes``)."""
     degrees = {f.name: getattr(parallel, f.name) for f in fields(ParallelLayout) if hasattr(parallel, f.name)}
     if "fsdp" in degrees:
         degrees["fsdp"] = tuple(degrees["fsdp"] or ())
@@ -210,7 +213,7 @@ def layout_from_config(parallel: ParallelSettings, world_size: int, num_heads: i
                 f"layout instead, e.g. parallel=single {settings}")
         layout = ParallelLayout.auto(world_size, num_heads, backend=degrees.get("backend", "auto"),
                                      fsdp=tuple(degrees.get("fsdp", ())), fsdp_scope=degrees.get("fsdp_scope", "group"),
-                                     decode=degrees.get("decode", "single"))
+                                     decode=degrees.get("decode", "single"), cfg_passes=cfg_passes)
         if world_size > 1:
             log.info("parallel=auto on %d processes: %s. Why: %s", world_size, layout.describe(), auto_reason(layout))
     else:

@@ -157,18 +157,6 @@ class Runtime:
     def layout_record(self) -> dict:
         return asdict(self.layout)
 
-    def agree_to_stop(self, requested: bool) -> bool:
-        """True on every rank if any rank asked (one all-reduce of one flag per step). The ranks of
-        one job are the whole launch: a cancellable job (the server's) runs with data=1."""
-        if self.mesh is None:
-            return requested
-        if self.layout.data > 1:
-            raise ValueError("a cancel is agreed over the ranks of one job; with parallel.data > 1 the data groups "
-                             "run different jobs: run cancellable jobs with data=1")
-        flag = torch.tensor([1 if requested else 0], device=self.device)
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        return bool(flag.item())
-
     def decode(self, vae, latents):
         """The video's frames on every rank of the sample's group: each decodes the whole video, or
         (``parallel.decode=split``) its band of rows, gathered (parallel/decode.py)."""

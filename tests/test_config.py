@@ -23,7 +23,7 @@ from bindweave.errors import BindWeaveInputError
 from bindweave.settings.model import ModelSettings
 from bindweave.settings.refine import EndpointSettings, LocalSettings
 from parallel.layout import ParallelLayout, ParallelSettings
-from parallel.parallelize import attention_call_sites, refuse_inapplicable_speed_options
+from bindweave.app.build import attention_sites
 from parallel_launch import REPO, plain_env
 
 ENTRY_POINTS = {"generate": (GenerateConfig, ["model", "sampler", "video", "data", "parallel"]),
@@ -162,37 +162,19 @@ def test_the_entry_point_prints_one_error_line_exits_2_and_writes_nothing(tmp_pa
 
 
 def test_the_kernel_report_names_what_runs_at_each_call_site():
-    single = attention_call_sites("fa4", ParallelLayout(), "cuda", "bfloat16")
+    single = attention_sites("fa4", ParallelLayout(), "cuda", "bfloat16")
     assert single == {"self_attention": "FlashAttention-4 (flash-attn-4)",
                       "cross_attention": "SDPA, PyTorch's own kernel order (every rank, whole context)"}
-    fsdp = attention_call_sites("cudnn", ParallelLayout(cfg=2, fsdp=("dit",)), "cuda", "bfloat16")
+    fsdp = attention_sites("cudnn", ParallelLayout(cfg=2, fsdp=("dit",)), "cuda", "bfloat16")
     assert fsdp["self_attention"] == "SDPA, cuDNN first"  # FSDP shards weights; the kernel hook stays
     # The default backend on CUDA is deepspeed's Ulysses: the chosen kernel runs each rank's heads.
-    ulysses = attention_call_sites("fa4", ParallelLayout(ulysses=2), "cuda", "bfloat16")
+    ulysses = attention_sites("fa4", ParallelLayout(ulysses=2), "cuda", "bfloat16")
     assert ulysses["self_attention"] == ("deepspeed sequence parallel (ring=1 x ulysses=2), rank-local "
                                          "FlashAttention-4 (flash-attn-4)")
-    ring = attention_call_sites("fa4", ParallelLayout(ring=2), "cuda", "bfloat16")  # ring attention: xfuser's USP
+    ring = attention_sites("fa4", ParallelLayout(ring=2), "cuda", "bfloat16")  # ring attention: xfuser's USP
     assert ring["self_attention"] == "xfuser sequence parallel (ring=2 x ulysses=1), rank-local SDPA, cuDNN first"
-    cpu = attention_call_sites("efficient", ParallelLayout(ulysses=2), "cpu", "float32")
+    cpu = attention_sites("efficient", ParallelLayout(ulysses=2), "cpu", "float32")
     assert cpu["self_attention"] == "deepspeed sequence parallel (ring=1 x ulysses=2), rank-local SDPA, memory-efficient first"
-
-
-def test_options_a_layout_cannot_honour_are_refused_with_the_reason():
-    with pytest.raises(BindWeaveInputError, match="model.attention_kernel=fa4 cannot run under sequence parallel"):
-        refuse_inapplicable_speed_options("fa4", ParallelLayout(ulysses=2, backend="xfuser"), "cuda", "bfloat16")
-    refuse_inapplicable_speed_options("fa4", ParallelLayout(ulysses=2), "cuda", "bfloat16")  # auto: deepspeed runs it
-    with pytest.raises(BindWeaveInputError, match=r"model.linear_precision=fp8 cannot apply with parallel.fsdp=\[dit\]"):
-        refuse_inapplicable_speed_options("auto", ParallelLayout(fsdp=("dit",)), "cuda", "bfloat16",
-                                          linear_precision="fp8")
-    with pytest.raises(BindWeaveInputError, match=r"model.offload_encoders=true cannot apply with parallel.fsdp=\[t5\]"):
-        refuse_inapplicable_speed_options("auto", ParallelLayout(fsdp=("t5",)), "cuda", "bfloat16",
-                                          offload_encoders=True)
-    # What the layout does run, or auto, passes; FSDP of T5 alone leaves the DiT's options alone.
-    refuse_inapplicable_speed_options("auto", ParallelLayout(ulysses=2), "cuda", "bfloat16")
-    refuse_inapplicable_speed_options("cudnn", ParallelLayout(ulysses=2), "cuda", "bfloat16")
-    refuse_inapplicable_speed_options("fa4", ParallelLayout(fsdp=("t5",)), "cuda", "bfloat16")
-    # deepspeed's Ulysses runs the chosen kernel for each rank's heads.
-    refuse_inapplicable_speed_options("fa4", ParallelLayout(ulysses=2, backend="deepspeed"), "cuda", "bfloat16")
 
 
 def test_an_unknown_kernel_fails_before_loading_with_any_compile_setting():

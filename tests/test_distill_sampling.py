@@ -14,7 +14,9 @@ from bindweave.sampling.sampler import Step, denoise, guided_velocity, make_sche
 from bindweave.settings.model import ModelSettings, VideoSettings
 from bindweave.settings.sampling import SamplerSettings, refuse_cfg_parallel_without_guidance
 from bindweave.stages.coordinator import SingleProcess
-from bindweave.stages.generate import Stage3Job, generate_sample, load_stage3_models
+from bindweave.stages.job import Stage3Job
+from bindweave.stages.phases import generate_sample
+from support.engines import build_models
 from bindweave.stages.resume import changes, sample_recipe
 from bindweave.testing.demo import demo_meta_with_hidden_states
 from bindweave.io.inputs import read_meta
@@ -133,7 +135,7 @@ def test_the_timesteps_set_the_step_count():
 
 
 def test_a_job_with_the_distill_schedule_runs_one_forward_per_step(tiny_models, tmp_path):
-    models = load_stage3_models(ModelSettings(tiny_root=str(tiny_models.bindweave.parent), dtype="float32",
+    models = build_models(ModelSettings(tiny_root=str(tiny_models.bindweave.parent), dtype="float32",
                                               device="cpu", cache_dir=str(tmp_path / "cache")))
     meta = demo_meta_with_hidden_states(tmp_path / "demo", hidden_dim=models.hidden_dim, qwen_folder=tiny_models.qwen)
     sample = read_meta(meta)[0]

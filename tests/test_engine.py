@@ -14,7 +14,7 @@ from bindweave.app.generate import GenerateCommand
 from bindweave.app.hydra_support import close_run_log_files
 from bindweave.io.inputs import load_reference_image, load_sample_hidden_states, read_meta
 from bindweave.settings.sampling import SamplerSettings
-from bindweave.stages import generate as stage3
+from bindweave.stages import models as stage3_models
 from bindweave.stages.engine import Stage3Engine
 from bindweave.stages.job import Stage3Job
 from support.engines import build_models
@@ -109,8 +109,8 @@ def test_the_command_keeps_its_engine_across_jobs(tiny_models, tmp_path, monkeyp
     """Two different jobs through the app (as a multirun runs them): the models load once; a job that
     changes model.* loads again."""
     loads = []
-    real_load = stage3.load_stage3_models
-    monkeypatch.setattr(stage3, "load_stage3_models", lambda *a, **k: loads.append(1) or real_load(*a, **k))
+    real_load = stage3_models.load_stage3_models
+    monkeypatch.setattr(stage3_models, "load_stage3_models", lambda *a, **k: loads.append(1) or real_load(*a, **k))
     command = GenerateCommand()
     common = [f"model.tiny_root={tiny_models.bindweave.parent}", f"model.cache_dir={tmp_path / 'cache'}",
               f"data.demo_dir={tmp_path / 'demo'}", "video.height=48", "video.width=64", "video.num_frames=5",

@@ -28,6 +28,7 @@ from bindweave.errors import BindWeaveInputError
 from bindweave.model.kernels import CROSS_ATTENTION, KERNELS, DeviceFacts, sequence_local_kernel
 from bindweave.model.speed import probe_kernel_facts, resolve_speed_options
 from bindweave.settings.model import ModelSettings, SpeedOptions, VideoSettings
+from bindweave.settings.sampling import SamplerSettings, refuse_cfg_parallel_without_guidance
 from bindweave.stages.engine import Stage3Engine
 from bindweave.stages.memory import (JobSize, available_host_gib, cap_gpu_memory, check_host_memory,
                                      gpu_memory_within, plan_memory)
@@ -42,11 +43,13 @@ log = logging.getLogger("bindweave")
 @dataclass(frozen=True)
 class BuildRequest:
     """What a plan is made for: the model settings, the largest job it must hold (``video``: the
-    memory plan is for this size) and the process layout's settings."""
+    memory plan is for this size), the process layout's settings and the jobs' sampler (CFG
+    parallel needs a negative pass: guidance)."""
 
     model: ModelSettings
     video: VideoSettings
     parallel: ParallelSettings = ParallelSettings()
+    sampler: SamplerSettings = SamplerSettings()
 
 
 def plan_build(request: BuildRequest, processes: Processes = Processes(), facts: DeviceFacts | None = None,
@@ -63,7 +66,9 @@ def plan_build(request: BuildRequest, processes: Processes = Processes(), facts:
     dit_folder, wan_folder = model_folders(settings)
     dit_config = read_config(dit_folder, BindWeaveTransformer, BINDWEAVE_14B_CONFIG)
     device = process_device(settings.device, processes)
-    layout = layout_from_config(request.parallel, processes.world_size, dit_config["num_attention_heads"], device.type)
+    layout = layout_from_config(request.parallel, processes.world_size, dit_config["num_attention_heads"], device.type,
+                                request.sampler.cfg_passes)
+    refuse_cfg_parallel_without_guidance(request.sampler.guidance_scale, layout.cfg)
     if layout.sequence > 1:  # "auto" settles here, so the plan (and each sidecar) names the backend used
         layout = replace(layout, backend=layout.attention_backend(device.type))
     facts = facts or probe_device(device, settings.gpu_memory_gib)
@@ -92,6 +97,7 @@ def plan_build(request: BuildRequest, processes: Processes = Processes(), facts:
                                   "parallel.fsdp=[t5]: a sharded T5 stays spread over the GPUs of its group; use "
                                   "parallel.fsdp=[dit] or more GPUs")
 
+    lora_merge = _check_loras(settings, dit_folder)
     dit_loader = "fsdp" if "dit" in fsdp else "host_buffer" if memory.mode == "offload" else "resident"
     return BuildPlan(
         dit_folder=dit_folder, wan_folder=wan_folder, dit_config=dict(dit_config), device=str(device),
@@ -99,7 +105,8 @@ def plan_build(request: BuildRequest, processes: Processes = Processes(), facts:
         share_host_buffer=dit_loader == "host_buffer" and processes.local_world_size > 1, fsdp=tuple(fsdp),
         layout=layout, attention_sites=attention_sites(speed.attention, layout, device.type,
                                                                       settings.dtype),
-        cache_dir=settings.cache_dir, provenance=model_provenance(dit_folder, wan_folder), notes=tuple(notes))
+        cache_dir=settings.cache_dir, provenance=model_provenance(dit_folder, wan_folder), notes=tuple(notes),
+        loras=tuple(lora_merge.record()) if lora_merge else (), lora_merge=lora_merge)
 
 
 def build_engine(plan: BuildPlan, runtime: Runtime, gpu_memory_gib: float | None = None) -> Stage3Engine:
@@ -117,7 +124,7 @@ def build_engine(plan: BuildPlan, runtime: Runtime, gpu_memory_gib: float | None
             log.info("%s", note)
         log.info("build plan: %s (%s)", plan.describe(), plan.memory.reason)
     fsdp_dit = (lambda folder, dtype: load_sharded_bindweave(
-        folder, runtime.fsdp_mesh, dtype, device, fuse=plan.speed.fuse_projections)[0]) \
+        folder, runtime.fsdp_mesh, dtype, device, fuse=plan.speed.fuse_projections, lora=plan.lora_merge)[0]) \
         if plan.dit_loader == "fsdp" else None
     models = load_stage3_models(
         plan, fsdp_dit=fsdp_dit,
@@ -227,6 +234,19 @@ def _refuse_layout_conflicts(settings: ModelSettings, layout: ParallelLayout, sp
                             f"rank-local kernel ({KERNELS[local].display}); use model.attention_kernel=auto (or {local})")
     if problems:
         raise BindWeaveInputError("; ".join(problems))
+
+
+def _check_loras(settings: ModelSettings, dit_folder):
+    """``model.loras`` read from their headers and checked against the DiT's own parameter shapes
+    (from its config, on the meta device) before a weight is read; None without LoRAs. Merged into
+    the model's dtype by whichever loader fills the DiT, before fusion, FP8 and sharding/offload."""
+    if not settings.loras:
+        return None
+    from bindweave.model.loading import meta_bindweave_transformer
+    from bindweave.model.lora import LoraMerge
+
+    shapes = {name: parameter.shape for name, parameter in meta_bindweave_transformer(dit_folder).named_parameters()}
+    return LoraMerge.from_settings(settings.loras, shapes)
 
 
 def plan_memory_for(settings: ModelSettings, size: JobSize, facts: DeviceFacts, processes_on_host: int = 1,

@@ -100,7 +100,7 @@ class GenerateCommand:
         from parallel.distributed import finish_barrier_group, smallest_across_ranks, start_process_group, \
             stop_process_group
 
-        key = (job.model, job.parallel)
+        key = (job.model, job.parallel, job.sampler.cfg_passes)
         if self.loaded is not None and self.loaded.key == key:
             return self.loaded
         self.loaded = None  # the old models go before the new ones load
@@ -108,7 +108,7 @@ class GenerateCommand:
         if not dist.is_initialized():  # once per process, also across the jobs of a multirun
             start_process_group(processes, device.type, job.parallel.timeout_s)
             atexit.register(stop_process_group)
-        plan = plan_build(BuildRequest(job.model, job.video, job.parallel), processes, agree=smallest_across_ranks)
+        plan = plan_build(BuildRequest(job.model, job.video, job.parallel, job.sampler), processes, agree=smallest_across_ranks)
         runtime = Runtime.build(plan.layout, processes, device)
         self.loaded = LoadedEngine(key, plan, runtime, finish_group=finish_barrier_group())
         return self.loaded

@@ -8,8 +8,8 @@ the way to use more groups); on rank 0 the API keys read, the port bound (a port
 ``error:`` line before any weight is read), the job table opened and the jobs a stopped server left
 running handled (serve.on_interrupted). Then the process group; then rank 0 answers HTTP at once
 (``/health``: loading) while every rank builds the engine as the batch command does
-(``bindweave.app.generate.build_models``: the memory plan, the speed options, the kernel at each
-call site) and rank 0 loads the Qwen2.5-VL; then ``/health`` says ready and the worker runs the
+(bindweave/app/build.py: one plan, for the largest request the server accepts, then
+``build_engine``) and rank 0 loads the Qwen2.5-VL; then ``/health`` says ready and the worker runs the
 queue. uvicorn serves until Ctrl-C or SIGTERM (the running job goes back to the queue at its next
 step boundary, then the other ranks are released: bindweave/app/serve_group.py).
 """
@@ -47,60 +47,66 @@ class ServeCommand:
         from hydra.core.hydra_config import HydraConfig
         from hydra.types import RunMode
 
+        from bindweave.app.build import plan_build, process_device
         from bindweave.app.config import settings_of
-        from bindweave.app.generate import _device_type, dit_config
-        from bindweave.model.speed import check_speed_support
         from bindweave.sampling.calibration import load_calibration
-        from parallel.distributed import rank_device, start_process_group, stop_process_group
-        from parallel.layout import layout_from_config
-        from parallel.parallelize import refuse_inapplicable_speed_options
+        from parallel.distributed import smallest_across_ranks, start_process_group, stop_process_group
         from parallel.runtime import Runtime
 
         if HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN:
             raise BindWeaveInputError("launch/serve.py runs one server: drop -m (a request chooses seed, steps, size)")
         config = settings_of(cfg)
-        model_settings = config.model
-        device_type = _device_type(model_settings.device)
-        layout = layout_from_config(config.parallel, processes.world_size,
-                                    dit_config(model_settings)["num_attention_heads"], device_type)
+        request = largest_request(config)
+        plan = plan_build(request, processes)  # every refusal before the port is bound or a weight read
+        layout = plan.layout
         if layout.data > 1:
             raise BindWeaveInputError(
                 f"launch/serve.py under {processes.world_size} processes got {layout.describe()}: a replica runs one "
                 "job at a time on all its ranks, so data parallel does not apply. Give a layout without data "
                 "(e.g. parallel=cfg2_ulysses4 for 8 GPUs), or start one replica per group of GPUs with "
                 "serve.store=postgres so that they share one queue")
-        refuse_inapplicable_speed_options(model_settings.attention_kernel, layout, device_type, model_settings.dtype,
-                                          model_settings.offload_encoders, model_settings.linear_precision,
-                                          model_settings.memory)
-        if processes.world_size > 1:  # one process per GPU: rank r computes on GPU LOCAL_RANK
-            model_settings = replace(model_settings, device=str(rank_device(processes, device_type)))
-        check_speed_support(model_settings.speed_options(), model_settings.resolved_device())
         load_calibration(config.cache.calibration)  # a wrong calibration file fails before anything loads
         front = Front.open(config) if processes.rank == 0 else None  # keys, port, job table
-        start_process_group(processes, device_type, config.parallel.timeout_s)
+        device = process_device(config.model.device, processes)
+        start_process_group(processes, device.type, config.parallel.timeout_s)
         try:
-            runtime = Runtime.build(layout, processes, model_settings.resolved_device())
+            if processes.world_size > 1:  # the ranks load and stream the DiT together: one plan for the smallest GPU
+                plan = plan_build(request, processes, agree=smallest_across_ranks)
+            runtime = Runtime.build(plan.layout, processes, device)
             channel = None
             if processes.world_size > 1:
                 from bindweave.app.serve_group import JobChannel
 
                 channel = JobChannel()
             log.info("rank %d of %d (pid %d): %s", processes.rank, processes.world_size, os.getpid(), layout.describe())
+            build = lambda: replica_engine(plan, config, runtime, processes, channel)  # noqa: E731
             if front is None:
-                return follow_rank0(model_settings, config, runtime, device_type, processes, channel)
-            return front.serve(lambda: replica_engine(model_settings, config, runtime, device_type, processes, channel),
-                               release=(lambda engine: engine.close()) if channel is not None else (lambda engine: None))
+                return follow_rank0(build, channel)
+            return front.serve(build, release=(lambda engine: engine.close()) if channel is not None
+                               else (lambda engine: None))
         finally:
             stop_process_group()
 
 
-def replica_engine(model_settings, config, runtime, device_type: str, processes, channel):
-    """This rank's engine for the layout, for the largest default job (rank 0: the one the worker drives)."""
-    from bindweave.app.generate import build_models, memory_plan
-    from bindweave.stages.engine import Stage3Engine
+def largest_request(config):
+    """What the server's plan is for: its model and layout, and the largest video a request may ask
+    (serve.max_video_pixels at the default video's shape where it fits, serve.max_frames), so that a
+    request the server accepts never finds the memory plan too small."""
+    from bindweave.app.build import BuildRequest
 
-    plan = memory_plan(model_settings, config.video, runtime.layout, processes.rank, processes.local_world_size)
-    engine = Stage3Engine(build_models(model_settings, runtime, device_type, plan), runtime)
+    video, serve = config.video, config.serve
+    if video.height * video.width < serve.max_video_pixels:
+        side = int(serve.max_video_pixels ** 0.5) // 16 * 16
+        video = replace(video, height=side, width=side)
+    return BuildRequest(config.model, replace(video, num_frames=max(video.num_frames, serve.max_frames)),
+                        config.parallel, config.sampler)
+
+
+def replica_engine(plan, config, runtime, processes, channel):
+    """This rank's engine, built by the plan as the batch command builds it (rank 0: the one the worker drives)."""
+    from bindweave.app.build import build_engine
+
+    engine = build_engine(plan, runtime, config.model.gpu_memory_gib)
     if channel is None or processes.rank != 0:
         return engine
     from bindweave.app.serve_group import GroupEngine
@@ -108,14 +114,14 @@ def replica_engine(model_settings, config, runtime, device_type: str, processes,
     return GroupEngine(engine, channel)
 
 
-def follow_rank0(model_settings, config, runtime, device_type, processes, channel) -> dict:
+def follow_rank0(build_engine, channel) -> dict:
     """A rank other than 0: build the engine, then run the jobs rank 0 hands out until it says stop.
     SIGTERM is ignored here (torchrun sends it to every rank): rank 0 drains and then releases this rank."""
     from bindweave.app.serve_group import follow
     from bindweave.serve.worker import EXIT_REPLICA_BROKEN, ReplicaBroken
 
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    engine = replica_engine(model_settings, config, runtime, device_type, processes, channel)
+    engine = build_engine()
     try:
         follow(engine, channel)
     except ReplicaBroken as error:

@@ -39,7 +39,7 @@ import torch.distributed as dist
 
 from bindweave.serve.worker import ReplicaBroken
 from bindweave.stages.engine import JobResult, Stage3Engine
-from bindweave.stages.generate import Stage3Job
+from bindweave.stages.job import Stage3Job
 
 log = logging.getLogger("bindweave")
 

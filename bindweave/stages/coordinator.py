@@ -45,10 +45,6 @@ class Coordinator(Protocol):
     def layout_record(self) -> dict:
         """The layout, for sidecars."""
 
-    def agree_to_stop(self, requested: bool) -> bool:
-        """Whether the job stops before this step: True on every rank of the job if any asked for it
-        (all ranks of a job stop at the same step; a collective of its ranks, each calls it)."""
-
     def decode(self, vae, latents) -> object:
         """The job's frames from its final latents (every rank of the sample's group calls it)."""
 
@@ -71,9 +67,6 @@ class SingleProcess:
 
     def layout_record(self) -> dict:
         return dict(ONE_PROCESS_LAYOUT)
-
-    def agree_to_stop(self, requested: bool) -> bool:
-        return requested
 
     def decode(self, vae, latents):
         return vae.decode_to_frames(latents)

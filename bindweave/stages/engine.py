@@ -5,7 +5,7 @@ The command line and a Hydra multirun (bindweave/stages/batch.py loops over a me
 calibration, the resident server and the Python API all drive the same :meth:`Stage3Engine.run`:
 one video from an in-memory :class:`~bindweave.stages.job.Stage3Job`, its phases and steps
 reported, cancellable between two steps (every rank of the job agrees on the step: the
-coordinator's ``agree_to_stop``), and its outcome returned instead of ending the process.
+cancel it is given), and its outcome returned instead of ending the process.
 """
 
 from __future__ import annotations
@@ -54,10 +54,11 @@ class Stage3Engine:
         """Make one video. A bad input of this job, or a cancel, is this job's result; the engine
         stays ready for the next job. Other exceptions (a bug, out of memory) propagate.
 
-        ``cancel``: set by any rank's caller, the job stops before the next step on every rank of
-        the job (the coordinator agrees on it each step). ``step_cache`` replaces the job's own
-        (``job.cache``): calibration passes its statistics here."""
-        should_stop = None if cancel is None else (lambda step: self.coordinator.agree_to_stop(cancel.is_set()))
+        ``cancel`` (anything with ``is_set()``) is asked once before each denoising step; a set one
+        stops the job there. Over a torchrun replica every rank asks a cancel that agrees across
+        the ranks each step (bindweave/app/serve_group.py ``AgreedCancel``), so all stop at the same
+        step. ``step_cache`` replaces the job's own (``job.cache``): calibration passes its statistics here."""
+        should_stop = None if cancel is None else (lambda step: cancel.is_set())
         try:
             record = generate_sample(self.models, job, progress=progress_bars, runtime=self.coordinator,
                                      on_progress=on_progress, should_stop=should_stop, step_cache=step_cache)

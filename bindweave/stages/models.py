@@ -94,10 +94,11 @@ def load_stage3_models(plan: BuildPlan, fsdp_dit: Callable | None = None, shard_
         transformer = fsdp_dit(plan.dit_folder, dtype)
     elif plan.dit_loader == "host_buffer":
         transformer = load_bindweave_to_host_buffer(plan.dit_folder, dtype, fuse=plan.speed.fuse_projections,
-                                                    pinned=device.type == "cuda", share=share_host_buffer)
+                                                    pinned=device.type == "cuda", share=share_host_buffer,
+                                                    lora=plan.lora_merge)
         log_host_buffer(transformer.host_buffer)
     else:
-        transformer = load_bindweave_transformer(plan.dit_folder, dtype=dtype, device=device)
+        transformer = load_bindweave_transformer(plan.dit_folder, dtype=dtype, device=device, lora=plan.lora_merge)
     apply_speed_options(transformer, plan.speed, offload_to=device if plan.offload_dit else None,
                         shard_sequence=shard_sequence)
     # Offloaded encoders start on the CPU: they come to the GPU only while a sample is conditioned.

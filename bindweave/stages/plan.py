@@ -34,7 +34,9 @@ class BuildPlan:
     cache_dir: str
     provenance: dict  # the weights' folder fingerprints (resume, sidecars)
     notes: tuple[str, ...] = ()  # every fallback an auto choice took, and why (logged once)
-    loras: tuple[dict, ...] = field(default=())  # each adapter merged at load: file, fingerprint, strength
+    loras: tuple[dict, ...] = field(default=())  # each adapter merged at load: path, sha256, strength, parameters
+    # The checked LoRA set the loaders merge (bindweave.model.lora.LoraMerge; None: no LoRA); ``loras`` states it.
+    lora_merge: object = field(default=None, compare=False, repr=False)
 
     @property
     def offload_dit(self) -> bool:
@@ -68,7 +70,7 @@ class BuildPlan:
         if self.fp8:
             options["linear_precision"] = "fp8"
         if self.loras:
-            options["loras"] = [{"fingerprint": lora["fingerprint"], "strength": lora["strength"]}
+            options["loras"] = [{"sha256": lora["sha256"], "strength": lora["strength"]}
                                 for lora in self.loras]
         return options
 
