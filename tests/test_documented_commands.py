@@ -225,7 +225,7 @@ def test_hf_cache_layout_is_huggingface_hubs_own(tiny_hf_home):
 
 
 @needs_opens2v
-@pytest.mark.timeout(400)
+@pytest.mark.timeout(600)
 def test_readme_real_run(tiny_models, tmp_path):
     """README "A real run": stage 2 then stage 3 exactly as written, with local weights folders."""
     extract, generate = readme_real_run()
@@ -244,6 +244,7 @@ def test_readme_real_run(tiny_models, tmp_path):
     check_real_preset(videos, [*generate, *CPU_GENERATE])
     assert not (work / ".cache" / "tiny-models").exists(), "a tiny preset was used"
     check_fast_modes(work, env, videos, ids)
+    check_lora_and_draft(work, env, videos, ids)
 
 
 def check_fast_modes(work: Path, env: dict, exact_videos: Path, ids: list[str]) -> None:
@@ -285,6 +286,46 @@ def check_fast_modes(work: Path, env: dict, exact_videos: Path, ids: list[str]) 
     report = json.loads((work / compare[3] / "compare" / "compare.json").read_text())
     assert report["summary"]["compared"] == len(ids) and report["summary"]["max_latent_rel_error"] > 0
     assert (work / compare[3] / "compare" / "contact_sheet.png").is_file() and "PSNR" in result.stdout
+
+
+def check_lora_and_draft(work: Path, env: dict, exact_videos: Path, ids: list[str]) -> None:
+    """README "LoRA adapters and the draft mode", as written, in the real run's folder: a random
+    rank-64 LoRA in the lightx2v I2V layout at the README's path, merged; 4 steps without CFG."""
+    from bindweave.model.loading import meta_bindweave_transformer
+    from bindweave.testing.lora import write_lightx2v_style_lora
+
+    draft, compare = readme_block("LoRA adapters and the draft mode")
+    assert [command[:2] for command in (draft, compare)] == [["python", "launch/generate.py"],
+                                                            ["python", "launch/compare.py"]]
+    lora_path = work / re.search(r"path: ([^,}]+)", override(draft, "model.loras")).group(1).strip()
+    shapes = {name: p.shape for name, p in meta_bindweave_transformer(work / override(draft, "model.dit"))
+              .named_parameters()}
+    write_lightx2v_style_lora(lora_path, shapes, rank=4)
+    run_documented(draft, [arg for arg in CPU_GENERATE if not arg.startswith("sampler.num_steps")], work, env)
+    draft_videos = work / override(draft, "output_dir")
+    for sample_id in ids:
+        sidecar = json.loads((draft_videos / f"{sample_id}.json").read_text())
+        assert sidecar["num_steps"] == 4 and sidecar["guidance_scale"] == 1.0
+        assert sidecar["recipe"]["sampler"]["timesteps"] == [1000, 750, 500, 250]
+        (lora,) = sidecar["plan"]["loras"]
+        assert lora["strength"] == 1.0 and lora["parameters"] > 0 and len(lora["sha256"]) == 64
+        assert sidecar["recipe"]["model_options"]["loras"] == [{"sha256": lora["sha256"], "strength": 1.0}]
+    result = run_documented(compare, [], work, env)
+    report = json.loads((work / compare[3] / "compare" / "compare.json").read_text())
+    assert report["summary"]["compared"] == len(ids) and "motion" in result.stdout.lower()
+
+
+def test_readme_python_api_runs_as_written(tmp_path):
+    """README "Python API": the python block, as written, in a fresh folder."""
+    text = README.read_text()
+    section = text[re.search(r"^## Python API$", text, re.M).end():]
+    code = re.search(r"^```python\n(.*?)^```", section, re.M | re.S).group(1)
+    result = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=plain_env(), capture_output=True,
+                            text=True, timeout=STAGE_TIMEOUT)
+    assert result.returncode == 0, result.stderr[-4000:]
+    status, kernel, _ = result.stdout.split()[-3:]
+    assert (status, kernel) == ("done", "cudnn")
+    assert (tmp_path / "corgi.mp4").stat().st_size > 0 and json.loads((tmp_path / "corgi.json").read_text())["seed"] == 7
 
 
 @needs_opens2v
