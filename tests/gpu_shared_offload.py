@@ -12,6 +12,7 @@ and which process read the files.
 
 from __future__ import annotations
 
+from dataclasses import replace
 import json
 import os
 import sys
@@ -27,8 +28,10 @@ from torch.distributed.device_mesh import init_device_mesh  # noqa: E402
 
 from bindweave.io.inputs import read_meta  # noqa: E402
 from bindweave.settings.model import ModelSettings  # noqa: E402
-from bindweave.stages.MISSING_load_stage3_models  # noqa: E402 import load_stage3_models  # noqa: E402
-from bindweave.stages.memory import JobSize, plan_memory  # noqa: E402
+from bindweave.app.build import BuildRequest, plan_build  # noqa: E402
+from bindweave.settings.model import VideoSettings  # noqa: E402
+from bindweave.stages.models import load_stage3_models  # noqa: E402
+from support.engines import build_models  # noqa: E402
 from bindweave.testing.demo import demo_meta_with_hidden_states  # noqa: E402
 from bindweave.testing.tiny import write_tiny_models  # noqa: E402
 from parallel.layout import ParallelLayout  # noqa: E402
@@ -46,8 +49,8 @@ def main(tiny_root: Path, out: Path) -> None:
     dist.barrier()
     tiny = tiny or write_tiny_models(tiny_root)
     settings = ModelSettings(tiny_root=str(tiny_root), dtype="bfloat16", device="cuda", cache_dir=str(out / "cache"))
-    offloaded = build_models(settings, memory_plan=plan_memory("offload", 1.0, JobSize(video_tokens=100)),
-                                   share_host_buffer=runtime.share_host_buffer)
+    plan = plan_build(BuildRequest(replace(settings, memory="offload"), VideoSettings(height=48, width=64, num_frames=5)))
+    offloaded = load_stage3_models(replace(plan, share_host_buffer=True), share_host_buffer=runtime.share_host_buffer)
     resident = build_models(settings)
     meta = demo_meta_with_hidden_states(out / f"demo{rank}", hidden_dim=resident.hidden_dim, qwen_folder=tiny.qwen)
     sample = read_meta(meta)[0]

@@ -31,8 +31,7 @@ from bindweave.model.offload import offload_blocks  # noqa: E402
 from bindweave.model.speed import PreferredKernelAttention  # noqa: E402
 from bindweave.sampling.step_cache import StepCache  # noqa: E402
 from bindweave.settings.sampling import CacheSettings, SamplerSettings  # noqa: E402
-from bindweave.stages.phases import SampleInputs
-from bindweave.stages.MISSING_dit_predictor  # noqa: E402 import dit_predictor  # noqa: E402
+from bindweave.stages.phases import SampleInputs, dit_predictor  # noqa: E402
 from bindweave.sampling.sampler import denoise, initial_noise, make_scheduler  # noqa: E402
 from bindweave.model.transformer import TINY_CONFIG, BindWeaveTransformer  # noqa: E402
 from parallel.fsdp import load_sharded_bindweave  # noqa: E402

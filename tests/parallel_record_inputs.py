@@ -17,7 +17,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-import bindweave.stages.generate as pipeline  # noqa: E402
+import bindweave.stages.job as jobs  # noqa: E402
+import bindweave.stages.models as pipeline  # noqa: E402
 
 
 def main() -> None:
@@ -29,13 +30,13 @@ def main() -> None:
         with open(record_file, "a") as file:
             file.write(f"{kind}\t{value}\n")
 
-    load_hidden_states, load_image = pipeline.load_sample_hidden_states, pipeline.load_reference_image
+    load_hidden_states, load_image = jobs.load_sample_hidden_states, jobs.load_reference_image
     decode = pipeline.WanVae.decode_to_frames
     load_models = pipeline.load_stage3_models
 
-    def recorded_load_models(settings, *args, **kwargs):
-        record("load_models", settings.device)
-        return load_models(settings, *args, **kwargs)
+    def recorded_load_models(plan, *args, **kwargs):
+        record("load_models", plan.device)
+        return load_models(plan, *args, **kwargs)
 
     def recorded_hidden_states(sample, *args, **kwargs):
         record("hidden_states", sample.hidden_states_path)
@@ -49,8 +50,8 @@ def main() -> None:
         record("decode", tuple(latents.shape))
         return decode(vae, latents, *args, **kwargs)
 
-    pipeline.load_sample_hidden_states = recorded_hidden_states
-    pipeline.load_reference_image = recorded_image
+    jobs.load_sample_hidden_states = recorded_hidden_states
+    jobs.load_reference_image = recorded_image
     pipeline.WanVae.decode_to_frames = recorded_decode
     pipeline.load_stage3_models = recorded_load_models
     sys.argv = [str(REPO / "launch" / "generate.py"), *sys.argv[2:]]

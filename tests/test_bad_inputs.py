@@ -1,6 +1,6 @@
 """The bad-input catalogue: every way a user can hand the launcher something wrong.
 
-Each case goes through the real code (``run_generation`` on the tiny models in this process, the
+Each case goes through the real code (``run_batch`` on the tiny models in this process, the
 real checkpoint loader, the real layout check, or ``launch/generate.py`` as a subprocess) and
 checks the contract:
 
@@ -33,7 +33,8 @@ from safetensors.torch import load_file, save_file
 from bindweave.io.inputs import load_reference_image, save_hidden_states
 from bindweave.errors import BindWeaveInputError
 from bindweave.io.outputs import read_mp4_info
-from bindweave.stages.batch import RunSettings, run_batch
+from bindweave.stages.batch import RunSettings
+from support.engines import run_batch_on
 from support.engines import build_models
 from bindweave.settings.model import ModelSettings, VideoSettings
 from bindweave.settings.sampling import SamplerSettings
@@ -92,7 +93,7 @@ class Workspace:
     def run(self, meta_path: Path, **options) -> dict:
         settings = RunSettings(meta_path=meta_path, image_root=None, output_dir=self.output, progress=False,
                                **options)
-        return run_generation(self._models, settings, VIDEO, SAMPLER)
+        return run_batch_on(self._models, settings, VIDEO, SAMPLER)
 
 
 @pytest.fixture

@@ -116,7 +116,7 @@ def test_a_preset_nested_one_level_too_deep_is_explained(conf_copy):
 
 
 @pytest.mark.parametrize("override, expected", [
-    ("model.attention_kernel=fa5", "model.attention_kernel=fa5 is not one of cudnn, flash, efficient, fa4, sage2, default, auto, auto_8bit"),
+    ("model.attention_kernel=fa5", "model.attention_kernel=fa5 is not one of cudnn, flash, efficient, default, fa4, sage2, auto, auto_8bit"),
     ("model.dtype=bf16", "model.dtype=bf16 is not one of bfloat16, float16, float32"),
     ("model.device=gpu", "model.device=gpu is not auto, cpu, cuda or cuda:N"),
     ("parallel.backend=nccl", "parallel.backend=nccl is not one of auto, xfuser, deepspeed"),

@@ -60,9 +60,9 @@ def test_progress_reports_every_phase_and_step(engine, samples, tmp_path):
     result = engine.run(Stage3Job(samples["demo_face_1"], VIDEO, SAMPLER, tmp_path / "v.mp4"), on_progress=seen.append)
     assert result.status == "done"
     # The sidecar says what ran for memory (this engine: encoders stay on the device, untiled decode).
-    assert result.record["memory_options"] == {"offload_encoders": False, "vae_tiling": False, "dit": {
-        "mode": "resident", "offload_encoders": False, "vae_tiling": False, "estimated_peak_gib": 0.0,
-        "reason": "as set"}}
+    assert result.record["memory_options"] == {"offload_encoders": False, "vae_tiling": False,
+                                               "dit": engine.plan.memory.record()}
+    assert engine.plan.memory.mode == "resident" and "no GPU" in engine.plan.memory.reason
     assert [(update.phase, update.step) for update in seen] == [
         ("condition", 0), ("denoise", 1), ("denoise", 2), ("denoise", 3), ("decode", 3), ("write", 3), ("done", 3)]
     assert [round(update.percent) for update in seen] == [0, 33, 67, 100, 99, 99, 100]

@@ -26,7 +26,8 @@ import pytest
 import torch
 
 from bindweave.io.outputs import read_mp4_info
-from bindweave.stages.batch import RunSettings, run_batch
+from bindweave.stages.batch import RunSettings
+from support.engines import run_batch_on
 from support.engines import build_models
 from bindweave.settings.model import ModelSettings, VideoSettings
 from bindweave.settings.sampling import SamplerSettings
@@ -181,7 +182,7 @@ def _patch_stage(stage: str, models, monkeypatch, interrupt_on_sample: int):
     """Patch `stage` so that the interrupt hits while sample number `interrupt_on_sample` (1-based)
     is at that stage."""
     import bindweave.io.outputs as outputs
-    import bindweave.stages.generate as pipeline
+    import bindweave.stages.phases as pipeline
 
     if stage == "conditioning":
         interrupt = Interrupt(interrupt_on_sample)
@@ -258,7 +259,7 @@ def test_interrupted_at_any_stage_leaves_no_partial_output_and_rerun_completes_t
 
     _patch_stage(stage, models, monkeypatch, interrupt_on_sample=2)
     with pytest.raises(KeyboardInterrupt):
-        run_generation(models, settings, VIDEO, sampler)
+        run_batch_on(models, settings, VIDEO, sampler)
     monkeypatch.undo()
     import gc
 
@@ -275,7 +276,7 @@ def test_interrupted_at_any_stage_leaves_no_partial_output_and_rerun_completes_t
     assert assert_no_partial_output(output) == []  # and the temp files were removed on the way out
 
     sidecar_mtime = (output / f"{ids[0]}.json").stat().st_mtime_ns
-    summary = run_generation(models, settings, VIDEO, sampler)
+    summary = run_batch_on(models, settings, VIDEO, sampler)
     assert summary["skipped"] == [ids[0]] and summary["done"] == ids[1:], summary
     assert (output / f"{ids[0]}.json").stat().st_mtime_ns == sidecar_mtime
     assert finished(output) == set(ids) and assert_no_partial_output(output) == []
@@ -349,7 +350,7 @@ def test_disk_full_mid_run_names_the_video_keeps_the_finished_samples_and_the_re
     whole, and once space is freed the re-run makes exactly the missing samples."""
     import errno
 
-    import bindweave.stages.generate as pipeline
+    import bindweave.stages.phases as pipeline
     from bindweave.errors import BindWeaveInputError
 
     output = small_disk / "out"
@@ -370,7 +371,7 @@ def test_disk_full_mid_run_names_the_video_keeps_the_finished_samples_and_the_re
     settings = RunSettings(meta_path=light_meta, image_root=None, output_dir=output, progress=False)
     sampler = SamplerSettings(num_steps=2)
     with pytest.raises(BindWeaveInputError) as info:
-        run_generation(models, settings, VIDEO, sampler)
+        run_batch_on(models, settings, VIDEO, sampler)
     message = str(info.value)
     assert message.startswith(f"Disk full while writing {output / 's1.mp4'}: nothing was written to s1.mp4 and "
                               f"the files written before it are kept."), message
@@ -379,7 +380,7 @@ def test_disk_full_mid_run_names_the_video_keeps_the_finished_samples_and_the_re
 
     monkeypatch.undo()
     filler.unlink()
-    summary = run_generation(models, settings, VIDEO, sampler)
+    summary = run_batch_on(models, settings, VIDEO, sampler)
     assert summary["skipped"] == ["s0"] and summary["done"] == ["s1", "s2"], summary
     assert finished(output) == {"s0", "s1", "s2"} and assert_no_partial_output(output) == []
 

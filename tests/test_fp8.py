@@ -4,9 +4,12 @@ on an FP8 GPU) are in tests/test_speed_gpu.py."""
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
 
+from bindweave.model.kernels import DeviceFacts
 from bindweave.model.fp8 import fp8_candidates, fp8_layer_names, layer_patterns, resolve_linear_precision
 from bindweave.model.speed import fuse_projections
 from bindweave.model.transformer import TINY_CONFIG, BindWeaveTransformer
@@ -48,9 +51,14 @@ def test_with_fused_projections_the_fused_layer_is_chosen_not_its_parts():
 def test_fp8_where_it_cannot_run_is_an_error_and_auto_falls_back():
     with pytest.raises(RuntimeError, match="linear_precision=fp8: FP8 GEMMs need a CUDA GPU and the model is on cpu; "
                                            "or choose linear_precision=dtype"):
-        resolve_linear_precision("fp8", torch.device("cpu"))
+        resolve_linear_precision("fp8", DeviceFacts(type="cpu"), [])
     notes = []
-    assert resolve_linear_precision("auto_fp8", torch.device("cpu"), notes) is False
+    assert resolve_linear_precision("auto_fp8", DeviceFacts(type="cpu"), notes) is False
     assert notes == ["linear_precision=auto_fp8: linears stay in the model's dtype (FP8 GEMMs need a CUDA GPU and "
                      "the model is on cpu)"]
-    assert resolve_linear_precision("dtype", torch.device("cpu")) is False
+    assert resolve_linear_precision("dtype", DeviceFacts(type="cpu"), []) is False
+    ada = DeviceFacts(type="cuda", name="RTX 3090", capability=(8, 6), packages=frozenset({"torchao"}))
+    with pytest.raises(RuntimeError, match="compute capability 8.9 or newer .* RTX 3090 has 8.6"):
+        resolve_linear_precision("fp8", ada, [])
+    assert resolve_linear_precision("fp8", replace(ada, capability=(9, 0)), [])
+    assert not resolve_linear_precision("auto_fp8", replace(ada, capability=(9, 0), packages=frozenset()), notes)

@@ -15,7 +15,8 @@ from bindweave.io.inputs import load_hidden_states, read_meta, save_hidden_state
 from bindweave.testing.demo_cases import write_demo_cases
 from bindweave.errors import BindWeaveInputError
 from bindweave.io.outputs import read_mp4_info
-from bindweave.stages.batch import RunSettings, run_batch
+from bindweave.stages.batch import RunSettings
+from support.engines import run_batch_on
 from bindweave.stages.phases import dit_predictor, prepare_inputs
 from support.engines import build_models
 from bindweave.settings.model import ModelSettings, VideoSettings
@@ -57,7 +58,7 @@ def cases(tmp_path, models):
 
 def run(models, meta_path, output_dir, **options):
     settings = RunSettings(meta_path=meta_path, image_root=None, output_dir=output_dir, progress=False, **options)
-    return run_generation(models, settings, VIDEO, SAMPLER)
+    return run_batch_on(models, settings, VIDEO, SAMPLER)
 
 
 def test_end_to_end_writes_valid_mp4s_and_sidecars_then_resumes(models, cases, tmp_path, monkeypatch):
@@ -75,9 +76,9 @@ def test_end_to_end_writes_valid_mp4s_and_sidecars_then_resumes(models, cases, t
         assert sidecar["models"]["dit"]["fingerprint"] and sidecar["versions"]["torch"]
     assert not [p for p in output_dir.iterdir() if ".tmp" in p.name]
 
-    import bindweave.stages.generate as pipeline
+    import bindweave.stages.engine as engine
 
-    monkeypatch.setattr(pipeline, "generate_sample", lambda *a, **k: pytest.fail("finished sample redone"))
+    monkeypatch.setattr(engine, "generate_sample", lambda *a, **k: pytest.fail("finished sample redone"))
     assert len(run(models, cases, output_dir)["skipped"]) == 3
 
 

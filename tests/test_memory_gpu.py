@@ -16,7 +16,7 @@ from bindweave.settings.sampling import SamplerSettings
 from bindweave.stages.coordinator import SingleProcess
 from bindweave.stages.phases import dit_predictor, prepare_inputs
 from support.engines import build_models
-from bindweave.stages.memory import JobSize, plan_memory
+from dataclasses import replace
 from bindweave.io.inputs import read_meta
 from bindweave.testing.demo import demo_meta_with_hidden_states
 from parallel_launch import run_script
@@ -38,7 +38,7 @@ def test_offloaded_blocks_give_the_resident_latents_and_rest_on_the_host(tiny_mo
     settings = ModelSettings(tiny_root=str(tiny_models.bindweave.parent), dtype="bfloat16", device="cuda",
                              cache_dir=str(tmp_path))
     resident = build_models(settings)
-    offloaded = build_models(settings, memory_plan=plan_memory("offload", 1.0, JobSize(video_tokens=100)))
+    offloaded = build_models(replace(settings, memory="offload"))
     meta = demo_meta_with_hidden_states(tmp_path / "demo", hidden_dim=resident.hidden_dim,
                                         qwen_folder=tiny_models.qwen)
     sample = read_meta(meta)[0]

@@ -102,7 +102,8 @@ def work(tmp_path_factory):
     before any job starts, so no two processes ever build them at once; `meta9.json` has 9 samples
     (the 3 demo cases x 3 seeds); `reference/` is what ONE process makes of them."""
     from bindweave.testing.demo import demo_meta_with_hidden_states
-    from bindweave.stages.batch import RunSettings, run_batch
+    from bindweave.stages.batch import RunSettings
+    from support.engines import run_batch_on
     from support.engines import build_models
     from bindweave.settings.model import ModelSettings, VideoSettings
     from bindweave.settings.sampling import SamplerSettings
@@ -124,7 +125,7 @@ def work(tmp_path_factory):
                                               dtype="float32", device="cpu", cache_dir=str(work / ".cache" / "bindweave")))
     run = RunSettings(meta_path=Path(demo_meta).parent / "meta9.json", image_root=None,
                       output_dir=work / "reference", progress=False)
-    run_generation(models, run, VideoSettings(height=48, width=64, num_frames=FRAMES), SamplerSettings(num_steps=4))
+    run_batch_on(models, run, VideoSettings(height=48, width=64, num_frames=FRAMES), SamplerSettings(num_steps=4))
     assert finished(work / "reference") == set(SAMPLE_IDS)
     return work
 

@@ -123,6 +123,7 @@ def build_engine(plan: BuildPlan, runtime: Runtime, gpu_memory_gib: float | None
         for note in plan.notes:
             log.info("%s", note)
         log.info("build plan: %s (%s)", plan.describe(), plan.memory.reason)
+        log.info("attention kernels: %s", "; ".join(f"{site}: {kernel}" for site, kernel in plan.attention_sites.items()))
     fsdp_dit = (lambda folder, dtype: load_sharded_bindweave(
         folder, runtime.fsdp_mesh, dtype, device, fuse=plan.speed.fuse_projections, lora=plan.lora_merge)[0]) \
         if plan.dit_loader == "fsdp" else None

@@ -32,3 +32,13 @@ def simulate_gpu(monkeypatch, free_gib: float = 24.0, host_gib: float = 120.0, c
         monkeypatch.setattr(f"{module}.process_device", lambda device, processes: torch.device("cuda", 0))
     monkeypatch.setattr("bindweave.app.build.probe_device", lambda device, gpu_memory_gib=None: facts)
     return facts
+
+
+def run_batch_on(models: Stage3Models, run, video: VideoSettings, sampler, runtime=None, known_bad=None,
+                 cache=None) -> dict:
+    """A meta JSON through an engine over already-built ``models`` (bindweave/stages/batch.py)."""
+    from bindweave.settings.sampling import CacheSettings
+    from bindweave.stages.batch import run_batch
+
+    return run_batch(Stage3Engine(models, runtime), run, video, sampler, known_bad=known_bad,
+                     cache=cache or CacheSettings())
