@@ -458,7 +458,8 @@ def test_documented_serving_submission_serves_the_api_and_drains_on_scancel(slur
     from serve_process import free_port, reference_images
 
     port = free_port()
-    job, env = submit_documented(slurm, "serve_1node.sbatch", tmp_path, tiny_hf_home[0],
+    folder = documented_folder(tmp_path / "serve")  # the README's layout: launch/ beside the user's files
+    job, env = submit_documented(slurm, "serve_1node.sbatch", folder, tiny_hf_home[0],
                                  [f"serve.port={port}", *CPU_SERVE])
     deadline = time.monotonic() + 200
     while time.monotonic() < deadline:
@@ -467,18 +468,18 @@ def test_documented_serving_submission_serves_the_api_and_drains_on_scancel(slur
                 break
         except httpx2.TransportError:
             pass
-        assert slurm.job(job).get("JobState") in ("PENDING", "RUNNING"), documented_log(tmp_path, job)
+        assert slurm.job(job).get("JobState") in ("PENDING", "RUNNING"), documented_log(folder, job)
         time.sleep(0.5)
     else:
-        pytest.fail(f"the replica did not become ready:\n{documented_log(tmp_path, job)}")
+        pytest.fail(f"the replica did not become ready:\n{documented_log(folder, job)}")
     client = OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key=env["BINDWEAVE_API_KEYS"], max_retries=0)
     (image, *_) = reference_images(tmp_path)
     with image.open("rb") as reference:
         video = client.videos.create(model="bindweave", prompt="a red ball rolls", input_reference=reference,
                                      size="64x48", extra_body={"num_frames": 5, "steps": 2})
     video = client.videos.poll(video.id, poll_interval_ms=100)
-    assert video.status == "completed", documented_log(tmp_path, job)
-    assert (tmp_path / "outputs" / "serve" / "jobs" / video.id / "video.mp4").is_file()  # serve.state_dir
+    assert video.status == "completed", documented_log(folder, job)
+    assert (folder / "outputs" / "serve" / "jobs" / video.id / "video.mp4").is_file()  # serve.state_dir
     slurm.command("scancel", job)
     slurm.wait_finished(job, timeout=120)
-    assert "Application shutdown complete." in documented_log(tmp_path, job)
+    assert "Application shutdown complete." in documented_log(folder, job)

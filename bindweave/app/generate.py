@@ -86,7 +86,8 @@ class GenerateCommand:
             on_error=job.on_error,
             progress=job.progress and runtime.rank == 0,
         )
-        known_bad = _check_job_first(job, run, plan, processes.rank)
+        # Rank 0 checks and every rank follows its verdict, so the ranks never part ways on a job.
+        known_bad = runtime.from_rank0(lambda: _check_job_first(job, run, plan, processes.rank))
         if loaded.engine is None:
             log.info("rank %d: loading stage-3 models (%s)", runtime.rank, runtime.layout.describe())
             loaded.engine = build_engine(plan, runtime, job.model.gpu_memory_gib)
@@ -173,8 +174,8 @@ def _check_job_first(job: GenerateConfig, run, plan: BuildPlan, rank: int) -> di
 
     Any problem ends the job (exit 2, all problems listed) unless ``on_error=skip``: then the bad
     samples are reported here and returned (sample id -> reason) so the run skips them. Problems of
-    the job itself (output folder, video writer) always end it. Every rank checks the same files
-    and reaches the same verdict, so all ranks stop together; rank 0 reports.
+    the job itself (output folder, video writer) always end it. Run on rank 0 (``from_rank0``): its
+    verdict is every rank's, so all ranks stop together; rank 0 reports.
     """
     from bindweave.io.outputs import video_done
     from bindweave.stages.preflight import check_job
