@@ -98,6 +98,7 @@ class GenerateCommand:
     def _plan_for(self, job: GenerateConfig, processes: Processes) -> LoadedEngine:
         """The plan (and engine, once loaded) for these model and layout settings: the one already
         made, or a new one (the process group started first: the ranks agree on the free memory)."""
+        from bindweave.stages.models import model_folders
         from parallel.distributed import finish_barrier_group, smallest_across_ranks, start_process_group, \
             stop_process_group
 
@@ -109,7 +110,12 @@ class GenerateCommand:
         if not dist.is_initialized():  # once per process, also across the jobs of a multirun
             start_process_group(processes, device.type, job.parallel.timeout_s)
             atexit.register(stop_process_group)
-        plan = plan_build(BuildRequest(job.model, job.video, job.parallel, job.sampler), processes, agree=smallest_across_ranks)
+        if job.model.tiny_root and processes.world_size > 1:  # the tiny set is written once, by rank 0, then read by all
+            if processes.rank == 0:
+                model_folders(job.model)
+            dist.barrier()
+        plan = plan_build(BuildRequest(job.model, job.video, job.parallel, job.sampler), processes,
+                          agree=smallest_across_ranks)
         runtime = Runtime.build(plan.layout, processes, device)
         self.loaded = LoadedEngine(key, plan, runtime, finish_group=finish_barrier_group())
         return self.loaded
