@@ -42,7 +42,7 @@ def no_loader(monkeypatch):
 
     for target in ("bindweave.stages.models.load_bindweave_transformer",
                    "bindweave.stages.models.load_bindweave_to_host_buffer",
-                   "parallel.fsdp.load_sharded_bindweave",
+                   "bindweave.app.build.load_sharded_bindweave",
                    "bindweave.stages.models.T5TextEncoder.from_folder"):
         monkeypatch.setattr(target, refuse)
 

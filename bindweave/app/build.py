@@ -25,16 +25,25 @@ from dataclasses import dataclass, replace
 import torch
 
 from bindweave.errors import BindWeaveInputError
+from bindweave.io.checkpoint import read_config
+from bindweave.model.flops import video_tokens
 from bindweave.model.kernels import CROSS_ATTENTION, KERNELS, DeviceFacts, sequence_local_kernel
+from bindweave.model.loading import meta_bindweave_transformer
+from bindweave.model.lora import LoraMerge
 from bindweave.model.speed import probe_kernel_facts, resolve_speed_options
+from bindweave.model.transformer import BINDWEAVE_14B_CONFIG, BindWeaveTransformer
 from bindweave.settings.model import ModelSettings, SpeedOptions, VideoSettings
 from bindweave.settings.sampling import SamplerSettings, refuse_cfg_parallel_without_guidance
+from bindweave.stages import models as stage3_models
 from bindweave.stages.engine import Stage3Engine
 from bindweave.stages.memory import (JobSize, available_host_gib, cap_gpu_memory, check_host_memory,
                                      gpu_memory_within, plan_memory)
+from bindweave.stages.models import model_folders, model_provenance
 from bindweave.stages.plan import BuildPlan
-from parallel.distributed import Processes
+from parallel.distributed import Processes, rank_device
+from parallel.fsdp import load_sharded_bindweave, shard_t5
 from parallel.layout import ParallelLayout, ParallelSettings, layout_from_config
+from parallel.parallelize import parallelize
 from parallel.runtime import Runtime
 
 log = logging.getLogger("bindweave")
@@ -58,10 +67,6 @@ def plan_build(request: BuildRequest, processes: Processes = Processes(), facts:
     combination that cannot run, before a weight is read. ``facts``: the device as probed here
     (None: :func:`probe_device`); ``agree(free_gib)`` makes the ranks of a launch plan alike (the
     app passes the smallest free GPU memory of all ranks: they load and stream the DiT together)."""
-    from bindweave.stages.models import model_folders, model_provenance
-    from bindweave.io.checkpoint import read_config
-    from bindweave.model.transformer import BINDWEAVE_14B_CONFIG, BindWeaveTransformer
-
     settings = request.model
     dit_folder, wan_folder = model_folders(settings)
     dit_config = read_config(dit_folder, BindWeaveTransformer, BINDWEAVE_14B_CONFIG)
@@ -113,10 +118,6 @@ def build_engine(plan: BuildPlan, runtime: Runtime, gpu_memory_gib: float | None
     """Load the models as ``plan`` says, in the module docstring's order, and hand them to an engine
     with this process's place in the layout (``runtime``). ``gpu_memory_gib``: the allocator cap the
     plan was made within (model.gpu_memory_gib)."""
-    from bindweave.stages.models import load_stage3_models
-    from parallel.fsdp import load_sharded_bindweave, shard_t5
-    from parallel.parallelize import parallelize
-
     device = torch.device(plan.device)
     cap_gpu_memory(device, gpu_memory_gib)
     if runtime.rank == 0:
@@ -127,7 +128,8 @@ def build_engine(plan: BuildPlan, runtime: Runtime, gpu_memory_gib: float | None
     fsdp_dit = (lambda folder, dtype: load_sharded_bindweave(
         folder, runtime.fsdp_mesh, dtype, device, fuse=plan.speed.fuse_projections, lora=plan.lora_merge)[0]) \
         if plan.dit_loader == "fsdp" else None
-    models = load_stage3_models(
+    # Looked up on the module at each build: the tests count and record loads there.
+    models = stage3_models.load_stage3_models(
         plan, fsdp_dit=fsdp_dit,
         shard_t5=(lambda module: shard_t5(module, runtime.fsdp_mesh)) if "t5" in plan.fsdp else None,
         share_host_buffer=runtime.share_host_buffer if plan.share_host_buffer else None,
@@ -155,8 +157,6 @@ def process_device(device: str, processes: Processes) -> torch.device:
         raise BindWeaveInputError(f"model.device={device} but this process sees {torch.cuda.device_count()} CUDA "
                                   f"device(s) (cuda:0 to cuda:{torch.cuda.device_count() - 1}): use model.device=auto")
     if processes.world_size > 1:
-        from parallel.distributed import rank_device
-
         return rank_device(processes, chosen.type)
     return chosen
 
@@ -177,8 +177,6 @@ def probe_device(device: torch.device, gpu_memory_gib: float | None = None) -> D
 
 def job_size(dit_config: dict, video: VideoSettings, sequence_ranks: int = 1, fp8: bool = False) -> JobSize:
     """The memory-deciding size of a job of ``video`` on one rank (its share of the tokens)."""
-    from bindweave.model.flops import video_tokens
-
     _, _, frames, height, width = video.latent_shape
     tokens = video_tokens(dit_config, frames, height, width)
     return JobSize(video_tokens=-(-tokens // sequence_ranks), num_layers=dit_config["num_layers"], fp8=fp8)
@@ -243,9 +241,6 @@ def _check_loras(settings: ModelSettings, dit_folder):
     the model's dtype by whichever loader fills the DiT, before fusion, FP8 and sharding/offload."""
     if not settings.loras:
         return None
-    from bindweave.model.loading import meta_bindweave_transformer
-    from bindweave.model.lora import LoraMerge
-
     shapes = {name: parameter.shape for name, parameter in meta_bindweave_transformer(dit_folder).named_parameters()}
     return LoraMerge.from_settings(settings.loras, shapes)
 

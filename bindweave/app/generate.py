@@ -87,7 +87,7 @@ class GenerateCommand:
             progress=job.progress and runtime.rank == 0,
         )
         # Rank 0 checks and every rank follows its verdict, so the ranks never part ways on a job.
-        known_bad = runtime.from_rank0(lambda: _check_job_first(job, run, plan, processes.rank))
+        known_bad = runtime.from_rank0(lambda: _check_job_first(job, run, plan))
         if loaded.engine is None:
             log.info("rank %d: loading stage-3 models (%s)", runtime.rank, runtime.layout.describe())
             loaded.engine = build_engine(plan, runtime, job.model.gpu_memory_gib)
@@ -174,7 +174,7 @@ def _report_once(write, summary: dict) -> None:
             summary.update(exit_code=2, error=str(error))
 
 
-def _check_job_first(job: GenerateConfig, run, plan: BuildPlan, rank: int) -> dict[str, str]:
+def _check_job_first(job: GenerateConfig, run, plan: BuildPlan) -> dict[str, str]:
     """Every sample's inputs, the output folder and the video writer, and the recipes of finished
     videos against the plan, before any weight is read.
 
@@ -197,7 +197,7 @@ def _check_job_first(job: GenerateConfig, run, plan: BuildPlan, rank: int) -> di
     bad = {}
     for problem in check.problems:
         bad.setdefault(problem.sample_id, problem.reason())
-    if bad and rank == 0:
+    if bad:
         log.error("%s; the %d other samples run", check.report(skipping=True), len(check.samples))
     return bad
 
