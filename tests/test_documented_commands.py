@@ -309,6 +309,7 @@ def check_lora_and_draft(work: Path, env: dict, exact_videos: Path, ids: list[st
         assert sidecar["recipe"]["sampler"]["timesteps"] == [1000, 750, 500, 250]
         (lora,) = sidecar["plan"]["loras"]
         assert lora["strength"] == 1.0 and lora["parameters"] > 0 and len(lora["sha256"]) == 64
+        assert 0 < sidecar["timings"]["lora_merge_s"] < sidecar["timings"]["load_models_s"]
         assert sidecar["recipe"]["model_options"]["loras"] == [{"sha256": lora["sha256"], "strength": 1.0}]
     result = run_documented(compare, [], work, env)
     report = json.loads((work / compare[3] / "compare" / "compare.json").read_text())

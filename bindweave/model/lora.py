@@ -41,6 +41,7 @@ import json
 import logging
 import math
 import re
+import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -124,6 +125,7 @@ class LoraMerge:
         self.files = list(files)
         self._terms = dict(terms)
         self._blocks = blocks  # how many the DiT has (the summary says how many each file changes)
+        self.merge_s = 0.0  # seconds spent in apply, summed: what the LoRAs add to loading (sidecar timings)
 
     @classmethod
     def from_settings(cls, loras: Sequence[LoraSettings], parameter_shapes: Mapping[str, torch.Size]) -> LoraMerge:
@@ -160,9 +162,11 @@ class LoraMerge:
         file changes ``name``."""
         if name not in self._terms:
             return rows
+        mark = time.perf_counter()
         merged = rows.to(torch.float32, memory_format=torch.contiguous_format, copy=True)
         for term in self._terms[name]:
             term.add_to(merged, row_start)
+        self.merge_s += time.perf_counter() - mark
         return merged
 
     def record(self) -> list[dict]:

@@ -42,6 +42,7 @@ class Stage3Models:
     plan: BuildPlan
     negative_t5: torch.Tensor | None = None
     load_s: float = 0.0  # seconds this process spent loading them (sidecars: once per process, reused after)
+    lora_merge_s: float = 0.0  # of which merging model.loras into the DiT's tensors as they were read
     fp8_layers: list = field(default_factory=list)  # the DiT's linear layers stored and run in FP8
 
     @property
@@ -90,6 +91,7 @@ def load_stage3_models(plan: BuildPlan, fsdp_dit: Callable | None = None, shard_
     """
     started = time.perf_counter()
     device, dtype = torch.device(plan.device), getattr(torch, plan.dtype)
+    merged_before = plan.lora_merge.merge_s if plan.lora_merge else 0.0  # a plan may be loaded more than once
     if plan.dit_loader == "fsdp":
         transformer = fsdp_dit(plan.dit_folder, dtype)
     elif plan.dit_loader == "host_buffer":
@@ -106,6 +108,9 @@ def load_stage3_models(plan: BuildPlan, fsdp_dit: Callable | None = None, shard_
     text_encoder = T5TextEncoder.from_folder(plan.wan_folder, dtype=dtype, device=encoder_device)
     if shard_t5 is not None:
         shard_t5(text_encoder.model)
+    if plan.lora_merge:
+        log.info("merged %d LoRA file(s) into the DiT in %.1f s, as its tensors were read", len(plan.loras),
+                 plan.lora_merge.merge_s - merged_before)
     return Stage3Models(
         transformer=transformer,
         vae=WanVae.from_folder(plan.wan_folder, dtype=torch.float32 if device.type == "cpu" else dtype, device=device,
@@ -116,6 +121,7 @@ def load_stage3_models(plan: BuildPlan, fsdp_dit: Callable | None = None, shard_
         plan=plan,
         fp8_layers=fp8_layer_names(transformer),
         load_s=time.perf_counter() - started,
+        lora_merge_s=plan.lora_merge.merge_s - merged_before if plan.lora_merge else 0.0,
     )
 
 

@@ -252,6 +252,8 @@ class JobPhases:
         write_latents(latents_path(output_path), latents)
         self.timings["write_s"] = time.perf_counter() - mark
         self.timings["load_models_s"] = self.models.load_s
+        if self.models.plan.loras:
+            self.timings["lora_merge_s"] = self.models.lora_merge_s
         self.finish()
         # The sidecar is written last: its presence marks the sample as finished (resume).
         write_json(output_path.with_suffix(".json"), record)

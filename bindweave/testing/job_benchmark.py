@@ -9,7 +9,8 @@ disk in the real layouts, then
   the numbers come from the run's result record.
 
 Each runs on the whole GPU and under each `gpu_memory_gib` cap (as on a smaller card, the user's
-own setting). See conf/bench_job.yaml."""
+own setting); stage 3 also with each `loras` entry (a random LoRA of that rank in LightX2V's I2V
+distill layout, given as `model.loras=[{path: ..., strength: 1.0}]`). See conf/bench_job.yaml."""
 
 import json
 import shutil
@@ -27,6 +28,7 @@ from bindweave.io.inputs import save_hidden_states
 from bindweave.io.outputs import write_json
 from bindweave.testing.demo_cases import write_demo_cases
 from bindweave.testing.fullsize import write_fullsize_models, write_fullsize_qwen
+from bindweave.testing.lora import write_lightx2v_style_lora
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -34,43 +36,66 @@ SAMPLE_ID = "demo_face_dog_house_3"  # 3 references
 QWEN_WIDTH = 3584  # Qwen2.5-VL-7B's hidden size, what the 14B DiT's text projector takes
 
 
-def write_job(folder: Path, qwen_tokens: int) -> Path:
+def write_job(folder: Path, qwen_tokens: int, qwen_width: int = QWEN_WIDTH) -> Path:
     """One demo case with random hidden states; returns its meta JSON (images relative to ``folder``)."""
     meta = json.loads(write_demo_cases(folder).read_text())
     generator = torch.Generator().manual_seed(0)
     states = folder / "states.safetensors"
-    save_hidden_states(states, torch.randn(1, qwen_tokens, QWEN_WIDTH, generator=generator).bfloat16(),
-                       torch.randn(1, qwen_tokens + 6, QWEN_WIDTH, generator=generator).bfloat16(), {})
+    save_hidden_states(states, torch.randn(1, qwen_tokens, qwen_width, generator=generator).bfloat16(),
+                       torch.randn(1, qwen_tokens + 6, qwen_width, generator=generator).bfloat16(), {})
     path = folder / "job.json"
     write_json(path, {SAMPLE_ID: {**meta[SAMPLE_ID], "hidden_states_path": states.name}})
     return path
 
 
+def write_lora(folder: Path, dit: Path, rank: int) -> Path:
+    """A random LoRA of ``rank`` for the DiT in ``dit``, in LightX2V's I2V distill layout (every block's
+    linear pairs and bias deltas, norm and modulation deltas); written once per rank."""
+    from bindweave.model.loading import meta_bindweave_transformer
+
+    path = folder / f"lightx2v_style_rank{rank}.safetensors"
+    if not path.exists():
+        shapes = {name: parameter.shape for name, parameter in meta_bindweave_transformer(dit).named_parameters()}
+        folder.mkdir(parents=True, exist_ok=True)
+        partial = path.with_name(f".{path.name}.partial")
+        write_lightx2v_style_lora(partial, shapes, rank=rank)
+        partial.rename(path)
+    return path
+
+
+def full_schedule_steps(sidecar: dict) -> int:
+    """Steps of the video a user of this preset gets: a distilled schedule's own list, else 50."""
+    return len(sidecar["recipe"]["sampler"].get("timesteps") or []) or 50
+
+
 def forwards_in(steps: int, sidecar: dict) -> int:
-    """DiT forwards a ``steps``-step run of this sidecar's settings computes: 2 per step, less what
-    its step cache skips. MagCache decides from its calibration alone, so the count is exact;
-    TeaCache decides from the model's timestep embeddings, so it is not known here (None)."""
+    """DiT forwards a ``steps``-step run of this sidecar's settings computes: one per CFG pass per step
+    (1 without guidance, else 2), less what its step cache skips. MagCache decides from its
+    calibration alone, so the count is exact; TeaCache decides from the model's timestep
+    embeddings, so it is not known here (None)."""
     from bindweave.sampling.sampler import SIDES, Step
     from bindweave.sampling.step_cache import StepCache
-    from bindweave.settings.sampling import CacheSettings
+    from bindweave.settings.sampling import NO_GUIDANCE, CacheSettings
 
+    sides = SIDES[:1] if sidecar["guidance_scale"] == NO_GUIDANCE else SIDES
     settings = sidecar["recipe"]["model_options"].get("cache")
     if settings is None:
-        return 2 * steps
+        return steps * len(sides)
     if settings["kind"] != "magcache":
         return None
     cache = StepCache(CacheSettings(**settings), steps)
     tokens = torch.zeros(1)
     for index in range(steps):
-        for side in SIDES:
+        for side in sides:
             cache.for_step(Step(index, steps, torch.zeros(1), side))(lambda t: t + 1, tokens, tokens)
     return cache.record()["forwards_run"]
 
 
 def run_job_benchmark(cfg: DictConfig) -> None:
     """``launch/bench_job.py`` (conf/bench_job.yaml): per ``stages`` entry, the README command once per
-    ``speeds`` preset (stage 3) and per ``gpu_memory_gib`` cap (null: the whole GPU), on the same
-    checkpoints; a capped run is compared with the uncapped one of the same preset (in this call)."""
+    ``speeds`` preset x ``loras`` rank (stage 3) x ``gpu_memory_gib`` cap (null: the whole GPU), on the
+    same checkpoints; a capped run is compared with the uncapped one, a LoRA run with the one without
+    (the same preset otherwise, in this call)."""
     root = Path(cfg.root)
     report = {"device": torch.cuda.get_device_name(), "runs": {}}
     jobs = []
@@ -82,9 +107,18 @@ def run_job_benchmark(cfg: DictConfig) -> None:
     if "generate" in cfg.stages:
         dit, wan = write_fullsize_models(root, torch.device("cuda"))
         meta = write_job(root / "cases", cfg.qwen_tokens)
-        jobs += [generate_job(cfg, dit, wan, meta, root, speed, cap) for speed in cfg.speeds for cap in cfg.gpu_memory_gib]
-    report["write_checkpoints_s"] = round(time.perf_counter() - mark, 1)
+        loras = {rank: write_lora(root / "loras", dit, rank) for rank in cfg.loras if rank}
+        jobs += [generate_job(cfg, dit, wan, meta, root, speed, cap, loras.get(rank), rank)
+                 for speed in cfg.speeds for rank in cfg.loras for cap in cfg.gpu_memory_gib]
+    report["write_checkpoints_s"] = round(time.perf_counter() - mark, 1)  # LoRAs included
     torch.cuda.empty_cache()
+    run_jobs(jobs, report, Path(cfg.out))
+
+
+def run_jobs(jobs: list["BenchJob"], report: dict, out: Path) -> None:
+    """Each job's README command, fresh (no resume), in order; the report is written after every run,
+    so a stopped benchmark keeps what it measured."""
+    out.write_text(json.dumps(report, indent=2, default=str))
     for job in jobs:
         print("$ " + " ".join(job.command[1:]), flush=True)
         shutil.rmtree(job.output_dir, ignore_errors=True)  # a fresh run, not a resumed one
@@ -94,8 +128,8 @@ def run_job_benchmark(cfg: DictConfig) -> None:
                "exit_code": finished.returncode, "gpu_memory_gib": job.cap}
         report["runs"][job.name] = run
         if finished.returncode == 0:
-            job.summarize(run, cfg.steps, report["runs"].get(job.uncapped_name) if job.cap else None)
-        Path(cfg.out).write_text(json.dumps(report, indent=2, default=str))  # after every run: a stop keeps it
+            job.summarize(run, {ratio: report["runs"].get(name) for ratio, name in job.references.items()})
+        out.write_text(json.dumps(report, indent=2, default=str))
         print(json.dumps({key: value for key, value in run.items() if key != "sidecar"}, indent=1), flush=True)
 
 
@@ -104,32 +138,40 @@ class BenchJob:
     """One README command of the benchmark and how its numbers are read back."""
 
     name: str
-    uncapped_name: str  # the same job on the whole GPU, the reference of a capped one
+    # The runs this one is compared with, by the ratio's name: the same job on the whole GPU
+    # (``vs_uncapped``) for a capped one, without its LoRA (``vs_no_lora``) for one with a LoRA.
+    references: dict[str, str]
     cap: float | None
     command: list[str]
     output_dir: Path
-    summarize: Callable[[dict, int, dict | None], None]
+    summarize: Callable[[dict, dict], None]
 
 
-def run_name(stage: str, preset: str, cap: float | None) -> str:
-    return f"{stage}_{preset}" + (f"_cap{cap:g}" if cap else "")
+def run_name(stage: str, preset: str, cap: float | None, lora_rank: int | None = None) -> str:
+    return f"{stage}_{preset}" + (f"_lora{lora_rank}" if lora_rank else "") + (f"_cap{cap:g}" if cap else "")
 
 
-def generate_job(cfg: DictConfig, dit: Path, wan: Path, meta: Path, root: Path, speed: str, cap) -> BenchJob:
-    output_dir = root / f"videos_{run_name('generate', speed, cap)}"
+def generate_job(cfg: DictConfig, dit: Path, wan: Path, meta: Path, root: Path, speed: str, cap,
+                 lora: Path | None = None, lora_rank: int | None = None) -> BenchJob:
+    """Stage 3's README command for one preset, cap and LoRA file (of rank ``lora_rank``) or none."""
+    name = run_name("generate", speed, cap, lora_rank)
+    output_dir = root / f"videos_{name}"
     command = [sys.executable, str(REPO / "launch" / "generate.py"), "model=bindweave_14b", f"model.dit={dit}",
                f"model.wan={wan}", f"data.meta_path={meta}", f"data.image_root={meta.parent}",
                f"output_dir={output_dir}", f"speed={speed}", f"sampler.num_steps={cfg.steps}",
                f"video.height={cfg.height}", f"video.width={cfg.width}", f"video.num_frames={cfg.num_frames}",
+               *([f"model.loras=[{{path: {lora}, strength: 1.0}}]"] if lora else []),
                *([f"model.gpu_memory_gib={cap}"] if cap else []), *cfg.overrides]
+    references = {"vs_uncapped": run_name("generate", speed, None, lora_rank)} if cap else {}
+    if lora:
+        references["vs_no_lora"] = run_name("generate", speed, cap)
 
-    def summarize(run: dict, steps: int, uncapped: dict | None) -> None:
+    def summarize(run: dict, measured: dict) -> None:
         record = json.loads((output_dir / f"{SAMPLE_ID}.json").read_text())
-        summarize_run(run, record, steps, uncapped)
+        summarize_run(run, record, measured)
         run["mp4_bytes"] = (output_dir / f"{SAMPLE_ID}.mp4").stat().st_size
 
-    return BenchJob(run_name("generate", speed, cap), run_name("generate", speed, None), cap, command, output_dir,
-                    summarize)
+    return BenchJob(name, references, cap, command, output_dir, summarize)
 
 
 def extract_job(qwen: Path, cases: Path, root: Path, cap) -> BenchJob:
@@ -139,7 +181,8 @@ def extract_job(qwen: Path, cases: Path, root: Path, cap) -> BenchJob:
                f"data.meta_path={cases}", f"data.image_root={cases.parent}", f"output_dir={output_dir}",
                *([f"qwen.gpu_memory_gib={cap}"] if cap else [])]
 
-    def summarize(run: dict, steps: int, uncapped: dict | None) -> None:
+    def summarize(run: dict, measured: dict) -> None:
+        uncapped = measured.get("vs_uncapped")
         result = json.loads((output_dir / ".hydra" / "result.data0.json").read_text())
         (rank,) = result["ranks"]
         run.update(load_qwen_s=result["load_qwen_s"], extract_s=rank["extract_s"],
@@ -149,8 +192,8 @@ def extract_job(qwen: Path, cases: Path, root: Path, cap) -> BenchJob:
         if uncapped and uncapped.get("steady_sample_s"):
             run["vs_uncapped"] = round(run["steady_sample_s"] / uncapped["steady_sample_s"], 3)
 
-    return BenchJob(run_name("extract", "bf16", cap), run_name("extract", "bf16", None), cap, command, output_dir,
-                    summarize)
+    references = {"vs_uncapped": run_name("extract", "bf16", None)} if cap else {}
+    return BenchJob(run_name("extract", "bf16", cap), references, cap, command, output_dir, summarize)
 
 
 def peaks(memory_records) -> dict:
@@ -159,21 +202,27 @@ def peaks(memory_records) -> dict:
             for key in ("gpu_peak_gib", "gpu_peak_reserved_gib", "host_peak_rss_gib")}
 
 
-def summarize_run(run: dict, record: dict, steps: int, uncapped: dict | None) -> None:
-    """Per-forward time, memory peaks and the projected 50-step job of one run; a capped run's
-    per-forward time is compared with ``uncapped`` (the same preset on the whole GPU)."""
-    timings, cache = record["timings"], record["speed"]["step_cache"]
-    forwards_after_first = (cache["forwards_run"] if cache else 2 * steps) - 2
+def summarize_run(run: dict, record: dict, references: dict) -> None:
+    """Per-forward time, memory peaks and the projected video of one run (its preset's full schedule:
+    50 steps, or a distilled schedule's own list); its per-forward time over each run in
+    ``references`` (ratio name -> that run's summary, None where it did not run)."""
+    timings = record["timings"]
+    passes = forwards_in(1, record)  # the first step's forwards (a step cache never skips the first)
+    forwards_run = forwards_in(record["num_steps"], record)
     # Steps after the first are the steady state (the first one compiles); a cached run's skipped
     # forwards cost next to nothing, so this is the cost of a computed one.
-    forward_s = (timings["denoise_s"] - timings["first_step_s"]) / forwards_after_first if forwards_after_first > 0 \
-        else None
-    forwards_50 = forwards_in(50, record)
+    forward_s = (timings["denoise_s"] - timings["first_step_s"]) / (forwards_run - passes) \
+        if forwards_run and forwards_run > passes else None
+    full_steps = full_schedule_steps(record)
+    forwards_full = forwards_in(full_steps, record)
     overheads = timings["total_s"] - timings["denoise_s"]
-    run.update(forward_s=forward_s and round(forward_s, 2), forwards_in_50_steps=forwards_50,
-               projected_50_steps_s=round(timings["load_models_s"] + overheads + timings["first_step_s"]
-                                          + (forwards_50 - 2) * forward_s) if forwards_50 and forward_s else None,
+    run.update(forward_s=forward_s and round(forward_s, 2), forwards_run=forwards_run,
+               full_schedule_steps=full_steps, forwards_in_full_schedule=forwards_full,
+               projected_video_s=round(timings["load_models_s"] + overheads + timings["first_step_s"]
+                                       + (forwards_full - passes) * forward_s) if forwards_full and forward_s else None,
+               lora_merge_s=timings.get("lora_merge_s"),
                peaks=peaks(record["memory"].values()), memory_plan=record["memory_options"]["dit"],
                memory=record["memory"], speed=record["speed"], timings=timings, sidecar=record)
-    if uncapped and uncapped.get("forward_s") and forward_s:
-        run["vs_uncapped"] = round(forward_s / uncapped["forward_s"], 3)
+    for ratio, reference in references.items():
+        if reference and reference.get("forward_s") and forward_s:
+            run[ratio] = round(forward_s / reference["forward_s"], 3)
