@@ -32,7 +32,7 @@ from parallel.distributed import detect_processes, start_process_group, stop_pro
 from parallel.layout import ParallelLayout  # noqa: E402
 from parallel.parallelize import parallelize  # noqa: E402
 from parallel.runtime import Runtime  # noqa: E402
-from test_transformer import inputs as tiny_inputs  # noqa: E402  (tests/ is the script's folder)
+from support.dit_inputs import tiny_dit_inputs as tiny_inputs  # noqa: E402  (tests/ is the script's folder)
 
 
 def _all_to_all_single(arguments, rank, size):

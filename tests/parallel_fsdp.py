@@ -26,7 +26,7 @@ import diffusers.models.transformers.transformer_wan  # noqa: E402,F401  (import
 from bindweave.model.speed import apply_speed_options  # noqa: E402
 from bindweave.settings.model import SpeedOptions  # noqa: E402
 from parallel.fsdp import load_sharded_bindweave  # noqa: E402
-from tests.test_transformer import inputs  # noqa: E402
+from support.dit_inputs import tiny_dit_inputs as inputs  # noqa: E402
 
 
 def main(checkpoint: Path, out: Path, ulysses: int, speed: bool) -> None:

@@ -18,7 +18,7 @@ from bindweave.model.speed import PreferredKernelAttention, apply_speed_options,
 from bindweave.settings.model import SpeedOptions
 from bindweave.model.flops import ForwardTokens, dit_forward_flops, video_tokens
 from bindweave.model.transformer import TINY_CONFIG, BindWeaveTransformer
-from test_transformer import inputs as tiny_inputs  # the same seeded tiny DiT inputs
+from support.dit_inputs import tiny_dit_inputs as tiny_inputs  # the same seeded tiny DiT inputs
 
 REPO = Path(__file__).resolve().parents[1]
 

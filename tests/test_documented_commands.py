@@ -306,6 +306,7 @@ def check_lora_and_draft(work: Path, env: dict, exact_videos: Path, ids: list[st
     for sample_id in ids:
         sidecar = json.loads((draft_videos / f"{sample_id}.json").read_text())
         assert sidecar["num_steps"] == 4 and sidecar["guidance_scale"] == 1.0
+        assert (sidecar["scheduler"], sidecar["timesteps"]) == ("step_distill", [1000, 750, 500, 250])
         assert sidecar["recipe"]["sampler"]["timesteps"] == [1000, 750, 500, 250]
         (lora,) = sidecar["plan"]["loras"]
         assert lora["strength"] == 1.0 and lora["parameters"] > 0 and len(lora["sha256"]) == 64

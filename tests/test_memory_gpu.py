@@ -20,7 +20,7 @@ from dataclasses import replace
 from bindweave.io.inputs import read_meta
 from bindweave.testing.demo import demo_meta_with_hidden_states
 from parallel_launch import run_script
-from test_transformer import inputs as tiny_inputs
+from support.dit_inputs import tiny_dit_inputs as tiny_inputs
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 VIDEO = VideoSettings(height=48, width=64, num_frames=5)

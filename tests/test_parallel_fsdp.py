@@ -11,7 +11,7 @@ import torch
 
 from bindweave import BindWeaveTransformer
 from bindweave.model.transformer import TINY_CONFIG
-from tests.test_transformer import inputs
+from support.dit_inputs import tiny_dit_inputs as inputs
 
 REPO = Path(__file__).resolve().parents[1]
 # Wider than TINY_CONFIG so that the weights, not Python, dominate what a rank holds.

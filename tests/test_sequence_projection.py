@@ -15,7 +15,7 @@ from bindweave.testing.sequence_benchmark import EmulatedUlyssesRank, project_la
 from parallel.cfg import cfg_exchange_bytes_per_rank
 from parallel.sequence import ulysses_bytes_per_rank
 from parallel_launch import run_script
-from test_transformer import inputs as tiny_inputs
+from support.dit_inputs import tiny_dit_inputs as tiny_inputs
 
 DIVIDES, PADS = "3x8x12", "1x6x6"  # 7 x 4 x 6 = 168 tokens, 5 x 3 x 3 = 45 (odd: padded to 46 over 2 ranks)
 

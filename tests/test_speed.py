@@ -18,7 +18,7 @@ from bindweave.model.kernels import DeviceFacts, resolve_kernel
 from bindweave.model.speed import apply_speed_options, probe_kernel_facts
 from bindweave.settings.model import SpeedOptions
 from bindweave.model.transformer import TINY_CONFIG, BindWeaveTransformer
-from test_transformer import inputs as tiny_inputs
+from support.dit_inputs import tiny_dit_inputs as tiny_inputs
 
 
 @pytest.fixture

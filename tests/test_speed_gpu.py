@@ -11,7 +11,7 @@ from bindweave.model.fp8 import fp8_candidates, fp8_layer_names
 from bindweave.model.speed import apply_speed_options, fa4_attention, fuse_projections, sage2_attention
 from bindweave.settings.model import SpeedOptions
 from bindweave.model.transformer import TINY_CONFIG, BindWeaveTransformer
-from test_transformer import inputs as tiny_inputs
+from support.dit_inputs import tiny_dit_inputs as tiny_inputs
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 

@@ -11,6 +11,7 @@ from diffusers.models.transformers.transformer_wan import WanAttnProcessor
 from bindweave import BindWeaveTransformer
 from bindweave.model.attention import CrossAttnProcessor
 from bindweave.model.transformer import BINDWEAVE_14B_CONFIG, TINY_CONFIG
+from support.dit_inputs import tiny_dit_inputs as inputs
 
 WAN_KEYS = set(inspect.signature(WanTransformer3DModel.__init__).parameters) - {"self"}
 
@@ -23,19 +24,6 @@ def models():
     missing, unexpected = stock.load_state_dict(ours.state_dict(), strict=False)
     assert not missing and all("text_projector" in key for key in unexpected)
     return ours, stock
-
-
-def inputs(frames=3, height=8, width=12, qwen_tokens=7, clip_tokens=1028, seed=1):
-    generator = torch.Generator().manual_seed(seed)
-    c = TINY_CONFIG
-    return dict(
-        latents=torch.randn(1, 16, frames, height, width, generator=generator),
-        timestep=torch.tensor([937.0]),
-        t5_embeds=torch.randn(1, 512, c["text_dim"], generator=generator),
-        qwen_states=torch.randn(1, qwen_tokens, c["mllm_dim"], generator=generator),
-        clip_embeds=torch.randn(1, clip_tokens, c["image_dim"], generator=generator),
-        condition=torch.randn(1, 20, 4 + frames, height, width, generator=generator),
-    )
 
 
 @torch.no_grad()

@@ -236,7 +236,8 @@ class JobPhases:
         plan = models.plan
         return {
             "sample_id": sample.sample_id, "prompt": sample.prompt, "seed": self.seed,
-            "num_steps": sampler.num_steps, "guidance_scale": sampler.guidance_scale,
+            "num_steps": sampler.num_steps, "guidance_scale": sampler.guidance_scale, "scheduler": sampler.scheduler,
+            "timesteps": list(sampler.timesteps),  # step_distill's listed steps (UniPC: [], its grid is num_steps)
             "resolution": asdict(video), "images": [str(p) for p in sample.image_paths],
             "hidden_states": [str(p) for p in (sample.hidden_states_path, sample.hidden_states_path_negative) if p],
             "sample_fields": sample.fields, "models": plan.provenance, "timings": self.timings,
