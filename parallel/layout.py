@@ -13,13 +13,10 @@ import logging
 from dataclasses import dataclass, fields
 
 from bindweave.errors import BindWeaveInputError
+from bindweave.settings.parallel import ParallelSettings, choice_problems
 
 log = logging.getLogger("bindweave")
 
-BACKENDS = ("auto", "xfuser", "deepspeed")
-FSDP_MODELS = ("dit", "t5")
-FSDP_SCOPES = ("group", "sequence", "world")
-DECODES = ("single", "split")  # the VAE decode: every rank whole (exact) | rows split over the sample's ranks
 # What a sequence-parallel backend needs installed (setup.cfg extras).
 BACKEND_PACKAGES = {"xfuser": "pip install -e '.[cuda]' (xfuser, yunchang)", "deepspeed": "pip install -e '.[deepspeed]'"}
 
@@ -80,8 +77,7 @@ class ParallelLayout:
                 problems.append(f"parallel.{name}={value!r} must be a whole number >= 1")
         if problems:  # the checks below multiply the degrees
             raise self._error(world_size, num_heads, problems)
-        if self.backend not in BACKENDS:
-            problems.append(f"parallel.backend={self.backend!r} is not one of {', '.join(BACKENDS)}")
+        problems += choice_problems(self.backend, self.fsdp, self.fsdp_scope, self.decode)
         if self.cfg not in (1, 2):
             problems.append(f"parallel.cfg={self.cfg}: CFG has two passes, so use cfg=1 or cfg=2")
         if num_heads % self.ulysses:
@@ -99,13 +95,6 @@ class ParallelLayout:
                             "use parallel.backend=deepspeed or auto")
         if self.sequence > 1 and backend in BACKEND_PACKAGES and importlib.util.find_spec(backend) is None:
             problems.append(f"sequence parallel uses {backend}, which is not installed: {BACKEND_PACKAGES[backend]}")
-        unknown = [name for name in self.fsdp if name not in FSDP_MODELS]
-        if unknown:
-            problems.append(f"parallel.fsdp={list(self.fsdp)}: {unknown} cannot be sharded; use a subset of {list(FSDP_MODELS)}")
-        if self.fsdp_scope not in FSDP_SCOPES:
-            problems.append(f"parallel.fsdp_scope={self.fsdp_scope!r} is not one of {', '.join(FSDP_SCOPES)}")
-        if self.decode not in DECODES:
-            problems.append(f"parallel.decode={self.decode!r} is not one of {', '.join(DECODES)}")
         if self.fsdp and self.fsdp_scope == "world" and self.data > 1:
             problems.append(f"parallel.fsdp_scope=world with data={self.data}: data groups run different numbers of "
                             "forwards, so world-wide parameter gathers would wait forever; use fsdp_scope=group")
@@ -141,41 +130,6 @@ class ParallelLayout:
         ulysses = max(d for d in range(1, rest + 1) if rest % d == 0 and num_heads % d == 0)
         return cls(data=rest // ulysses, cfg=cfg, ulysses=ulysses, backend=backend, fsdp=fsdp, fsdp_scope=fsdp_scope,
                    decode=decode)
-
-
-@dataclass(frozen=True)
-class ParallelSettings:
-    """The ``parallel`` settings (conf/parallel presets override these): a layout's degrees, or
-    ``auto`` to choose them for the number of processes started, and the collective timeout."""
-
-    auto: bool = False  # true: ParallelLayout.auto chooses data/cfg/ring/ulysses, the degrees below must stay 1
-    data: int = 1  # groups that take different samples (sorted ids, strided)
-    cfg: int = 1  # 2: positive and negative passes on two groups at once
-    ring: int = 1  # ring attention degree (xfuser backend on CUDA only)
-    ulysses: int = 1  # Ulysses degree: must divide the 40 attention heads (1, 2, 4, 5, 8, ...)
-    backend: str = "auto"  # sequence-parallel attention: auto (deepspeed; xfuser for ring > 1 on CUDA) | xfuser | deepspeed
-    fsdp: tuple[str, ...] = ()  # FSDP2 parameter sharding of [dit] and/or [t5] (per block, bf16, sharded loading)
-    fsdp_scope: str = "group"  # group (cfg x sequence ranks of a data group) | sequence | world (data=1 only)
-    decode: str = "single"  # single: every rank decodes the whole video (exact) | split: rows over the sample's ranks
-    timeout_s: float = 600  # a collective waiting this long fails, so a dead rank ends the job instead of hanging it
-
-    def __post_init__(self):
-        object.__setattr__(self, "fsdp", tuple(self.fsdp))
-        problems = []
-        if self.backend not in BACKENDS:
-            problems.append(f"parallel.backend={self.backend} is not one of {', '.join(BACKENDS)}")
-        unknown = [name for name in self.fsdp if name not in FSDP_MODELS]
-        if unknown:
-            problems.append(f"parallel.fsdp={list(self.fsdp)}: {unknown} cannot be sharded; use a subset of "
-                            f"{list(FSDP_MODELS)}")
-        if self.fsdp_scope not in FSDP_SCOPES:
-            problems.append(f"parallel.fsdp_scope={self.fsdp_scope} is not one of {', '.join(FSDP_SCOPES)}")
-        if self.decode not in DECODES:
-            problems.append(f"parallel.decode={self.decode} is not one of {', '.join(DECODES)}")
-        if self.timeout_s <= 0:
-            problems.append(f"parallel.timeout_s={self.timeout_s} must be > 0 seconds")
-        if problems:
-            raise BindWeaveInputError("; ".join(problems))
 
 
 def auto_reason(layout: ParallelLayout) -> str:

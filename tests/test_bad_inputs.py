@@ -433,7 +433,8 @@ def test_checkpoint_truncated_file(tiny, dit_copy, tmp_path):
     ({"ring": 2}, 2, "needs the xfuser backend"),
 ], ids=["ulysses-vs-heads", "product-vs-world", "cfg-4", "ring-on-cpu"])
 def test_parallel_degrees_that_do_not_fit(degrees, world, must_name):
-    from parallel.layout import ParallelSettings, layout_from_config
+    from bindweave.settings.parallel import ParallelSettings
+    from parallel.layout import layout_from_config
 
     with pytest.raises(BindWeaveInputError) as error:
         layout_from_config(ParallelSettings(**degrees), world, 40, "cpu")

@@ -20,7 +20,7 @@ from bindweave.settings.model import ATTENTION_CHOICES, ModelSettings, VideoSett
 from bindweave.settings.sampling import SamplerSettings
 from bindweave.stages.job import Stage3Job
 from parallel.distributed import Processes
-from parallel.layout import ParallelSettings
+from bindweave.settings.parallel import ParallelSettings
 from support.engines import TINY_VIDEO, build_engine_for, simulate_gpu
 
 REPO = Path(__file__).resolve().parents[1]

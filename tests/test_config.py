@@ -22,7 +22,8 @@ from bindweave.app.config import (
 from bindweave.errors import BindWeaveInputError
 from bindweave.settings.model import ModelSettings
 from bindweave.settings.refine import EndpointSettings, LocalSettings
-from parallel.layout import ParallelLayout, ParallelSettings
+from bindweave.settings.parallel import ParallelSettings
+from parallel.layout import ParallelLayout
 from bindweave.app.build import attention_sites
 from parallel_launch import REPO, plain_env
 

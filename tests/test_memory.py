@@ -19,7 +19,7 @@ from bindweave.settings.model import ModelSettings, VideoSettings
 from bindweave.model.transformer import BINDWEAVE_14B_CONFIG, TINY_CONFIG
 from bindweave.stages.memory import (JobSize, cap_gpu_memory, MemoryPlan, available_host_gib, check_host_memory, host_need,
                                      plan_memory)
-from parallel.layout import ParallelSettings
+from bindweave.settings.parallel import ParallelSettings
 from support.dit_inputs import tiny_dit_inputs as tiny_inputs
 
 P720_VIDEO = VideoSettings(height=720, width=1280, num_frames=81)

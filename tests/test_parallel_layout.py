@@ -156,7 +156,8 @@ def test_samples_are_sorted_then_strided_over_the_data_groups():
 
 
 def test_auto_logs_its_choice_with_the_measured_reason(caplog):
-    from parallel.layout import ParallelSettings, layout_from_config
+    from bindweave.settings.parallel import ParallelSettings
+    from parallel.layout import layout_from_config
 
     with caplog.at_level("INFO", logger="bindweave"):
         layout = layout_from_config(ParallelSettings(auto=True), 8, HEADS_14B, "cpu")

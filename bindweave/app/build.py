@@ -42,7 +42,8 @@ from bindweave.stages.models import model_folders, model_provenance
 from bindweave.stages.plan import BuildPlan
 from parallel.distributed import Processes, rank_device
 from parallel.fsdp import load_sharded_bindweave, shard_t5
-from parallel.layout import ParallelLayout, ParallelSettings, layout_from_config
+from bindweave.settings.parallel import ParallelSettings
+from parallel.layout import ParallelLayout, layout_from_config
 from parallel.parallelize import parallelize
 from parallel.runtime import Runtime
 

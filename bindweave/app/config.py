@@ -30,7 +30,7 @@ from bindweave.settings.model import ModelSettings, VideoSettings
 from bindweave.settings.qwen import QwenSettings
 from bindweave.serve.settings import ServeSettings
 from bindweave.settings.sampling import CacheSettings, SamplerSettings
-from parallel.layout import ParallelSettings
+from bindweave.settings.parallel import ParallelSettings
 
 CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
 ON_ERROR_CHOICES = ("fail", "skip")
