@@ -216,7 +216,8 @@ def summarize_run(run: dict, record: dict, references: dict) -> None:
     full_steps = full_schedule_steps(record)
     forwards_full = forwards_in(full_steps, record)
     overheads = timings["total_s"] - timings["denoise_s"]
-    run.update(forward_s=forward_s and round(forward_s, 2), forwards_run=forwards_run,
+    # Four decimals: a tiny model's forward on the CPU is milliseconds, and the ratios below use it.
+    run.update(forward_s=forward_s and round(forward_s, 4), forwards_run=forwards_run,
                full_schedule_steps=full_steps, forwards_in_full_schedule=forwards_full,
                projected_video_s=round(timings["load_models_s"] + overheads + timings["first_step_s"]
                                        + (forwards_full - passes) * forward_s) if forwards_full and forward_s else None,
