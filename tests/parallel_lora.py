@@ -17,7 +17,7 @@ from torch.distributed.device_mesh import init_device_mesh
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bindweave.model.loading import meta_bindweave_transformer  # noqa: E402
+from bindweave.model.loading import parameter_shapes  # noqa: E402
 from bindweave.model.lora import LoraMerge  # noqa: E402
 from bindweave.settings.lora import LoraSettings  # noqa: E402
 from parallel.fsdp import load_sharded_bindweave  # noqa: E402
@@ -26,7 +26,7 @@ from parallel.fsdp import load_sharded_bindweave  # noqa: E402
 def main(checkpoint: Path, loras: list, out: Path) -> None:
     dist.init_process_group("gloo")
     mesh = init_device_mesh("cpu", (dist.get_world_size(),))
-    shapes = {name: p.shape for name, p in meta_bindweave_transformer(checkpoint).named_parameters()}
+    shapes = parameter_shapes(checkpoint)
     merge = LoraMerge.from_settings([LoraSettings(path, strength) for path, strength in loras], shapes)
     model, _ = load_sharded_bindweave(checkpoint, mesh, torch.float32, torch.device("cpu"), fuse=True, lora=merge)
     full = {name: parameter.full_tensor() for name, parameter in model.named_parameters()}

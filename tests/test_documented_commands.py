@@ -291,16 +291,14 @@ def check_fast_modes(work: Path, env: dict, exact_videos: Path, ids: list[str]) 
 def check_lora_and_draft(work: Path, env: dict, exact_videos: Path, ids: list[str]) -> None:
     """README "LoRA adapters and the draft mode", as written, in the real run's folder: a random
     rank-64 LoRA in the lightx2v I2V layout at the README's path, merged; 4 steps without CFG."""
-    from bindweave.model.loading import meta_bindweave_transformer
+    from bindweave.model.loading import parameter_shapes
     from bindweave.testing.lora import write_lightx2v_style_lora
 
     draft, compare = readme_block("LoRA adapters and the draft mode")
     assert [command[:2] for command in (draft, compare)] == [["python", "launch/generate.py"],
                                                             ["python", "launch/compare.py"]]
     lora_path = work / re.search(r"path: ([^,}]+)", override(draft, "model.loras")).group(1).strip()
-    shapes = {name: p.shape for name, p in meta_bindweave_transformer(work / override(draft, "model.dit"))
-              .named_parameters()}
-    write_lightx2v_style_lora(lora_path, shapes, rank=4)
+    write_lightx2v_style_lora(lora_path, parameter_shapes(work / override(draft, "model.dit")), rank=4)
     run_documented(draft, [arg for arg in CPU_GENERATE if not arg.startswith("sampler.num_steps")], work, env)
     draft_videos = work / override(draft, "output_dir")
     for sample_id in ids:

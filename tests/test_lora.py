@@ -14,7 +14,7 @@ from safetensors.torch import load_file, save_file
 
 from bindweave.errors import BindWeaveInputError
 from bindweave.model.loading import (load_bindweave_to_host_buffer, load_bindweave_transformer,
-                                     meta_bindweave_transformer)
+                                     parameter_shapes)
 from bindweave.model.lora import LoraMerge
 from bindweave.model.speed import fuse_projections
 from bindweave.settings.lora import LoraSettings
@@ -48,7 +48,7 @@ LAYOUTS = {
 
 @pytest.fixture(scope="module")
 def shapes(tiny_dit_folder):
-    return {name: parameter.shape for name, parameter in meta_bindweave_transformer(tiny_dit_folder).named_parameters()}
+    return parameter_shapes(tiny_dit_folder)
 
 
 def write_lora(path: Path, layout: str, shapes, seed: int, dtype=torch.bfloat16, strength: float = 1.0) -> dict:

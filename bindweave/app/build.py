@@ -28,11 +28,12 @@ from bindweave.errors import BindWeaveInputError
 from bindweave.io.checkpoint import read_config
 from bindweave.model.flops import video_tokens
 from bindweave.model.kernels import CROSS_ATTENTION, KERNELS, DeviceFacts, sequence_local_kernel
-from bindweave.model.loading import meta_bindweave_transformer
+from bindweave.model.loading import parameter_shapes
 from bindweave.model.lora import LoraMerge
 from bindweave.model.speed import probe_kernel_facts, resolve_speed_options
 from bindweave.model.transformer import BINDWEAVE_14B_CONFIG, BindWeaveTransformer
 from bindweave.settings.model import ModelSettings, SpeedOptions, VideoSettings
+from bindweave.settings.parallel import ParallelSettings
 from bindweave.settings.sampling import SamplerSettings, refuse_cfg_parallel_without_guidance
 from bindweave.stages import models as stage3_models
 from bindweave.stages.engine import Stage3Engine
@@ -42,7 +43,6 @@ from bindweave.stages.models import model_folders, model_provenance
 from bindweave.stages.plan import BuildPlan
 from parallel.distributed import Processes, rank_device
 from parallel.fsdp import load_sharded_bindweave, shard_t5
-from bindweave.settings.parallel import ParallelSettings
 from parallel.layout import ParallelLayout, layout_from_config
 from parallel.parallelize import parallelize
 from parallel.runtime import Runtime
@@ -242,8 +242,7 @@ def _check_loras(settings: ModelSettings, dit_folder):
     the model's dtype by whichever loader fills the DiT, before fusion, FP8 and sharding/offload."""
     if not settings.loras:
         return None
-    shapes = {name: parameter.shape for name, parameter in meta_bindweave_transformer(dit_folder).named_parameters()}
-    return LoraMerge.from_settings(settings.loras, shapes)
+    return LoraMerge.from_settings(settings.loras, parameter_shapes(dit_folder))
 
 
 def plan_memory_for(settings: ModelSettings, size: JobSize, facts: DeviceFacts, processes_on_host: int = 1,

@@ -28,6 +28,12 @@ def meta_bindweave_transformer(folder: Path):
         return BindWeaveTransformer(**config)
 
 
+def parameter_shapes(folder: Path) -> dict[str, torch.Size]:
+    """Every parameter's shape of ``folder``'s DiT (unfused names), from its config alone: what a
+    LoRA's keys are checked and mapped against."""
+    return {name: parameter.shape for name, parameter in meta_bindweave_transformer(folder).named_parameters()}
+
+
 def finish_loading(model, device: torch.device | str):
     """Rebuild the RoPE tables (non-persistent buffers: computed from the config, never stored)."""
     config = model.config

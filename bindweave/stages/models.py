@@ -108,9 +108,10 @@ def load_stage3_models(plan: BuildPlan, fsdp_dit: Callable | None = None, shard_
     text_encoder = T5TextEncoder.from_folder(plan.wan_folder, dtype=dtype, device=encoder_device)
     if shard_t5 is not None:
         shard_t5(text_encoder.model)
+    lora_merge_s = plan.lora_merge.merge_s - merged_before if plan.lora_merge else 0.0
     if plan.lora_merge:
         log.info("merged %d LoRA file(s) into the DiT in %.1f s, as its tensors were read", len(plan.loras),
-                 plan.lora_merge.merge_s - merged_before)
+                 lora_merge_s)
     return Stage3Models(
         transformer=transformer,
         vae=WanVae.from_folder(plan.wan_folder, dtype=torch.float32 if device.type == "cpu" else dtype, device=device,
@@ -121,7 +122,7 @@ def load_stage3_models(plan: BuildPlan, fsdp_dit: Callable | None = None, shard_
         plan=plan,
         fp8_layers=fp8_layer_names(transformer),
         load_s=time.perf_counter() - started,
-        lora_merge_s=plan.lora_merge.merge_s - merged_before if plan.lora_merge else 0.0,
+        lora_merge_s=lora_merge_s,
     )
 
 

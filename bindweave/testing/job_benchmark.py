@@ -51,21 +51,20 @@ def write_job(folder: Path, qwen_tokens: int, qwen_width: int = QWEN_WIDTH) -> P
 def write_lora(folder: Path, dit: Path, rank: int) -> Path:
     """A random LoRA of ``rank`` for the DiT in ``dit``, in LightX2V's I2V distill layout (every block's
     linear pairs and bias deltas, norm and modulation deltas); written once per rank."""
-    from bindweave.model.loading import meta_bindweave_transformer
+    from bindweave.model.loading import parameter_shapes
 
     path = folder / f"lightx2v_style_rank{rank}.safetensors"
     if not path.exists():
-        shapes = {name: parameter.shape for name, parameter in meta_bindweave_transformer(dit).named_parameters()}
         folder.mkdir(parents=True, exist_ok=True)
         partial = path.with_name(f".{path.name}.partial")
-        write_lightx2v_style_lora(partial, shapes, rank=rank)
+        write_lightx2v_style_lora(partial, parameter_shapes(dit), rank=rank)
         partial.rename(path)
     return path
 
 
 def full_schedule_steps(sidecar: dict) -> int:
     """Steps of the video a user of this preset gets: a distilled schedule's own list, else 50."""
-    return len(sidecar["recipe"]["sampler"].get("timesteps") or []) or 50
+    return len(sidecar["timesteps"]) or 50
 
 
 def forwards_in(steps: int, sidecar: dict) -> int:

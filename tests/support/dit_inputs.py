@@ -15,5 +15,5 @@ def tiny_dit_inputs(frames=3, height=8, width=12, qwen_tokens=7, clip_tokens=102
         t5_embeds=torch.randn(1, 512, c["text_dim"], generator=generator),
         qwen_states=torch.randn(1, qwen_tokens, c["mllm_dim"], generator=generator),
         clip_embeds=torch.randn(1, clip_tokens, c["image_dim"], generator=generator),
-        condition=torch.randn(1, 20, 4 + frames, height, width, generator=generator),
+        condition=torch.randn(1, 20, c["max_references"] + frames, height, width, generator=generator),
     )
